@@ -1,0 +1,1 @@
+"""The Kubernetes operator: renders R1Deployments into KubeRay objects."""

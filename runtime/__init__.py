@@ -1,0 +1,1 @@
+"""The inference runtime: model, engine, parallelism and the Ray Serve graph."""

@@ -1,0 +1,104 @@
+"""Multi-head latent attention (MLA): a naive path for prefill and a weight-absorbed path for decode."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .batch import ForwardBatch
+from .config import ModelConfig
+from .layers import RMSNorm, linear
+from .rope import RotaryEmbedding
+
+AttentionPath = Literal["auto", "naive", "absorbed"]
+
+
+class MLAttention(nn.Module):
+    """Attention whose cache holds, per token, only `kv_lora_rank + qk_rope_head_dim` values.
+
+    Both paths write the new tokens' latents into the cache, then attend over each sequence's context
+    read back from it; they differ only in where the up-projection `kv_b_proj` is applied.
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device=None):
+        super().__init__()
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.kv_lora_rank = c.kv_lora_rank
+        self.softmax_scale = c.softmax_scale
+        q_out = self.num_heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = linear(c.hidden_size, q_out, dtype, device)
+        else:
+            self.q_a_proj = linear(c.hidden_size, c.q_lora_rank, dtype, device, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, dtype, device)
+            self.q_b_proj = linear(c.q_lora_rank, q_out, dtype, device)
+        self.kv_a_proj_with_mqa = linear(c.hidden_size, c.latent_dim, dtype, device, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, dtype, device)
+        self.kv_b_proj = linear(c.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), dtype, device)
+        self.o_proj = linear(self.num_heads * self.v_dim, c.hidden_size, dtype, device, bias=c.attention_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        cache: torch.Tensor,
+        rope: RotaryEmbedding,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        path: AttentionPath = "auto",
+    ) -> torch.Tensor:
+        """x [T, hidden], cache [num_slots, latent_dim] (written in place) -> [T, hidden]"""
+        q = self._queries(x).view(x.shape[0], self.num_heads, -1)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = rope.apply(q_pe, *cos_sin)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = torch.cat((self.kv_a_layernorm(c_kv), rope.apply(k_pe, *cos_sin)), dim=-1)
+        cache[batch.slot_mapping] = latent.to(cache.dtype)
+
+        context = cache[batch.context_slots].to(x.dtype)  # [B, Lk, latent_dim]
+        q_nope, q_pe = q_nope[batch.query_index], q_pe[batch.query_index]  # [B, Lq, H, d]
+        if path == "auto":
+            path = "absorbed" if batch.is_decode else "naive"
+        attend = self._absorbed if path == "absorbed" else self._naive
+        out = attend(q_nope, q_pe, context, batch.attention_mask())  # [B, Lq, H, v_dim]
+        return self.o_proj(out[batch.query_valid].reshape(x.shape[0], -1))
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head: W_UK [H, nope, C] and W_UV [H, v, C]."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def _naive(self, q_nope, q_pe, context, mask) -> torch.Tensor:
+        """Expand the context's latents into per-head keys and values, then ordinary attention."""
+        b, lk, _ = context.shape
+        c_kv, k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(b, lk, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.num_heads, -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.softmax_scale
+        )
+        return out.transpose(1, 2)
+
+    def _absorbed(self, q_nope, q_pe, context, mask) -> torch.Tensor:
+        """Fold W_UK into the query and W_UV after the attention: attend directly over the latents."""
+        w_uk, w_uv = self._up_weights()
+        q_latent = torch.einsum("bqhd,hdc->bhqc", q_nope, w_uk)
+        q = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [B, H, Lq, C + R]
+        k = context[:, None]  # one latent "head" shared by all query heads
+        v = context[:, None, :, : self.kv_lora_rank]
+        heads = q.shape[1]
+        out_latent = F.scaled_dot_product_attention(
+            q, k.expand(-1, heads, -1, -1), v.expand(-1, heads, -1, -1), attn_mask=mask, scale=self.softmax_scale
+        )
+        return torch.einsum("bhqc,hvc->bqhv", out_latent, w_uv)

@@ -1,0 +1,172 @@
+"""The DeepSeek-V3/R1 causal LM: composes MLA, MoE and dense layers; owns no scheduling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .attention import AttentionPath, MLAttention
+from .batch import ForwardBatch
+from .config import ModelConfig
+from .layers import MLP, RMSNorm, linear
+from .moe import MoE
+from .rope import RotaryEmbedding
+from .weights import checkpoint_shapes, expert_of, layer_of
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype, device, expert_ids, dispatcher):
+        super().__init__()
+        self.self_attn = MLAttention(config, dtype, device)
+        if config.is_moe_layer(layer):
+            self.mlp = MoE(config, dtype, device, expert_ids=expert_ids, dispatcher=dispatcher)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, dtype, device)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def forward(self, x, batch, cache, rope, cos_sin, path: AttentionPath) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, cache, rope, cos_sin, path)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig, dtype, device, expert_ids, dispatcher):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, dtype, device, expert_ids, dispatcher) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """Parameter names equal the published checkpoint's, except routed experts, which are stacked
+    per layer (`mlp.experts.w13` / `w2`) so each expert's tokens run as one matmul.
+
+    `expert_ids` restricts the routed experts held here (expert parallelism); None holds them all.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        *,
+        expert_ids: Sequence[int] | None = None,
+        dispatcher=None,
+    ):
+        super().__init__()
+        self.config, self.dtype = config, dtype
+        self.model = Backbone(config, dtype, device, expert_ids, dispatcher)
+        self.rotary = RotaryEmbedding(config).to(device)
+        if not config.tie_word_embeddings:
+            self.lm_head = linear(config.hidden_size, config.vocab_size, dtype, device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    def allocate_kv_cache(self, num_slots: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+        """One [num_slots, kv_lora_rank + qk_rope_head_dim] latent cache per layer."""
+        shape = (num_slots, self.config.latent_dim)
+        return [torch.zeros(shape, dtype=dtype or self.dtype, device=self.device) for _ in self.model.layers]
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor], path: AttentionPath = "auto") -> torch.Tensor:
+        """One step over packed tokens -> logits [len(batch.logits_indices), vocab] for the wanted rows."""
+        x = self.model.embed_tokens(batch.input_ids)
+        cos_sin = self.rotary.cos_sin(batch.positions, self.dtype)
+        for layer, cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, batch, cache, self.rotary, cos_sin, path)
+        x = self.model.norm(x[batch.logits_indices])
+        head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return torch.nn.functional.linear(x, head)
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    def expected_checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The checkpoint tensors this instance needs: all but the routed experts it does not hold."""
+        shapes = checkpoint_shapes(self.config)
+        return {name: shape for name, shape in shapes.items() if self._holds(name)}
+
+    def _holds(self, name: str) -> bool:
+        hit = expert_of(name)
+        if hit is None:
+            return True
+        layer, expert, _ = hit
+        return expert in self.model.layers[layer].mlp.experts.expert_ids
+
+    def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Copy one checkpoint tensor into its place (a stacked expert slot or a named parameter)."""
+        hit = expert_of(name)
+        if hit is None:
+            target = self.get_parameter(name) if not name.endswith("e_score_correction_bias") else self.get_buffer(name)
+            target.copy_(tensor)
+            return
+        layer, expert, proj = hit
+        experts = self.model.layers[layer].mlp.experts
+        half = experts.intermediate
+        for slot, eid in enumerate(experts.expert_ids):
+            if eid != expert:
+                continue
+            if proj == "down_proj":
+                experts.w2[slot].copy_(tensor)
+            else:
+                rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
+                experts.w13[slot, rows].copy_(tensor)
+
+    def checkpoint_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """This instance's weights under their published names (the inverse of load_tensor)."""
+        for name in self.expected_checkpoint_shapes():
+            hit = expert_of(name)
+            if hit is None:
+                owner = self.get_buffer if name.endswith("e_score_correction_bias") else self.get_parameter
+                yield name, owner(name)
+                continue
+            layer, expert, proj = hit
+            experts = self.model.layers[layer].mlp.experts
+            slot, half = experts.expert_ids.index(expert), experts.intermediate
+            if proj == "down_proj":
+                yield name, experts.w2[slot]
+            else:
+                yield name, experts.w13[slot, :half] if proj == "gate_proj" else experts.w13[slot, half:]
+
+    def reset_buffers(self) -> None:
+        """Recompute derived, non-checkpoint buffers (after `to_empty` from the meta device)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint_dir: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        *,
+        expert_ids: Sequence[int] | None = None,
+        dispatcher=None,
+        progress: bool = True,
+    ) -> DeepseekV3ForCausalLM:
+        """Build the model without initialising weights, then stream the checkpoint in, tensor by tensor."""
+        from .checkpoint import load_weights
+
+        config = ModelConfig.from_file(checkpoint_dir)
+        with torch.device("meta"):
+            model = cls(config, dtype, "meta", expert_ids=expert_ids, dispatcher=dispatcher)
+        model.to_empty(device=device)
+        model.reset_buffers()
+        expected = model.expected_checkpoint_shapes()
+        for name, tensor in load_weights(
+            checkpoint_dir, expected, dtype, num_hidden_layers=config.num_hidden_layers, progress=progress
+        ):
+            model.load_tensor(name, tensor)
+        return model.eval()
+
+
+__all__ = ["DeepseekV3ForCausalLM", "layer_of"]

@@ -1,0 +1,145 @@
+"""The MoE layer as a pipeline: route (gate) -> dispatch -> grouped experts -> combine, plus shared experts."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import MLP
+
+
+class TopKGate(nn.Module):
+    """DeepSeek-V3 routing: sigmoid scores, a bias that steers only the choice, group-limited top-k."""
+
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        c = config
+        self.top_k, self.n_group, self.topk_group = c.num_experts_per_tok, c.n_group, c.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        # Routing runs in float32 whatever the model dtype, as the reference does, so experts match.
+        self.weight = nn.Parameter(torch.zeros(c.n_routed_experts, c.hidden_size, device=device), requires_grad=False)
+        self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, device=device))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k] long)"""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:
+            choice = self._mask_groups(choice)
+        ids = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, ids
+
+    def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Keep only the `topk_group` groups whose two best experts score highest."""
+        t, e = choice.shape
+        grouped = choice.view(t, self.n_group, e // self.n_group)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)
+        keep = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        return grouped.masked_fill(~mask[:, :, None], float("-inf")).view(t, e)
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts this process holds, stacked so that each expert's tokens run as one matmul.
+
+    `expert_ids` are the logical (checkpoint) ids held here, in slot order; a logical id may be held in
+    several slots when redundant copies are placed on the same rank.
+    """
+
+    def __init__(self, config: ModelConfig, expert_ids: Sequence[int], dtype: torch.dtype, device=None):
+        super().__init__()
+        n, h, i = len(expert_ids), config.hidden_size, config.moe_intermediate_size
+        self.expert_ids = tuple(expert_ids)
+        self.intermediate = i
+        self.w13 = nn.Parameter(torch.empty(n, 2 * i, h, dtype=dtype, device=device), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(n, h, i, dtype=dtype, device=device), requires_grad=False)
+        self.register_buffer("slot_of", _slot_lookup(self.expert_ids, device), persistent=False)
+
+    def reset_buffers(self) -> None:
+        self.slot_of = _slot_lookup(self.expert_ids, self.slot_of.device)
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.expert_ids)
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """x [N, hidden] token copies, slots [N] local slot of each -> [N, hidden] expert outputs (unweighted).
+
+        Tokens are grouped by slot with one sort, so each expert runs once over all of its tokens.
+        """
+        out = torch.empty_like(x)
+        if x.shape[0] == 0:
+            return out
+        order = torch.argsort(slots, stable=True)
+        counts = torch.bincount(slots, minlength=self.num_slots).tolist()
+        start = 0
+        for slot, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = order[start : start + count]
+            gate, up = F.linear(x[rows], self.w13[slot]).split(self.intermediate, dim=-1)
+            out[rows] = F.linear(F.silu(gate) * up, self.w2[slot])
+            start += count
+        return out
+
+    def forward_naive(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The same, one token at a time: the reference twin that the grouped path is tested against."""
+        out = torch.empty_like(x)
+        for row in range(x.shape[0]):
+            gate, up = F.linear(x[row], self.w13[slots[row]]).split(self.intermediate, dim=-1)
+            out[row] = F.linear(F.silu(gate) * up, self.w2[slots[row]])
+        return out
+
+
+class ExpertDispatcher(Protocol):
+    """Moves routed token copies to the experts that hold them and brings the results back."""
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: RoutedExperts) -> torch.Tensor:
+        """x [T, hidden], weights/ids [T, k] -> [T, hidden]: sum over k of weight * expert(x)."""
+        ...
+
+
+class LocalDispatcher:
+    """Every expert lives in this process: dispatch is a gather, combine a weighted sum."""
+
+    def __call__(self, x, weights, ids, experts: RoutedExperts) -> torch.Tensor:
+        t, k = ids.shape
+        copies = experts(x.repeat_interleave(k, dim=0), experts.slot_of[ids.reshape(-1)])
+        return (copies.view(t, k, -1) * weights.to(x.dtype)[:, :, None]).sum(dim=1)
+
+
+def _slot_lookup(expert_ids: Sequence[int], device) -> torch.Tensor:
+    """logical expert id -> the first local slot holding it (-1 where not held here)"""
+    lookup = torch.full((max(expert_ids, default=-1) + 1,), -1, dtype=torch.long)
+    for slot, eid in reversed(list(enumerate(expert_ids))):
+        lookup[eid] = slot
+    return lookup.to(device)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device=None, *, expert_ids=None, dispatcher=None):
+        super().__init__()
+        self.gate = TopKGate(config, device)
+        ids = range(config.n_routed_experts) if expert_ids is None else expert_ids
+        self.experts = RoutedExperts(config, ids, dtype, device)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype, device)
+            if config.n_shared_experts
+            else None
+        )
+        self.dispatcher: ExpertDispatcher = dispatcher or LocalDispatcher()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]"""
+        weights, ids = self.gate(x)
+        out = self.dispatcher(x, weights, ids, self.experts)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
