@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Sets up a virtual environment in .venv and runs r1serve from it.
+
+    python3 bootstrap.py serve   # install, create the tiny demo model if missing, and run it
+    python3 bootstrap.py test    # install with test extras and run the whole test suite
+
+Only Python 3.11+ and pip are needed. Installation is skipped when pyproject.toml has not changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / "python"
+TORCH = "torch==2.13.0"
+DEMO_MODEL = ROOT / ".r1serve" / "tiny-model"
+
+
+def run(*cmd: str | Path) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+
+
+def install(extras: str) -> None:
+    if not PYTHON.exists():
+        venv.create(VENV, with_pip=True)
+    stamp = VENV / ".r1serve-installed"
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    if stamp.exists() and wanted in stamp.read_text().split():
+        return
+    pip = [PYTHON, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
+    # Set R1SERVE_TORCH_INDEX_URL (e.g. PyTorch's CPU wheel index) to choose where it comes from.
+    index = os.environ.get("R1SERVE_TORCH_INDEX_URL")
+    run(*pip, TORCH, *(["--index-url", index] if index else []))
+    run(*pip, "-e", f".[{extras}]" if extras else ".")
+    previous = stamp.read_text() if stamp.exists() else ""
+    stamp.write_text(previous + wanted + "\n")
+
+
+def serve(args: list[str]) -> None:
+    install("")
+    r1serve = BIN / "r1serve"
+    run(r1serve, "checkpoint", "make-tiny", DEMO_MODEL, "--if-missing")
+    prompt = args[0] if args else "What is the capital of France?"
+    run(r1serve, "generate", "--checkpoint", DEMO_MODEL, "--chat", "--prompt", prompt, "--max-tokens", "32")
+
+
+def test(args: list[str]) -> None:
+    install("test")
+    run(PYTHON, "-m", "pytest", *(args or ["-q"]))
+
+
+def main() -> int:
+    commands = {"serve": serve, "test": test}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(__doc__, file=sys.stderr)
+        return 2
+    if sys.version_info < (3, 11):
+        print("r1serve needs Python 3.11 or newer", file=sys.stderr)
+        return 2
+    try:
+        commands[sys.argv[1]](sys.argv[2:])
+    except subprocess.CalledProcessError as exc:
+        return exc.returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

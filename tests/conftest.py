@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny checkpoints written once per session in the published layout."""
+
+from __future__ import annotations
+
+import pytest
+
+from r1serve.runtime.model.tiny import make_tiny
+
+# Three architectures the parity tests cover: grouped routing with low-rank queries and YaRN (the
+# default), full-rank queries with ungrouped routing and plain rope, and an FP8 checkpoint whose
+# hidden size spans a full and a partial 128x128 block.
+TINY_VARIANTS = {
+    "grouped": {},
+    "no-q-lora": {"q_lora_rank": None, "n_group": 1, "topk_group": 1, "rope_scaling": None, "rope_interleave": False},
+    "fp8": {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 128},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        name: make_tiny(root / name, seed=7, fp8=(name == "fp8"), overrides=overrides)
+        for name, overrides in TINY_VARIANTS.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_checkpoints):
+    return tiny_checkpoints["grouped"]

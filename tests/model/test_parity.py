@@ -1,0 +1,55 @@
+"""r1serve's model against transformers' DeepseekV3ForCausalLM on the same tiny checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1serve.runtime.model.generate import greedy_generate, prompt_logits
+from r1serve.runtime.model.model import DeepseekV3ForCausalLM
+from r1serve.runtime.tokenizer import Tokenizer
+
+from .reference import load_reference, reference_greedy, reference_logits
+
+VARIANTS = ["grouped", "no-q-lora", "fp8"]
+
+
+def _prompts(checkpoint) -> list[list[int]]:
+    """Prompts of different lengths: a real chat prompt, a short text, a single token and a long one."""
+    tok = Tokenizer.from_dir(checkpoint)
+    chat = tok.encode_chat([{"role": "user", "content": "Why is the sky blue? Answer briefly."}])
+    return [chat, tok.encode("Hello"), [tok.bos_token_id], list(range(1000, 1070))]
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_reference_in_float32(tiny_checkpoints, variant):
+    checkpoint = tiny_checkpoints[variant]
+    ours = DeepseekV3ForCausalLM.from_checkpoint(checkpoint, torch.float32, progress=False)
+    ref = load_reference(checkpoint, torch.float32)
+    prompts = _prompts(checkpoint)
+    for prompt, logits in zip(prompts, prompt_logits(ours, prompts)):  # all prompts in one packed batch
+        assert _rel_err(logits, reference_logits(ref, prompt)) < 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_tokens_match_reference_in_float64(tiny_checkpoints, variant):
+    checkpoint = tiny_checkpoints[variant]
+    ours = DeepseekV3ForCausalLM.from_checkpoint(checkpoint, torch.float64, progress=False)
+    ref = load_reference(checkpoint, torch.float64)
+    prompts = _prompts(checkpoint)
+    generated = greedy_generate(ours, prompts, max_new_tokens=32)
+    for prompt, tokens in zip(prompts, generated):
+        assert tokens == reference_greedy(ref, prompt, 32)
+
+
+def test_distributions_are_peaked(tiny_checkpoint):
+    """make-tiny's initialisation must leave a clear winner, or greedy comparisons would hinge on ties."""
+    model = DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, torch.float64, progress=False)
+    [logits] = prompt_logits(model, [list(range(2000, 2040))])
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
+    assert logits.softmax(-1).max(dim=-1).values.mean() > 0.2
