@@ -112,7 +112,16 @@ class LocalDispatcher:
     def __call__(self, x, weights, ids, experts: RoutedExperts) -> torch.Tensor:
         t, k = ids.shape
         copies = experts(x.repeat_interleave(k, dim=0), experts.slot_of[ids.reshape(-1)])
-        return (copies.view(t, k, -1) * weights.to(x.dtype)[:, :, None]).sum(dim=1)
+        return combine(copies.view(t, k, -1), weights).to(x.dtype)
+
+
+def combine(copies: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """copies [T, k, hidden], weights [T, k] -> [T, hidden], summed in at least float32.
+
+    Rounding the routing weights or the partial sums to bf16 would cost accuracy for nothing.
+    """
+    compute = torch.promote_types(copies.dtype, torch.float32)
+    return (copies.to(compute) * weights.to(compute)[:, :, None]).sum(dim=1)
 
 
 def _slot_lookup(expert_ids: Sequence[int], device) -> torch.Tensor:

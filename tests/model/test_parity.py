@@ -53,3 +53,14 @@ def test_distributions_are_peaked(tiny_checkpoint):
     top2 = logits.topk(2, dim=-1).values
     assert (top2[:, 0] - top2[:, 1]).min() > 1e-3
     assert logits.softmax(-1).max(dim=-1).values.mean() > 0.2
+
+
+def test_bfloat16_is_as_accurate_as_the_reference_in_bfloat16(tiny_checkpoint):
+    """Against the float64 reference, our bf16 logits are no worse than transformers' own bf16."""
+    prompt = _prompts(tiny_checkpoint)[0]
+    exact = reference_logits(load_reference(tiny_checkpoint, torch.float64), prompt)
+    theirs = reference_logits(load_reference(tiny_checkpoint, torch.bfloat16), prompt)
+    ours = DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, torch.bfloat16, progress=False)
+    [logits] = prompt_logits(ours, [prompt])
+    assert logits.dtype == torch.bfloat16
+    assert _rel_err(logits, exact) < 1.25 * _rel_err(theirs, exact)
