@@ -1,0 +1,96 @@
+"""Base class and reusable field types shared by every section of the R1Deployment spec."""
+
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+from pydantic.alias_generators import to_camel
+
+
+class SpecModel(BaseModel):
+    """Frozen, camelCase-aliased base of every spec section."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        # A misspelt key must fail loudly: silently ignoring `maxBatchToken` would run the
+        # cluster with a default nobody asked for.
+        extra="forbid",
+        frozen=True,
+    )
+
+
+_DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_1123_SUBDOMAIN = re.compile(
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+)
+# Kubernetes resource.Quantity, minus signs and exotic forms nobody uses for cpu/memory/shm.
+_QUANTITY = re.compile(r"(\d+(\.\d+)?|\.\d+)([eE][+-]?\d+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# Derived objects append suffixes such as "-prefill-worker-abcde" and must stay within
+# Kubernetes' 63-character label limit, so the resource name itself is kept shorter.
+MAX_NAME_LENGTH = 40
+
+
+def check_dns_1035_label(value: str) -> str:
+    """Kubernetes resource names that become Service names must be DNS-1035 labels."""
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"must be at most {MAX_NAME_LENGTH} characters (is {len(value)})")
+    if not _DNS_1035_LABEL.fullmatch(value):
+        raise ValueError(
+            "must be a DNS-1035 label: lowercase letters, digits and '-', "
+            "starting with a letter and ending with a letter or digit"
+        )
+    return value
+
+
+def check_dns_1123_label(value: str) -> str:
+    if len(value) > 63 or not _DNS_1123_LABEL.fullmatch(value):
+        raise ValueError(
+            "must be a DNS-1123 label: at most 63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def check_dns_1123_subdomain(value: str) -> str:
+    if len(value) > 253 or not _DNS_1123_SUBDOMAIN.fullmatch(value):
+        raise ValueError(
+            "must be a Kubernetes object name (DNS-1123 subdomain): lowercase letters, "
+            "digits, '-' and '.', starting and ending with a letter or digit"
+        )
+    return value
+
+
+def check_env_name(value: str) -> str:
+    if not _ENV_NAME.fullmatch(value):
+        raise ValueError("must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+    return value
+
+
+def check_no_whitespace(value: str) -> str:
+    if not value or any(ch.isspace() for ch in value):
+        raise ValueError("must be non-empty and contain no whitespace")
+    return value
+
+
+def _number_to_text(value: Any) -> Any:
+    # YAML reads `cpu: 8` as an int; Kubernetes accepts it, so normalise to the string form.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def check_quantity(value: str) -> str:
+    if not _QUANTITY.fullmatch(value):
+        raise ValueError(
+            "must be a Kubernetes quantity such as '8', '500m', '64Gi' or '1.5G'"
+        )
+    return value
+
+
+Quantity = Annotated[str, BeforeValidator(_number_to_text), AfterValidator(check_quantity)]
+ObjectName = Annotated[str, AfterValidator(check_dns_1123_subdomain)]
+NonBlank = Annotated[str, AfterValidator(check_no_whitespace)]

@@ -1,0 +1,214 @@
+"""Model, experts, KV-transfer, API and ratio sections of the R1Deployment spec."""
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from r1serve.spec.base import NonBlank, ObjectName, SpecModel, check_env_name
+from r1serve.spec.errors import FieldError
+
+TINY_PREFIX = "tiny:"
+DEFAULT_TINY_PRESET = "default"
+_PRESET = re.compile(r"[a-z0-9][a-z0-9._-]*")
+
+# Ports a Ray head already listens on; serving there would fail at start-up or, worse, hijack
+# the dashboard or the client server.
+RESERVED_RAY_PORTS: dict[int, str] = {
+    6379: "the Ray GCS server",
+    8265: "the Ray dashboard",
+    10001: "the Ray client server",
+}
+
+Dtype = Literal["auto", "bfloat16", "float32", "float64"]
+Connector = Literal["auto", "object-store", "nccl"]
+
+
+class ModelSpec(SpecModel):
+    """Which checkpoint is served and how."""
+
+    source: str = Field(
+        min_length=1,
+        description="Where the checkpoint is: a directory on a mounted volume holding the "
+        "Hugging Face layout (config.json, *.safetensors, tokenizer), e.g. "
+        "/models/DeepSeek-R1, or 'tiny:' / 'tiny:<preset>' for a small random "
+        "DeepSeek-V3-architecture checkpoint generated locally for demos and tests.",
+    )
+    max_model_len: int = Field(
+        32768,
+        gt=0,
+        description="Longest sequence (prompt plus generated tokens) a request may reach. "
+        "The default, 32768, is DeepSeek's recommended generation budget for R1's long "
+        "reasoning; it must not exceed the checkpoint's max_position_embeddings (checked "
+        "when the model loads).",
+    )
+    dtype: Dtype = Field(
+        "auto",
+        description="Compute dtype: auto (bfloat16 on GPUs, float32 on CPU), bfloat16, "
+        "float32 or float64 (reference checks). FP8 checkpoint weights are dequantized to it.",
+    )
+    served_model_name: NonBlank | None = Field(
+        None,
+        description="Model name clients pass in the OpenAI 'model' field and that responses "
+        "report. Unset: metadata.name.",
+    )
+    num_routed_experts: int | None = Field(
+        None,
+        ge=1,
+        description="Routed experts in the checkpoint (n_routed_experts in config.json, 256 "
+        "for DeepSeek-R1). Optional: when set, expert divisibility across expertParallel "
+        "ranks is checked when the resource is applied instead of when the model loads.",
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _valid_source(cls, value: str) -> str:
+        if value.startswith(TINY_PREFIX):
+            preset = value[len(TINY_PREFIX):]
+            if preset and not _PRESET.fullmatch(preset):
+                raise ValueError(
+                    "tiny preset must be lowercase letters, digits, '.', '_' or '-'")
+        elif "://" in value:
+            raise ValueError(
+                "must be a path on a mounted volume or 'tiny:<preset>'; URLs are not "
+                "downloaded")
+        elif value != value.strip():
+            raise ValueError("must not start or end with whitespace")
+        return value
+
+    @property
+    def is_tiny(self) -> bool:
+        """True when the source names a generated tiny checkpoint rather than a path."""
+        return self.source.startswith(TINY_PREFIX)
+
+    @property
+    def tiny_preset(self) -> str | None:
+        """The tiny preset name ('default' for a bare 'tiny:'), or None for a path."""
+        if not self.is_tiny:
+            return None
+        return self.source[len(TINY_PREFIX):] or DEFAULT_TINY_PRESET
+
+
+class Experts(SpecModel):
+    """Expert placement across the ranks of a replica (expert-parallel load balancing)."""
+
+    redundant: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="Extra copies of the most-loaded routed experts per replica, spread "
+        "over the ranks so hot experts do not bottleneck one GPU (DeepSeek's EPLB). "
+        "numRoutedExperts + redundant must be divisible by each pool's expertParallel.",
+    )
+    rebalance_interval_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="How often measured expert load re-places the redundant copies. Unset: "
+        "placement is computed once at start-up and never changed.",
+    )
+
+
+class KVTransfer(SpecModel):
+    """How a prompt's KV cache moves from a prefill replica to a decode replica."""
+
+    connector: Connector = Field(
+        "auto",
+        description="object-store: through the Ray object store (works everywhere); nccl: "
+        "GPU to GPU (both pools need gpusPerRank >= 1); auto: nccl when both pools have "
+        "GPUs, else object-store.",
+    )
+    timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long a decode replica waits for a prompt's KV cache before the "
+        "request fails and its blocks are freed.",
+    )
+
+
+def _not_reserved(port: int) -> int:
+    if port in RESERVED_RAY_PORTS:
+        reserved = ", ".join(str(p) for p in sorted(RESERVED_RAY_PORTS))
+        raise ValueError(
+            f"port {port} is reserved for {RESERVED_RAY_PORTS[port]} (reserved: {reserved})")
+    return port
+
+
+Port = Annotated[int, Field(ge=1, le=65535), AfterValidator(_not_reserved)]
+
+
+class ApiAuth(SpecModel):
+    """Bearer-token authentication of client requests; set at least one token source."""
+
+    secret_name: ObjectName | None = Field(
+        None,
+        description="Kubernetes Secret (in the resource's namespace) whose key 'token' holds "
+        "the accepted bearer token; used by the operator.",
+    )
+    token_file: NonBlank | None = Field(
+        None,
+        description="File holding the accepted bearer token; used when running locally or "
+        "when the file is mounted into the pods.",
+    )
+    token_env: Annotated[str, AfterValidator(check_env_name)] | None = Field(
+        None,
+        description="Environment variable holding the accepted bearer token.",
+    )
+
+    @model_validator(mode="after")
+    def _some_source(self) -> "ApiAuth":
+        if self.secret_name is None and self.token_file is None and self.token_env is None:
+            raise FieldError("", "set at least one of secretName, tokenFile or tokenEnv")
+        return self
+
+
+class ApiTLS(SpecModel):
+    """TLS for the client-facing gRPC and HTTP endpoints."""
+
+    secret_name: ObjectName = Field(
+        description="Kubernetes TLS Secret (type kubernetes.io/tls, keys tls.crt and "
+        "tls.key) in the resource's namespace.",
+    )
+
+
+class ApiSpec(SpecModel):
+    """The client-facing endpoints."""
+
+    grpc_port: Port = Field(
+        9000,
+        description="Port of the gRPC endpoint (r1serve.v1.Inference). Must differ from "
+        "httpPort and avoid Ray's ports 6379, 8265 and 10001.",
+    )
+    http_port: Port = Field(
+        8000,
+        description="Port of the OpenAI-compatible HTTP endpoint (/v1/chat/completions, "
+        "/v1/completions). Must differ from grpcPort and avoid Ray's ports.",
+    )
+    auth: ApiAuth | None = Field(
+        None, description="Bearer-token authentication. Unset: requests are not authenticated."
+    )
+    tls: ApiTLS | None = Field(
+        None, description="TLS for both endpoints. Unset: plaintext."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "ApiSpec":
+        if self.grpc_port == self.http_port:
+            raise FieldError("httpPort", "must differ from grpcPort", self.http_port)
+        return self
+
+
+class Ratio(SpecModel):
+    """Band for prefill replicas divided by decode replicas, kept by the autoscaler."""
+
+    min: float = Field(
+        gt=0, description="Lowest prefill:decode replica ratio the autoscaler allows."
+    )
+    max: float = Field(
+        gt=0, description="Highest prefill:decode replica ratio the autoscaler allows; >= min."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Ratio":
+        if self.min > self.max:
+            raise FieldError("min", f"must be <= max ({self.max:g})", self.min)
+        return self

@@ -1,0 +1,81 @@
+"""DeepSeek-V3 FP8 block quantization: e4m3 weights with one float32 multiplier per 128x128 block."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import Tensor
+
+FP8_DTYPE = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+DEFAULT_BLOCK = (128, 128)
+
+# The published FP8 checkpoints quantize only the linear projections inside decoder layers; embeddings,
+# lm_head, norms, the router (mlp.gate) and the MTP module's eh_proj/shared_head stay in bf16.
+_QUANTIZED_NAME = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(.+\.)?[a-z_]*proj(_with_mqa)?\.weight$")
+
+
+def is_quantized_name(name: str) -> bool:
+    """Whether the published FP8 format stores tensor ``name`` as e4m3 with a ``*_scale_inv`` partner."""
+    return _QUANTIZED_NAME.match(name) is not None
+
+
+def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, int]:
+    """Shape of the ``weight_scale_inv`` for a 2-D weight: [ceil(out/block0), ceil(in/block1)]."""
+    if len(shape) != 2:
+        raise ValueError(f"block quantization needs a 2-D weight, got shape {tuple(shape)}")
+    return (math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1]))
+
+
+def dequantize_blockwise(
+    weight_fp8: Tensor,
+    scale_inv: Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+) -> Tensor:
+    """Undo block quantization.
+
+    weight_fp8: [out, in] float8_e4m3fn; scale_inv: [ceil(out/b0), ceil(in/b1)] float32, the *multiplier*
+    of each block (edge blocks may be partial). Returns [out, in] in ``dtype``, contiguous.
+
+    Peak extra memory is one float32 copy of the weight plus the result in ``dtype``: the scale is only
+    expanded along columns (1/b0 of the weight's size), and rows are scaled in place through a view.
+    """
+    expected = scale_shape(tuple(weight_fp8.shape), block)
+    if tuple(scale_inv.shape) != expected:
+        raise ValueError(
+            f"scale_inv shape {tuple(scale_inv.shape)} does not match weight shape {tuple(weight_fp8.shape)} "
+            f"with block {block}: expected {expected}"
+        )
+    rows, cols = weight_fp8.shape
+    b0, b1 = block
+    out = weight_fp8.to(torch.float32)
+    # [n_row_blocks, cols]: each row block's multipliers spread over its columns.
+    col_scale = scale_inv.to(torch.float32).repeat_interleave(b1, dim=1)[:, :cols]
+    full = rows // b0
+    if full:
+        out[: full * b0].view(full, b0, cols).mul_(col_scale[:full, None, :])
+    if rows % b0:
+        out[full * b0 :].mul_(col_scale[full])
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def quantize_blockwise(weight: Tensor, block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[Tensor, Tensor]:
+    """Quantize [out, in] to (float8_e4m3fn [out, in], float32 scale_inv [ceil(out/b0), ceil(in/b1)]).
+
+    Each block's scale_inv is amax/448 so the block's largest magnitude maps onto e4m3's largest value.
+    """
+    rows, cols = weight.shape if weight.dim() == 2 else (None, None)
+    n0, n1 = scale_shape(tuple(weight.shape), block)
+    b0, b1 = block
+    padded = torch.zeros(n0 * b0, n1 * b1, dtype=torch.float32, device=weight.device)
+    padded[:rows, :cols] = weight
+    blocks = padded.view(n0, b0, n1, b1)
+    amax = blocks.abs().amax(dim=(1, 3))
+    # An all-zero block would divide by zero; any multiplier reproduces zeros, so use 1.
+    scale_inv = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    blocks.div_(scale_inv[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX)
+    quantized = padded[:rows, :cols].contiguous().to(FP8_DTYPE)
+    return quantized, scale_inv.contiguous()

@@ -1,0 +1,173 @@
+"""Invalid R1Deployments: each error names the camelCase YAML path and the offending value."""
+
+import copy
+
+import pytest
+
+from r1serve.spec import SpecError, load_r1deployment
+
+BASE = {
+    "apiVersion": "r1serve.io/v1alpha1",
+    "kind": "R1Deployment",
+    "metadata": {"name": "r1"},
+    "spec": {
+        "model": {"source": "/models/DeepSeek-R1", "numRoutedExperts": 256},
+        "prefill": {"expertParallel": 32, "replicas": {"min": 1, "max": 4}},
+        "decode": {"expertParallel": 16, "replicas": {"min": 1, "max": 2}},
+        "experts": {"redundant": 32},
+    },
+}
+
+
+def _set(doc, path, value):
+    *parents, last = path.split(".")
+    for key in parents:
+        doc = doc.setdefault(key, {})
+    doc[last] = value
+
+
+def _delete(doc, path):
+    *parents, last = path.split(".")
+    for key in parents:
+        doc = doc[key]
+    del doc[last]
+
+
+def changed(**changes):
+    """BASE with dotted-path changes applied; a value of DELETE removes the key."""
+    doc = copy.deepcopy(BASE)
+    for path, value in changes.items():
+        path = path.replace("__", ".")
+        if value is DELETE:
+            _delete(doc, path)
+        else:
+            _set(doc, path, value)
+    return doc
+
+
+DELETE = object()
+
+CASES = [
+    ("min_above_max", changed(spec__prefill__replicas={"min": 3, "max": 2}),
+     ["spec.prefill.replicas.min", "max (2)", "(got 3)"]),
+    ("negative_redundant", changed(spec__experts__redundant=-1),
+     ["spec.experts.redundant", "(got -1)"]),
+    ("duplicate_ports", changed(spec__api={"grpcPort": 8000, "httpPort": 8000}),
+     ["spec.api.httpPort", "grpcPort", "(got 8000)"]),
+    ("reserved_port", changed(spec__api={"grpcPort": 6379}),
+     ["spec.api.grpcPort", "Ray GCS", "(got 6379)"]),
+    ("port_out_of_range", changed(spec__api={"httpPort": 70000}),
+     ["spec.api.httpPort", "(got 70000)"]),
+    ("typo_unknown_field", changed(spec__decode__maxBatchToken=4096),
+     ["spec.decode.maxBatchToken", "unknown field", "did you mean 'maxBatchTokens'"]),
+    ("typo_top_level_spec", changed(spec__kvTransfers={"connector": "nccl"}),
+     ["spec.kvTransfers", "did you mean 'kvTransfer'"]),
+    ("bad_name", changed(metadata__name="My_Deploy"),
+     ["metadata.name", "DNS-1035", "(got 'My_Deploy')"]),
+    ("name_too_long", changed(metadata__name="r" * 41),
+     ["metadata.name", "at most 40"]),
+    ("bad_namespace", changed(metadata__namespace="Prod"),
+     ["metadata.namespace", "(got 'Prod')"]),
+    ("bad_connector", changed(spec__kvTransfer={"connector": "rdma"}),
+     ["spec.kvTransfer.connector", "(got 'rdma')"]),
+    ("experts_not_divisible", changed(spec__experts__redundant=30),
+     ["spec.prefill.expertParallel", "286", "experts.redundant: 32", "(got 32)"]),
+    ("experts_not_divisible_decode", changed(spec__decode__expertParallel=20),
+     ["spec.decode.expertParallel", "(got 20)"]),
+    ("wrong_kind", changed(kind="Deployment"), ["kind", "'R1Deployment'", "(got 'Deployment')"]),
+    ("wrong_api_version", changed(apiVersion="r1serve.io/v1"),
+     ["apiVersion", "r1serve.io/v1alpha1", "(got 'r1serve.io/v1')"]),
+    ("missing_api_version", changed(apiVersion=DELETE), ["apiVersion: required"]),
+    ("initial_above_max", changed(spec__decode__replicas={"min": 1, "max": 2, "initial": 5}),
+     ["spec.decode.replicas.initial", "(got 5)"]),
+    ("ratio_min_above_max", changed(spec__ratio={"min": 3, "max": 1}),
+     ["spec.ratio.min", "(got 3.0)"]),
+    ("ratio_unreachable", changed(spec__ratio={"min": 5, "max": 8}),
+     ["spec.ratio.min", "highest reachable ratio 4", "(got 5.0)"]),
+    ("missing_decode", changed(spec__decode=DELETE), ["spec.decode: required field is missing"]),
+    ("missing_prefill_when_disaggregated", changed(spec__prefill=DELETE),
+     ["spec.prefill: required when disaggregation is true"]),
+    ("prefill_when_aggregated", changed(spec__disaggregation=False),
+     ["spec.prefill: must be omitted"]),
+    ("missing_source", changed(spec__model__source=DELETE),
+     ["spec.model.source: required field is missing"]),
+    ("url_source", changed(spec__model__source="hf://deepseek-ai/DeepSeek-R1"),
+     ["spec.model.source", "(got 'hf://deepseek-ai/DeepSeek-R1')"]),
+    ("bad_tiny_preset", changed(spec__model__source="tiny:Big Model"),
+     ["spec.model.source", "tiny preset"]),
+    ("zero_max_model_len", changed(spec__model__maxModelLen=0),
+     ["spec.model.maxModelLen", "(got 0)"]),
+    ("bad_dtype", changed(spec__model__dtype="float16"),
+     ["spec.model.dtype", "(got 'float16')"]),
+    ("kv_usage_above_one", changed(spec__decode__autoscaling={"targetKvCacheUsage": 1.5}),
+     ["spec.decode.autoscaling.targetKvCacheUsage", "(got 1.5)"]),
+    ("unreachable_decode_target",
+     changed(spec__decode__autoscaling={"targetOngoingRequests": 5000}),
+     ["spec.decode.autoscaling.targetOngoingRequests", "(got 5000)"]),
+    ("negative_delay", changed(spec__prefill__autoscaling={"upscaleDelaySeconds": -1}),
+     ["spec.prefill.autoscaling.upscaleDelaySeconds", "(got -1)"]),
+    ("zero_target_tokens", changed(spec__prefill__autoscaling={"targetQueuedTokens": 0}),
+     ["spec.prefill.autoscaling.targetQueuedTokens", "(got 0)"]),
+    ("block_size_not_power_of_two", changed(spec__prefill__blockSize=48),
+     ["spec.prefill.blockSize", "power of two", "(got 48)"]),
+    ("expert_parallel_zero", changed(spec__decode__expertParallel=0),
+     ["spec.decode.expertParallel", "(got 0)"]),
+    ("expert_parallel_too_big", changed(spec__decode__expertParallel=2048),
+     ["spec.decode.expertParallel", "(got 2048)"]),
+    ("kv_cache_too_small", changed(spec__decode__kvCacheBlocks=10),
+     ["spec.decode.kvCacheBlocks", "maxModelLen (32768)", "(got 10)"]),
+    ("nccl_on_cpu", changed(spec__kvTransfer={"connector": "nccl"}, spec__decode__gpusPerRank=0),
+     ["spec.kvTransfer.connector", "decode.gpusPerRank", "(got 'nccl')"]),
+    ("max_replicas_zero", changed(spec__prefill__replicas={"min": 0, "max": 0}),
+     ["spec.prefill.replicas.max", "(got 0)"]),
+    ("bad_memory_quantity", changed(spec__workers={"resources": {"memory": "4GB"}}),
+     ["spec.workers.resources.memory", "(got '4GB')"]),
+    ("bad_toleration_effect",
+     changed(spec__workers={"tolerations": [{"key": "gpu", "effect": "NoScedule"}]}),
+     ["spec.workers.tolerations[0].effect", "(got 'NoScedule')"]),
+    ("non_string_node_selector", changed(spec__decode__workers={"nodeSelector": {"gpu": 1}}),
+     ["spec.decode.workers.nodeSelector.gpu", "(got 1)"]),
+    ("empty_auth", changed(spec__api={"auth": {}}), ["spec.api.auth: set at least one"]),
+    ("bad_secret_name", changed(spec__api={"tls": {"secretName": "My Secret"}}),
+     ["spec.api.tls.secretName", "(got 'My Secret')"]),
+    ("snake_case_input_reported_in_camel_case", changed(spec__prefill__max_batch_tokens=0),
+     ["spec.prefill.maxBatchTokens", "(got 0)"]),
+    ("missing_metadata", changed(metadata=DELETE), ["metadata: required field is missing"]),
+    ("pool_not_a_mapping", changed(spec__decode=[1, 2]), ["spec.decode: must be a mapping"]),
+]
+
+
+@pytest.mark.parametrize("doc, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_invalid_spec_names_field_and_value(doc, expected):
+    with pytest.raises(SpecError) as info:
+        load_r1deployment(doc)
+    message = str(info.value)
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+YAML_CASES = [
+    ("syntax_error", ("apiVersion: r1serve.io/v1alpha1\nkind: R1Deployment\nmetadata:\n"
+     "  name: r1\n spec: [unclosed\n"), ["line 5", "invalid YAML"]),
+    ("duplicate_key", ("apiVersion: r1serve.io/v1alpha1\nkind: R1Deployment\n"
+     "metadata: {name: a}\nmetadata: {name: b}\n"), ["line 4", "duplicate key 'metadata'"]),
+    ("empty_file", "# nothing here\n", ["no document"]),
+    ("not_a_mapping", "- just\n- a list\n", ["must be a mapping"]),
+]
+
+
+@pytest.mark.parametrize("text, expected", [c[1:] for c in YAML_CASES],
+                         ids=[c[0] for c in YAML_CASES])
+def test_invalid_yaml_names_file_and_line(tmp_path, text, expected):
+    path = tmp_path / "r1.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_r1deployment(path)
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_base_case_is_valid():
+    assert load_r1deployment(BASE).metadata.name == "r1"
