@@ -184,8 +184,13 @@ def load_weights(
     include: Callable[[str], bool] | None = None,
     num_hidden_layers: int,
     progress: bool = True,
+    cast: bool = True,
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield (name, contiguous CPU tensor in ``dtype``) for each expected name that ``include`` accepts.
+
+    With ``cast=False`` unquantized tensors come as stored: a caller that copies them into preallocated
+    parameters converts on the fly and avoids a second full-size temporary. FP8 weights are always
+    dequantized into ``dtype`` (rounding once).
 
     The whole checkpoint is validated against ``expected`` before the first tensor is yielded (so a
     broken checkpoint fails before any weight is loaded). Tensors come in shard order, read one at a
@@ -199,7 +204,7 @@ def load_weights(
     for name, shape in expected.items():
         _check_tensor(index, infos, name, tuple(shape), block)
     wanted = [name for name in expected if include is None or include(name)]
-    return _stream(index, infos, wanted, dtype, block, progress)
+    return _stream(index, infos, wanted, dtype, block, progress, cast)
 
 
 def mtp_tensor_names(index: CheckpointIndex, num_hidden_layers: int) -> list[str]:
@@ -333,6 +338,7 @@ def _stream(
     dtype: torch.dtype,
     block: tuple[int, int],
     progress: bool,
+    cast: bool = True,
 ) -> Iterator[tuple[str, Tensor]]:
     # Reading shard by shard, in file order, turns the reads into one sequential pass over each file.
     ordered = sorted(names, key=lambda n: (index.weight_map[n], infos[n].offsets))
@@ -346,12 +352,18 @@ def _stream(
                 raise CheckpointError(f"cannot open the shard: {e}", file=path) from e
             with handle as f:
                 for name in group:
-                    yield name, _read_tensor(index, f, name, infos[name], dtype, block)
+                    yield name, _read_tensor(index, f, name, infos[name], dtype, block, cast)
                     bar.update()
 
 
 def _read_tensor(
-    index: CheckpointIndex, f: Any, name: str, info: TensorInfo, dtype: torch.dtype, block: tuple[int, int]
+    index: CheckpointIndex,
+    f: Any,
+    name: str,
+    info: TensorInfo,
+    dtype: torch.dtype,
+    block: tuple[int, int],
+    cast: bool = True,
 ) -> Tensor:
     path = index.path_of(name)
     try:
@@ -365,6 +377,6 @@ def _read_tensor(
                 with safe_open(str(scale_path), framework="pt", device="cpu") as other:
                     scale_inv = other.get_tensor(scale)
             return dequantize_blockwise(tensor, scale_inv, dtype, block).contiguous()
-        return tensor.to(dtype).contiguous()
+        return tensor.to(dtype).contiguous() if cast else tensor
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"cannot read the tensor: {e}", file=path, tensor=name) from e

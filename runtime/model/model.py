@@ -163,7 +163,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         model.reset_buffers()
         expected = model.expected_checkpoint_shapes()
         for name, tensor in load_weights(
-            checkpoint_dir, expected, dtype, num_hidden_layers=config.num_hidden_layers, progress=progress
+            checkpoint_dir, expected, dtype, num_hidden_layers=config.num_hidden_layers, progress=progress, cast=False
         ):
             model.load_tensor(name, tensor)
         return model.eval()

@@ -1,0 +1,56 @@
+"""The `r1serve` command line as a user runs it: make a tiny checkpoint, check it, generate from it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from r1serve.cli import main
+
+
+def test_make_tiny_then_generate(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["checkpoint", "make-tiny", str(out), "--seed", "3", "--set", "q_lora_rank=null"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["q_lora_rank"] is None and config["vocab_size"] == 129280
+    assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
+    assert main(["checkpoint", "make-tiny", str(out), "--if-missing"]) == 0
+    assert main(["checkpoint", "check", str(out)]) == 0
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "Hi", "--chat", "--max-tokens", "5"]) == 0
+    assert "generated 5 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["checkpoint", "make-tiny", "{tmp}/x", "--set", "nonsense=1"], "unknown config field 'nonsense'"),
+        (["checkpoint", "make-tiny", "{tmp}/x", "--set", "n_group"], "expected KEY=VALUE"),
+        (["checkpoint", "make-tiny", "{tmp}/x", "--set", "n_group=3"], "n_group: 3 does not divide n_routed_experts"),
+        (["checkpoint", "check", "{tmp}/missing"], "no config.json"),
+        (["generate", "--checkpoint", "{tmp}/missing", "--prompt", "x"], "missing"),
+        (["spec", "validate", "{tmp}/missing.yaml"], "missing.yaml"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r1serve: error:") and message in err and "Traceback" not in err
+
+
+def test_existing_checkpoint_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["checkpoint", "make-tiny", str(out)]) == 0
+    assert main(["checkpoint", "make-tiny", str(out)]) == 2
+    assert "overwrite" in capsys.readouterr().err
+
+
+def test_package_does_not_shadow_the_standard_library():
+    """`r1serve.operator` lives in operator/ on disk; `import operator` must still be the stdlib's."""
+    code = "import r1serve.operator, operator, sysconfig; print(operator.__file__)"
+    path = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    import sysconfig
+
+    assert path.startswith(sysconfig.get_paths()["stdlib"])
