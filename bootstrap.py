@@ -26,7 +26,10 @@ DEMO_MODEL = ROOT / ".r1serve" / "tiny-model"
 
 def run(*cmd: str | Path) -> None:
     print("+", " ".join(str(c) for c in cmd), flush=True)
-    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+    # The repository's operator/ folder would shadow the standard library's `operator` module for any
+    # `python -m`/`-c` started here; safe-path mode keeps the working directory off sys.path.
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, env=env)
 
 
 def install(extras: str) -> None:

@@ -62,34 +62,31 @@ class ForwardBatch:
         for i, (q, k) in enumerate(zip(query_lens, context_lens)):
             if q == 0 or q > k:
                 raise ValueError(f"sequence {i}: {q} new tokens with a context of {k}")
-        ids, positions, slots, logits_rows = [], [], [], []
         lq, lk = max(query_lens), max(context_lens)
-        query_index = torch.zeros(len(chunks), lq, dtype=torch.long)
-        query_positions = torch.zeros(len(chunks), lq, dtype=torch.long)
         context = torch.zeros(len(chunks), lk, dtype=torch.long)
-        offset = 0
+        ids, positions, slots = [], [], []
         for b, chunk in enumerate(chunks):
             q, k = query_lens[b], context_lens[b]
-            ids.extend(chunk.token_ids)
-            positions.extend(range(k - q, k))
-            slots.extend(chunk.context_slots[k - q :])
-            query_index[b, :q] = torch.arange(offset, offset + q)
-            query_positions[b, :q] = torch.arange(k - q, k)
             context[b, :k] = torch.as_tensor(chunk.context_slots, dtype=torch.long)
-            offset += q
-            if chunk.want_logits:
-                logits_rows.append(offset - 1)
-        valid = torch.arange(lq)[None, :] < torch.as_tensor(query_lens)[:, None]
-        as_long = lambda xs: torch.as_tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+            ids.append(torch.as_tensor(chunk.token_ids, dtype=torch.long))
+            positions.append(torch.arange(k - q, k))
+            slots.append(context[b, k - q : k])
+        q_lens, k_lens = torch.tensor(query_lens), torch.tensor(context_lens)
+        starts = torch.cumsum(q_lens, 0) - q_lens
+        offsets = torch.arange(lq)[None, :]
+        valid = offsets < q_lens[:, None]
+        query_index = torch.where(valid, starts[:, None] + offsets, 0)
+        query_positions = torch.where(valid, (k_lens - q_lens)[:, None] + offsets, 0)
+        wanted = [b for b, c in enumerate(chunks) if c.want_logits]
         return cls(
-            input_ids=as_long(ids),
-            positions=as_long(positions),
-            slot_mapping=as_long(slots),
+            input_ids=torch.cat(ids).to(device),
+            positions=torch.cat(positions).to(device),
+            slot_mapping=torch.cat(slots).to(device),
             query_lens=query_lens,
             context_lens=context_lens,
             query_index=query_index.to(device),
             query_valid=valid.to(device),
             query_positions=query_positions.to(device),
             context_slots=context.to(device),
-            logits_indices=as_long(logits_rows),
+            logits_indices=(starts + q_lens - 1)[wanted].to(device),
         )

@@ -1,0 +1,1 @@
+"""The inference engine: requests, paged latent KV cache, scheduler, sampling and streaming output."""

@@ -1,0 +1,232 @@
+"""The engine's synchronous core: admit requests, step the model, stream outputs, hand off KV."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r1serve.runtime.model.model import DeepseekV3ForCausalLM
+from r1serve.runtime.tokenizer import Tokenizer
+
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .outputs import EngineStats, KVHandoff, RequestError, RequestOutput, Role
+from .request_state import RequestState
+from .sampler import sample
+from .sampling import SamplingParams
+from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from .sequence import Sequence, SequenceStatus
+
+ROLES = ("both", "prefill", "decode")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    role: Role = "both"
+    num_blocks: int = 1024
+    block_size: int = 16
+    max_batch_tokens: int = 2048
+    max_running: int = 64
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    reasoning: bool = True  # split R1's <think>...</think> from the answer
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role: must be one of {', '.join(ROLES)} (got {self.role!r})")
+        for name in ("num_blocks", "block_size", "max_batch_tokens", "max_running"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive (got {getattr(self, name)})")
+        if self.max_model_len is not None and self.max_model_len <= 1:
+            raise ValueError(f"max_model_len: must be at least 2 (got {self.max_model_len})")
+
+
+class LLMEngine:
+    """Continuous batching over a paged latent cache, in one of three roles.
+
+    `both` runs requests from prompt to end; `prefill` runs the prompt, samples the first token and
+    returns a KVHandoff instead of streaming; `decode` accepts hand-offs and continues generating.
+    """
+
+    def __init__(self, model: DeepseekV3ForCausalLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        limit = model.config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len: {config.max_model_len} exceeds the model's context of {limit}")
+        self.max_model_len = config.max_model_len or limit
+        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_tokens, config.max_running), self.blocks)
+        self.runner = ModelRunner(model, config.num_blocks, config.block_size)
+        self.requests: dict[str, RequestState] = {}
+        self.pending_handoffs: deque[tuple[RequestState, KVHandoff]] = deque()
+        self.finished_count = 0
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, config: EngineConfig = EngineConfig(), *,
+                        dtype: torch.dtype = torch.float32, device: str = "cpu") -> LLMEngine:
+        model = DeepseekV3ForCausalLM.from_checkpoint(checkpoint, dtype, device, progress=False)
+        return cls(model, Tokenizer.from_dir(checkpoint), config)
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if self.config.role == "decode":
+            raise RequestError("role", "a decode engine takes hand-offs (add_handoff), not prompts")
+        self._validate(request_id, prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params.max_tokens)
+        self.requests[request_id] = self._state(seq, params)
+        self.scheduler.add(seq)
+
+    def add_handoff(self, handoff: KVHandoff) -> list[RequestOutput]:
+        """Take over a prefilled sequence; its first token is streamed at once."""
+        if self.config.role == "prefill":
+            raise RequestError("role", "a prefill engine cannot continue a hand-off")
+        self._validate(handoff.request_id, handoff.prompt_token_ids, handoff.params)
+        handoff.validate(len(self.runner.caches), self.model.config.latent_dim)
+        prompt = list(handoff.prompt_token_ids)
+        seq = Sequence(handoff.request_id, prompt + [handoff.first_token_id], len(prompt), handoff.params.max_tokens)
+        state = self._state(seq, handoff.params)
+        if state.generator is not None and handoff.generator_state is not None:
+            state.generator.set_state(handoff.generator_state)
+        self.requests[seq.request_id] = state
+        out = state.process([handoff.first_token_id])
+        if state.finished:
+            return [self._retire(state, out)]
+        self.pending_handoffs.append((state, handoff))
+        self._admit_handoffs()
+        return [out]
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; None if it is unknown or already finished."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return None
+        self.pending_handoffs = deque((s, h) for s, h in self.pending_handoffs if s is not state)
+        return self._retire(state, state.aborted())
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """End every request with an error (the model raised): nothing is left holding blocks."""
+        return [self._retire(s, s.aborted("error", error)) for s in list(self.requests.values())]
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work or bool(self.pending_handoffs)
+
+    # -- stepping ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        self._admit_handoffs()
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        completing = [c for c in chunks if c.completes]
+        logits = self.runner.run(chunks)
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+            self.blocks.commit(chunk.seq)
+        return self._sample_and_emit(completing, logits) if completing else []
+
+    def _sample_and_emit(self, completing: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
+        states = [self.requests[c.seq.request_id] for c in completing]
+        tokens = sample(logits, [s.params for s in states], [s.generator for s in states]).tolist()
+        outputs = []
+        for state, token in zip(states, tokens):
+            state.seq.token_ids.append(token)
+            if self.config.role == "prefill":
+                outputs.append(self._handoff(state, token))
+                continue
+            out = state.process([token])
+            outputs.append(self._retire(state, out) if state.finished else out)
+        return outputs
+
+    def _handoff(self, state: RequestState, first_token: int) -> RequestOutput:
+        seq = state.seq
+        handoff = KVHandoff(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.token_ids[: seq.prompt_len],
+            first_token_id=first_token,
+            params=state.params,
+            latents=self.runner.read_latents(seq, seq.prompt_len),
+            generator_state=state.generator.get_state() if state.generator is not None else None,
+            cached_tokens=seq.num_cached_tokens,
+        )
+        out = state.aborted("stop")
+        out.token_ids, out.handoff, out.completion_tokens = [first_token], handoff, 1
+        return self._retire(state, out)
+
+    def _admit_handoffs(self) -> None:
+        """Place waiting hand-offs in the cache, first come first served, while blocks allow."""
+        while self.pending_handoffs and len(self.scheduler.running) < self.config.max_running:
+            state, handoff = self.pending_handoffs[0]
+            seq = state.seq
+            if not self.blocks.can_allocate(seq, seq.num_tokens):
+                return
+            self.pending_handoffs.popleft()
+            self.blocks.allocate(seq, seq.num_tokens)
+            start = seq.num_cached_tokens  # a shared prefix already holds these latents
+            self.runner.write_latents(seq, start, handoff.latents[:, start:])
+            seq.num_computed_tokens = seq.prompt_len
+            self.blocks.commit(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.scheduler.running.append(seq)
+
+    def _retire(self, state: RequestState, out: RequestOutput) -> RequestOutput:
+        self.requests.pop(state.seq.request_id, None)
+        self.scheduler.remove(state.seq)
+        self.finished_count += 1
+        return out
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _state(self, seq: Sequence, params: SamplingParams) -> RequestState:
+        return RequestState(seq, params, self.tokenizer, max_model_len=self.max_model_len,
+                            reasoning=self.config.reasoning)
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError("request_id", f"must be a non-empty string (got {request_id!r})")
+        if request_id in self.requests:
+            raise RequestError("request_id", f"{request_id!r} is already running")
+        if not isinstance(params, SamplingParams):
+            raise RequestError("sampling_params", f"expected SamplingParams (got {type(params).__name__})")
+        vocab = self.model.config.vocab_size
+        if not prompt:
+            raise RequestError("prompt", "is empty")
+        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError("prompt_token_ids", f"each id must be an integer in [0, {vocab}) (got {bad!r})")
+        params.check_against(vocab)
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                "max_tokens",
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is {total} tokens, "
+                f"more than the model's context of {self.max_model_len}",
+            )
+        if self.blocks.blocks_needed(total) > self.config.num_blocks:
+            raise RequestError(
+                "max_tokens",
+                f"{total} tokens need {self.blocks.blocks_needed(total)} KV blocks; the cache holds "
+                f"{self.config.num_blocks} of {self.config.block_size} tokens",
+            )
+
+    def stats(self) -> EngineStats:
+        b = self.blocks.stats()
+        sched = self.scheduler
+        queued = sum(s.num_tokens for s in sched.waiting)
+        queued += sum(s.num_uncomputed_tokens for s in sched.running if s.is_prefilling)
+        return EngineStats(
+            role=self.config.role,
+            waiting=len(sched.waiting) + len(self.pending_handoffs),
+            running=len(sched.running),
+            queued_prompt_tokens=queued,
+            kv_blocks_total=b.num_blocks,
+            kv_blocks_used=b.used_blocks,
+            kv_blocks_free=b.free_blocks,
+            prefix_hit_tokens=b.prefix_hit_tokens,
+            prefix_query_tokens=b.prefix_query_tokens,
+            preemptions=sum(s.seq.num_preemptions for s in self.requests.values()),
+            finished=self.finished_count,
+        )

@@ -1,0 +1,88 @@
+"""What the engine hands to the layers above: streamed outputs, the prefill-to-decode hand-off, stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .sampling import SamplingParams
+from .stops import FinishReason
+
+Role = Literal["both", "prefill", "decode"]
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; the message names the field and the value."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class RequestOutput:
+    """One streamed update of a request: what is new since the previous one, and totals so far."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # reasoning + content, as generated
+    reasoning: str = ""
+    content: str = ""
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+    handoff: KVHandoff | None = None
+
+
+@dataclass
+class KVHandoff:
+    """A prefilled sequence, moved from a prefill engine to a decode engine.
+
+    latents: [num_layers, len(prompt_token_ids), kv_lora_rank + qk_rope_head_dim], the prompt's cache.
+    generator_state: the seeded request's RNG after sampling the first token, so decode continues it.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    first_token_id: int
+    params: SamplingParams
+    latents: torch.Tensor
+    generator_state: torch.Tensor | None = None
+    cached_tokens: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.latents.numel() * self.latents.element_size()
+
+    def validate(self, num_layers: int, latent_dim: int) -> None:
+        expected = (num_layers, len(self.prompt_token_ids), latent_dim)
+        if tuple(self.latents.shape) != expected:
+            raise RequestError("handoff.latents", f"expected shape {expected}, got {tuple(self.latents.shape)}")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    role: Role
+    waiting: int  # requests not yet admitted (incl. hand-offs waiting for cache room)
+    running: int
+    queued_prompt_tokens: int  # prompt tokens waiting or admitted but not yet prefilled
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    prefix_hit_tokens: int
+    prefix_query_tokens: int
+    preemptions: int
+    finished: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
