@@ -198,6 +198,11 @@ class LLMEngine:
         if bad is not None:
             raise RequestError("prompt_token_ids", f"each id must be an integer in [0, {vocab}) (got {bad!r})")
         params.check_against(vocab)
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(
+                "prompt",
+                f"has {len(prompt)} tokens; the model's context is {self.max_model_len}, leaving no room to generate",
+            )
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise RequestError(
@@ -227,6 +232,6 @@ class LLMEngine:
             kv_blocks_free=b.free_blocks,
             prefix_hit_tokens=b.prefix_hit_tokens,
             prefix_query_tokens=b.prefix_query_tokens,
-            preemptions=sum(s.seq.num_preemptions for s in self.requests.values()),
+            preemptions=sched.num_preemptions,
             finished=self.finished_count,
         )

@@ -1,0 +1,220 @@
+"""The engine against the reference model: continuous batching, prefix reuse, preemption, roles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
+from r1serve.runtime.engine.outputs import RequestError
+from r1serve.runtime.engine.sampling import SamplingParams
+from r1serve.runtime.model.model import DeepseekV3ForCausalLM
+from r1serve.runtime.tokenizer import Tokenizer
+
+from ..model.reference import load_reference, reference_greedy
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+SHARED = list(range(2000, 2040))  # a 40-token prefix that several prompts share
+
+
+def _prompts() -> list[list[int]]:
+    lengths = [3, 90, 17, 55, 1, 33, 70, 8]
+    prompts = [list(range(300 + 7 * i, 300 + 7 * i + n)) for i, n in enumerate(lengths)]
+    prompts += [SHARED + [5, 6, 7], SHARED + [9], SHARED + list(range(40))]
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, torch.float64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return Tokenizer.from_dir(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_checkpoint):
+    ref = load_reference(tiny_checkpoint, torch.float64)
+    return [reference_greedy(ref, p, GREEDY.max_tokens) for p in _prompts()]
+
+
+def _drain(engine: LLMEngine, outputs: dict, max_steps: int = 10_000) -> None:
+    for _ in range(max_steps):
+        if not engine.has_work:
+            return
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    raise AssertionError("engine did not finish")
+
+
+def _tokens(outs) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+def test_concurrent_requests_match_the_reference_alone(model, tokenizer, expected):
+    """Mixed lengths, late joiners, shared prefixes and a cache too small for all: same greedy tokens."""
+    config = EngineConfig(num_blocks=30, block_size=8, max_batch_tokens=48, max_running=6)
+    engine = LLMEngine(model, tokenizer, config)
+    prompts, outputs, saw_waiting = _prompts(), {}, False
+    for i, p in enumerate(prompts[:5]):
+        engine.add_request(f"r{i}", p, GREEDY)
+    for _ in range(4):
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    for i, p in enumerate(prompts[5:], start=5):  # join while others are mid-prefill and mid-decode
+        engine.add_request(f"r{i}", p, GREEDY)
+    while engine.has_work:
+        saw_waiting |= engine.stats().waiting > 0 and engine.stats().running > 0
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    for i, want in enumerate(expected):
+        assert _tokens(outputs[f"r{i}"]) == want, f"request r{i}"
+        assert outputs[f"r{i}"][-1].finish_reason == "length"
+    stats = engine.stats()
+    assert saw_waiting and stats.preemptions > 0 and stats.prefix_hit_tokens > 0
+    assert stats.kv_blocks_used == 0 and stats.running == stats.waiting == 0
+
+
+def test_prefix_reuse_skips_prefill_work_and_changes_nothing(model, tokenizer, expected, monkeypatch):
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=64, block_size=8))
+    prompts, outputs = _prompts(), {}
+    engine.add_request("first", prompts[8], GREEDY)
+    _drain(engine, outputs)
+    prefilled = []
+    run = engine.runner.run
+
+    def counting(chunks):
+        prefilled.extend(c.num_tokens for c in chunks if c.seq.num_computed_tokens < c.seq.prompt_len)
+        return run(chunks)
+
+    monkeypatch.setattr(engine.runner, "run", counting)
+    engine.add_request("second", prompts[10], GREEDY)
+    _drain(engine, outputs)
+    assert outputs["second"][0].cached_tokens == 40
+    assert prefilled == [len(prompts[10]) - 40]  # only the new tail ran
+    assert _tokens(outputs["second"]) == expected[10]
+
+
+def test_prefill_handoff_decode_equals_the_combined_engine(model, tokenizer):
+    prompts = _prompts()[:6]
+    params = [GREEDY, SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True)] * 3
+    combined, split = {}, {}
+    both = LLMEngine(model, tokenizer, EngineConfig(num_blocks=64, block_size=8))
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        both.add_request(f"r{i}", p, sp)
+    _drain(both, combined)
+
+    prefill = LLMEngine(model, tokenizer, EngineConfig(role="prefill", num_blocks=64, block_size=8))
+    decode = LLMEngine(model, tokenizer, EngineConfig(role="decode", num_blocks=64, block_size=8))
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        prefill.add_request(f"r{i}", p, sp)
+    handoffs = {}
+    _drain(prefill, handoffs)
+    assert prefill.stats().kv_blocks_used == 0
+    for rid, outs in handoffs.items():
+        [out] = outs
+        assert out.handoff is not None and out.handoff.latents.shape[1] == len(out.handoff.prompt_token_ids)
+        for o in decode.add_handoff(out.handoff):
+            split.setdefault(rid, []).append(o)
+    _drain(decode, split)
+    for rid in combined:
+        assert _tokens(split[rid]) == _tokens(combined[rid]), rid
+        assert "".join(o.text for o in split[rid]) == "".join(o.text for o in combined[rid])
+    assert decode.stats().kv_blocks_used == 0
+
+
+def _run_one(engine, rid, prompt, params):
+    outputs = {}
+    engine.add_request(rid, prompt, params)
+    _drain(engine, outputs)
+    return _tokens(outputs[rid])
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=64, block_size=8))
+    prompt = _prompts()[2]
+    sampled = lambda seed: SamplingParams(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True)  # noqa: E731
+    a = _run_one(engine, "a", prompt, sampled(1))
+    engine.add_request("noise", _prompts()[3], SamplingParams(max_tokens=8, temperature=1.0))
+    b = _run_one(engine, "b", prompt, sampled(1))  # other traffic in the batch changes nothing
+    c = _run_one(engine, "c", prompt, sampled(2))
+    assert a == b and a != c
+
+
+def test_abort_frees_blocks_at_once(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=64, block_size=8, max_batch_tokens=32))
+    prompts = _prompts()
+    engine.add_request("decoding", prompts[0], GREEDY)
+    engine.add_request("prefilling", prompts[1], GREEDY)
+    engine.add_request("waiting", prompts[3], GREEDY)
+    engine.step()
+    engine.step()
+    used = engine.stats().kv_blocks_used
+    out = engine.abort("prefilling")
+    assert out.finished and out.finish_reason == "abort"
+    assert engine.stats().kv_blocks_used < used
+    assert engine.abort("decoding").finish_reason == "abort"
+    assert engine.abort("waiting").finish_reason == "abort"
+    assert engine.abort("unknown") is None
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_work
+
+
+def test_a_failing_step_frees_every_block(model, tokenizer, monkeypatch):
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=64, block_size=8))
+    for i, p in enumerate(_prompts()[:4]):
+        engine.add_request(f"r{i}", p, GREEDY)
+    engine.step()
+
+    def broken(chunks):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "run", broken)
+    with pytest.raises(RuntimeError):
+        engine.step()
+    outs = engine.fail_all("device lost")
+    assert {o.finish_reason for o in outs} == {"error"} and len(outs) == 4
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_work
+
+
+def test_streamed_text_is_the_decoded_output(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=64, block_size=8, reasoning=False))
+    outputs = {}
+    engine.add_request("r", tokenizer.encode_chat([{"role": "user", "content": "Hi!"}]), GREEDY)
+    _drain(engine, outputs)
+    tokens = _tokens(outputs["r"])
+    assert "".join(o.content for o in outputs["r"]) == tokenizer.decode(tokens, skip_special_tokens=True)
+    last = outputs["r"][-1]
+    assert last.prompt_tokens > 0 and last.completion_tokens == GREEDY.max_tokens
+
+
+@pytest.mark.parametrize(
+    "kwargs,field,fragment",
+    [
+        (dict(prompt=[]), "prompt", "is empty"),
+        (dict(prompt=[1, 200_000]), "prompt_token_ids", "[0, 129280)"),
+        (dict(prompt=[1, -1]), "prompt_token_ids", "got -1"),
+        (dict(prompt=[1] * 5000), "prompt", "has 5000 tokens; the model's context is 4096"),
+        (dict(prompt=[1] * 4090), "max_tokens", "more than the model's context of 4096"),
+        (dict(params=SamplingParams(max_tokens=4094)), "max_tokens", "plus max_tokens (4094)"),
+        (dict(params=SamplingParams(stop_token_ids=(129_280,))), "stop_token_ids", "129280"),
+        (dict(request_id=""), "request_id", "non-empty"),
+    ],
+)
+def test_bad_requests_name_the_problem(model, tokenizer, kwargs, field, fragment):
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=512, block_size=8))
+    args = dict(request_id="r", prompt=[1, 2, 3], params=SamplingParams(max_tokens=8)) | kwargs
+    with pytest.raises(ValueError) as info:
+        engine.add_request(args["request_id"], args["prompt"], args["params"])
+    assert str(info.value).startswith(field) and fragment in str(info.value)
+    assert not engine.has_work
+
+
+def test_a_request_larger_than_the_cache_is_refused_up_front(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=4, block_size=8))
+    with pytest.raises(RequestError, match="need 5 KV blocks; the cache holds 4"):
+        engine.add_request("r", list(range(30)), SamplingParams(max_tokens=8))
+    engine.add_request("dup", [1], SamplingParams(max_tokens=2))
+    with pytest.raises(RequestError, match="already running"):
+        engine.add_request("dup", [1], SamplingParams(max_tokens=2))
