@@ -43,11 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("checkpoint", type=Path)
     check.set_defaults(run=_check_checkpoint)
 
-    gen = sub.add_parser("generate", help="generate offline from a checkpoint")
+    gen = sub.add_parser("generate", help="generate from a checkpoint with the engine, streaming the answer")
     gen.add_argument("--checkpoint", type=Path, required=True)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=DTYPES, default="float32")
     gen.set_defaults(run=_generate)
 
@@ -81,27 +85,41 @@ def _check_checkpoint(args) -> int:
 
 
 def _generate(args) -> int:
+    import asyncio
+
+    from r1serve.runtime.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    return asyncio.run(_stream_generation(args, params))
+
+
+async def _stream_generation(args, params) -> int:
     import torch
 
-    from r1serve.runtime.model.generate import greedy_generate
-    from r1serve.runtime.model.model import DeepseekV3ForCausalLM
-    from r1serve.runtime.tokenizer import Tokenizer
+    from r1serve.runtime.engine.async_engine import AsyncEngine
+    from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 
-    if args.max_tokens <= 0:
-        raise ValueError(f"--max-tokens: must be positive, got {args.max_tokens}")
-    tokenizer = Tokenizer.from_dir(args.checkpoint)
-    model = DeepseekV3ForCausalLM.from_checkpoint(args.checkpoint, getattr(torch, args.dtype))
+    engine = LLMEngine.from_checkpoint(args.checkpoint, EngineConfig(), dtype=getattr(torch, args.dtype))
+    tokenizer = engine.tokenizer
     if args.chat:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     else:
         prompt = tokenizer.encode(args.prompt)
-    limit = model.config.max_position_embeddings
-    if len(prompt) + args.max_tokens > limit:
-        raise ValueError(f"prompt ({len(prompt)} tokens) plus --max-tokens exceeds the model's context of {limit}")
-    stops = [model.config.eos_token_id] if model.config.eos_token_id is not None else []
-    [tokens] = greedy_generate(model, [prompt], args.max_tokens, stop_token_ids=stops)
-    print(f"prompt: {len(prompt)} tokens; generated {len(tokens)} tokens")
-    print(tokenizer.decode(tokens))
+    client = AsyncEngine(engine)
+    section = None
+    try:
+        async for out in client.generate("cli", prompt, params):
+            for name, text in (("reasoning", out.reasoning), ("answer", out.content)):
+                if text and section != name:
+                    section = name
+                    print(f"\n--- {name} ---", flush=True)
+                print(text, end="", flush=True)
+            if out.finished:
+                print(f"\n--- {out.finish_reason}: {out.prompt_tokens} prompt tokens, "
+                      f"{out.completion_tokens} generated ---")
+    finally:
+        client.shutdown()
     return 0
 
 

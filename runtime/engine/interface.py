@@ -1,0 +1,32 @@
+"""The one interface every layer above the engine uses (Serve deployments, the RPC layer, tests)."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Protocol
+
+from .outputs import EngineStats, KVHandoff, RequestOutput
+from .sampling import SamplingParams
+
+
+class EngineClient(Protocol):
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; the last one has `finished` set. Leaving the iteration early
+        (a cancelled consumer) aborts the request and frees its blocks."""
+        ...
+
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestOutput:
+        """Prefill role: run the prompt, sample the first token; the output carries the KVHandoff."""
+        ...
+
+    def generate_from_handoff(self, handoff: KVHandoff) -> AsyncIterator[RequestOutput]:
+        """Decode role: continue a prefilled sequence, streaming from its first token on."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def healthy(self) -> bool: ...
