@@ -115,12 +115,16 @@ class BlockManager:
     def commit(self, seq: Sequence) -> None:
         """Publish the sequence's newly completed blocks (computed and full) for prefix reuse."""
         full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
-        hashes = prefix_hashes(seq.token_ids[: full * self.block_size], self.block_size)
-        for block_id, h in zip(seq.block_table, hashes):
-            block = self.blocks[block_id]
+        bs = self.block_size
+        while len(seq.block_hashes) < full:  # only blocks completed since the last commit are hashed
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            h = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            seq.block_hashes.append(h)
+            block = self.blocks[seq.block_table[i]]
             if block.hash is None and h not in self._by_hash:
                 block.hash = h
-                self._by_hash[h] = block_id
+                self._by_hash[h] = block.block_id
 
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks (newest first, so a prefix's head stays cached the longest)."""
@@ -131,6 +135,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self._free[block_id] = None
         seq.block_table = []
+        seq.block_hashes = []
 
     def stats(self) -> BlockStats:
         free = self.num_free_blocks

@@ -40,8 +40,10 @@ def sample(
             f"need one SamplingParams and one generator per row: {batch} rows, "
             f"{len(params)} params, {len(generators)} generators"
         )
-    tokens = torch.empty(batch, dtype=torch.long, device=logits.device)
     greedy = [i for i, p in enumerate(params) if p.is_greedy]
+    if len(greedy) == batch:  # the common serving case: no row gathers, no copy of the logits
+        return logits.argmax(dim=-1)
+    tokens = torch.empty(batch, dtype=torch.long, device=logits.device)
     sampled = [i for i, p in enumerate(params) if not p.is_greedy]
     if greedy:
         index = torch.tensor(greedy, device=logits.device)

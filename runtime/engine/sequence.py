@@ -29,6 +29,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose latents came from the prefix cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # of the full blocks committed so far, in order
     num_preemptions: int = 0
 
     @property

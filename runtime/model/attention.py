@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import ForwardBatch
+from .batch import AttentionGroup, ForwardBatch
 from .config import ModelConfig
 from .layers import RMSNorm, linear
 from .rope import RotaryEmbedding
@@ -59,13 +59,19 @@ class MLAttention(nn.Module):
         latent = torch.cat((self.kv_a_layernorm(c_kv), rope.apply(k_pe, *cos_sin)), dim=-1)
         cache[batch.slot_mapping] = latent.to(cache.dtype)
 
-        context = cache[batch.context_slots].to(x.dtype)  # [B, Lk, latent_dim]
-        q_nope, q_pe = q_nope[batch.query_index], q_pe[batch.query_index]  # [B, Lq, H, d]
-        if path == "auto":
-            path = "absorbed" if batch.is_decode else "naive"
+        out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
+        for group in batch.groups:
+            out[group.token_rows] = self._attend(group, q_nope, q_pe, cache, path)
+        return self.o_proj(out.view(x.shape[0], -1))
+
+    def _attend(self, group: AttentionGroup, q_nope, q_pe, cache, path: AttentionPath) -> torch.Tensor:
+        """One group's attention -> [Tg, H, v_dim] for its tokens, in `group.token_rows` order."""
+        context = cache[group.context_slots].to(q_nope.dtype)  # [G, Lk, latent_dim]
+        q_nope, q_pe = q_nope[group.query_index], q_pe[group.query_index]  # [G, Lq, H, d]
+        if path == "auto":  # prompt chunks are compute-bound: expand once; decodes are memory-bound: absorb
+            path = "absorbed" if group.kind == "decode" else "naive"
         attend = self._absorbed if path == "absorbed" else self._naive
-        out = attend(q_nope, q_pe, context, batch.attention_mask())  # [B, Lq, H, v_dim]
-        return self.o_proj(out[batch.query_valid].reshape(x.shape[0], -1))
+        return attend(q_nope, q_pe, context, group.attention_mask())[group.query_valid]
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):

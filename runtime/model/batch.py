@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
+
+GroupKind = Literal["decode", "prefill"]
 
 
 @dataclass(frozen=True)
@@ -22,11 +24,37 @@ class SequenceChunk:
 
 
 @dataclass(frozen=True)
-class ForwardBatch:
-    """Packed tokens of B sequences (T in all) and the padded views attention needs.
+class AttentionGroup:
+    """Sequences of one kind (single-token decodes, or prompt chunks) padded together for attention.
 
-    input_ids, positions, slot_mapping: [T]; query_index, query_valid, query_positions: [B, Lq];
-    context_slots: [B, Lk]; logits_indices: [N] rows of the packed tokens whose logits are wanted.
+    query_index, query_valid, query_positions: [G, Lq] (query_index points into the packed tokens);
+    context_slots: [G, Lk], padded with slot 0 beyond each context (masked out).
+    """
+
+    kind: GroupKind
+    query_index: torch.Tensor
+    query_valid: torch.Tensor
+    query_positions: torch.Tensor
+    context_slots: torch.Tensor
+
+    def attention_mask(self) -> torch.Tensor:
+        """[G, 1, Lq, Lk] bool: a query sees the context up to and including its own position."""
+        keys = torch.arange(self.context_slots.shape[1], device=self.context_slots.device)
+        return (keys[None, None, :] <= self.query_positions[:, :, None])[:, None]
+
+    @property
+    def token_rows(self) -> torch.Tensor:
+        """[Tg] packed rows of this group's tokens, in the order `query_valid` selects them."""
+        return self.query_index[self.query_valid]
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Packed tokens of B sequences (T in all), grouped for attention.
+
+    input_ids, positions, slot_mapping: [T]; logits_indices: [N] rows whose logits are wanted.
+    Decodes and prompt chunks form separate groups, so that each pays only for its own padding and can
+    use the attention path that suits it.
     """
 
     input_ids: torch.Tensor
@@ -34,24 +62,12 @@ class ForwardBatch:
     slot_mapping: torch.Tensor
     query_lens: tuple[int, ...]
     context_lens: tuple[int, ...]
-    query_index: torch.Tensor
-    query_valid: torch.Tensor
-    query_positions: torch.Tensor
-    context_slots: torch.Tensor
+    groups: tuple[AttentionGroup, ...]
     logits_indices: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
-
-    @property
-    def is_decode(self) -> bool:
-        return all(n == 1 for n in self.query_lens)
-
-    def attention_mask(self) -> torch.Tensor:
-        """[B, 1, Lq, Lk] bool: a query sees the context up to and including its own position."""
-        keys = torch.arange(self.context_slots.shape[1], device=self.context_slots.device)
-        return (keys[None, None, :] <= self.query_positions[:, :, None])[:, None]
 
     @classmethod
     def build(cls, chunks: Sequence[SequenceChunk], device: torch.device | str = "cpu") -> ForwardBatch:
@@ -62,31 +78,38 @@ class ForwardBatch:
         for i, (q, k) in enumerate(zip(query_lens, context_lens)):
             if q == 0 or q > k:
                 raise ValueError(f"sequence {i}: {q} new tokens with a context of {k}")
-        lq, lk = max(query_lens), max(context_lens)
-        context = torch.zeros(len(chunks), lk, dtype=torch.long)
-        ids, positions, slots = [], [], []
-        for b, chunk in enumerate(chunks):
-            q, k = query_lens[b], context_lens[b]
-            context[b, :k] = torch.as_tensor(chunk.context_slots, dtype=torch.long)
-            ids.append(torch.as_tensor(chunk.token_ids, dtype=torch.long))
-            positions.append(torch.arange(k - q, k))
-            slots.append(context[b, k - q : k])
+        contexts = [torch.as_tensor(c.context_slots, dtype=torch.long) for c in chunks]
         q_lens, k_lens = torch.tensor(query_lens), torch.tensor(context_lens)
         starts = torch.cumsum(q_lens, 0) - q_lens
-        offsets = torch.arange(lq)[None, :]
-        valid = offsets < q_lens[:, None]
-        query_index = torch.where(valid, starts[:, None] + offsets, 0)
-        query_positions = torch.where(valid, (k_lens - q_lens)[:, None] + offsets, 0)
+        kinds = {"decode": [b for b, q in enumerate(query_lens) if q == 1]}
+        kinds["prefill"] = [b for b, q in enumerate(query_lens) if q > 1]
+        groups = tuple(
+            _group(kind, members, contexts, q_lens, k_lens, starts, device) for kind, members in kinds.items() if members
+        )
         wanted = [b for b, c in enumerate(chunks) if c.want_logits]
         return cls(
-            input_ids=torch.cat(ids).to(device),
-            positions=torch.cat(positions).to(device),
-            slot_mapping=torch.cat(slots).to(device),
+            input_ids=torch.cat([torch.as_tensor(c.token_ids, dtype=torch.long) for c in chunks]).to(device),
+            positions=torch.cat([torch.arange(k - q, k) for q, k in zip(query_lens, context_lens)]).to(device),
+            slot_mapping=torch.cat([ctx[k - q :] for ctx, q, k in zip(contexts, query_lens, context_lens)]).to(device),
             query_lens=query_lens,
             context_lens=context_lens,
-            query_index=query_index.to(device),
-            query_valid=valid.to(device),
-            query_positions=query_positions.to(device),
-            context_slots=context.to(device),
+            groups=groups,
             logits_indices=(starts + q_lens - 1)[wanted].to(device),
         )
+
+
+def _group(kind, members, contexts, q_lens, k_lens, starts, device) -> AttentionGroup:
+    index = torch.tensor(members)
+    q, k, s = q_lens[index], k_lens[index], starts[index]
+    offsets = torch.arange(int(q.max()))[None, :]
+    valid = offsets < q[:, None]
+    context = torch.zeros(len(members), int(k.max()), dtype=torch.long)
+    for row, b in enumerate(members):
+        context[row, : contexts[b].shape[0]] = contexts[b]
+    return AttentionGroup(
+        kind=kind,
+        query_index=torch.where(valid, s[:, None] + offsets, 0).to(device),
+        query_valid=valid.to(device),
+        query_positions=torch.where(valid, (k - q)[:, None] + offsets, 0).to(device),
+        context_slots=context.to(device),
+    )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -143,4 +141,7 @@ def test_forward_batch_rejects_inconsistent_chunks():
         ForwardBatch.build([])
     batch = ForwardBatch.build([SequenceChunk([1, 2], [5, 6, 7, 8])])
     assert batch.positions.tolist() == [2, 3] and batch.slot_mapping.tolist() == [7, 8]
-    assert dataclasses.replace(batch).is_decode is False
+    assert [g.kind for g in batch.groups] == ["prefill"]
+    mixed = ForwardBatch.build([SequenceChunk([1], [0, 1, 2]), SequenceChunk([4, 5], [9, 8])])
+    assert [g.kind for g in mixed.groups] == ["decode", "prefill"]
+    assert [g.token_rows.tolist() for g in mixed.groups] == [[0], [1, 2]]
