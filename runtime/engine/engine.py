@@ -182,7 +182,7 @@ class LLMEngine:
 
     def _state(self, seq: Sequence, params: SamplingParams) -> RequestState:
         return RequestState(seq, params, self.tokenizer, max_model_len=self.max_model_len,
-                            reasoning=self.config.reasoning)
+                            reasoning=self.config.reasoning, device=self.runner.device)
 
     def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if not isinstance(request_id, str) or not request_id:

@@ -16,9 +16,10 @@ from .stops import FinishReason, StopChecker
 class RequestState:
     """Turns a sequence's new tokens into RequestOutputs; decides when the request is finished."""
 
-    def __init__(self, seq: Sequence, params: SamplingParams, tokenizer, *, max_model_len: int, reasoning: bool):
+    def __init__(self, seq: Sequence, params: SamplingParams, tokenizer, *, max_model_len: int, reasoning: bool,
+                 device: torch.device | str = "cpu"):
         self.seq, self.params = seq, params
-        self.generator: torch.Generator | None = make_generator(params.seed)
+        self.generator: torch.Generator | None = make_generator(params.seed, device)  # where the logits are
         prompt = seq.token_ids[: seq.prompt_len]
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens)
         self.parser = ReasoningParser.for_tokenizer(tokenizer, prompt, enabled=reasoning)
