@@ -116,10 +116,14 @@ class LLMEngine:
 
     # -- stepping ---------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, lockstep: bool = False) -> list[RequestOutput]:
+        """One scheduling round and forward. With `lockstep` (a data-parallel rank of an expert-parallel
+        group) a forward runs even without work, over no tokens, so the group's collectives still match."""
         self._admit_handoffs()
         chunks = self.scheduler.schedule()
         if not chunks:
+            if lockstep:
+                self.runner.run_empty()
             return []
         completing = [c for c in chunks if c.completes]
         logits = self.runner.run(chunks)

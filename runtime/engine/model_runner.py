@@ -46,6 +46,9 @@ class ModelRunner:
         )
         return self.model(batch, self.caches)
 
+    def run_empty(self) -> None:
+        self.model(ForwardBatch.empty(self.device), self.caches)
+
     def read_latents(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
         """[num_layers, num_tokens, latent_dim] copy of the sequence's cached latents, on the CPU."""
         slots = self.slots(seq, num_tokens).to(self.device)

@@ -52,7 +52,7 @@ class MLAttention(nn.Module):
         path: AttentionPath = "auto",
     ) -> torch.Tensor:
         """x [T, hidden], cache [num_slots, latent_dim] (written in place) -> [T, hidden]"""
-        q = self._queries(x).view(x.shape[0], self.num_heads, -1)
+        q = self._queries(x).view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = rope.apply(q_pe, *cos_sin)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -62,7 +62,7 @@ class MLAttention(nn.Module):
         out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
         for group in batch.groups:
             out[group.token_rows] = self._attend(group, q_nope, q_pe, cache, path)
-        return self.o_proj(out.view(x.shape[0], -1))
+        return self.o_proj(out.view(x.shape[0], self.num_heads * self.v_dim))
 
     def _attend(self, group: AttentionGroup, q_nope, q_pe, cache, path: AttentionPath) -> torch.Tensor:
         """One group's attention -> [Tg, H, v_dim] for its tokens, in `group.token_rows` order."""

@@ -70,6 +70,12 @@ class ForwardBatch:
         return int(self.input_ids.shape[0])
 
     @classmethod
+    def empty(cls, device: torch.device | str = "cpu") -> ForwardBatch:
+        """No tokens: what a data-parallel rank with no work runs so that its group's collectives match."""
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return cls(none, none, none, (), (), (), none)
+
+    @classmethod
     def build(cls, chunks: Sequence[SequenceChunk], device: torch.device | str = "cpu") -> ForwardBatch:
         if not chunks:
             raise ValueError("a forward batch needs at least one sequence")

@@ -12,17 +12,17 @@ from .attention import AttentionPath, MLAttention
 from .batch import ForwardBatch
 from .config import ModelConfig
 from .layers import MLP, RMSNorm, linear
-from .moe import MoE
+from .moe import ExpertLayout, LocalExperts, MoE, RoutedExperts
 from .rope import RotaryEmbedding
 from .weights import checkpoint_shapes, expert_of, layer_of
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, dtype, device, expert_ids, dispatcher):
+    def __init__(self, config: ModelConfig, layer: int, dtype, device, experts: ExpertLayout):
         super().__init__()
         self.self_attn = MLAttention(config, dtype, device)
         if config.is_moe_layer(layer):
-            self.mlp = MoE(config, dtype, device, expert_ids=expert_ids, dispatcher=dispatcher)
+            self.mlp = MoE(config, dtype, device, experts.expert_ids(layer), experts.dispatcher(layer))
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, dtype, device)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
@@ -34,12 +34,12 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, config: ModelConfig, dtype, device, expert_ids, dispatcher):
+    def __init__(self, config: ModelConfig, dtype, device, experts: ExpertLayout):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.embed_tokens.requires_grad_(False)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, dtype, device, expert_ids, dispatcher) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, dtype, device, experts) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
@@ -48,7 +48,8 @@ class DeepseekV3ForCausalLM(nn.Module):
     """Parameter names equal the published checkpoint's, except routed experts, which are stacked
     per layer (`mlp.experts.w13` / `w2`) so each expert's tokens run as one matmul.
 
-    `expert_ids` restricts the routed experts held here (expert parallelism); None holds them all.
+    `experts` says which routed experts each MoE layer holds here and how tokens reach them (expert
+    parallelism); by default this process holds them all.
     """
 
     def __init__(
@@ -57,12 +58,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         *,
-        expert_ids: Sequence[int] | None = None,
-        dispatcher=None,
+        experts: ExpertLayout | None = None,
     ):
         super().__init__()
         self.config, self.dtype = config, dtype
-        self.model = Backbone(config, dtype, device, expert_ids, dispatcher)
+        self.model = Backbone(config, dtype, device, experts or LocalExperts(config.n_routed_experts))
         self.rotary = RotaryEmbedding(config).to(device)
         if not config.tie_word_embeddings:
             self.lm_head = linear(config.hidden_size, config.vocab_size, dtype, device)
@@ -136,6 +136,16 @@ class DeepseekV3ForCausalLM(nn.Module):
             else:
                 yield name, experts.w13[slot, :half] if proj == "gate_proj" else experts.w13[slot, half:]
 
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def replace_experts(self, layer: int, expert_ids: Sequence[int]) -> RoutedExperts:
+        """Give a MoE layer new (uninitialised) expert slots; fill them with load_tensor."""
+        moe = self.model.layers[layer].mlp
+        old = moe.experts
+        moe.experts = RoutedExperts(self.config, expert_ids, old.w13.dtype, old.w13.device)
+        return moe.experts
+
     def reset_buffers(self) -> None:
         """Recompute derived, non-checkpoint buffers (after `to_empty` from the meta device)."""
         for module in self.modules():
@@ -149,24 +159,32 @@ class DeepseekV3ForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         *,
-        expert_ids: Sequence[int] | None = None,
-        dispatcher=None,
+        experts: ExpertLayout | None = None,
         progress: bool = True,
     ) -> DeepseekV3ForCausalLM:
         """Build the model without initialising weights, then stream the checkpoint in, tensor by tensor."""
-        from .checkpoint import load_weights
-
         config = ModelConfig.from_file(checkpoint_dir)
         with torch.device("meta"):
-            model = cls(config, dtype, "meta", expert_ids=expert_ids, dispatcher=dispatcher)
+            model = cls(config, dtype, "meta", experts=experts)
         model.to_empty(device=device)
         model.reset_buffers()
-        expected = model.expected_checkpoint_shapes()
-        for name, tensor in load_weights(
-            checkpoint_dir, expected, dtype, num_hidden_layers=config.num_hidden_layers, progress=progress, cast=False
-        ):
-            model.load_tensor(name, tensor)
+        model.load_checkpoint_tensors(checkpoint_dir, progress=progress)
         return model.eval()
+
+    def load_checkpoint_tensors(self, checkpoint_dir: str | Path, names: Iterable[str] | None = None,
+                                progress: bool = True) -> None:
+        """Read `names` (default: every tensor this instance holds) from the checkpoint into place.
+
+        The whole checkpoint is validated against the full architecture; only the wanted tensors are read.
+        """
+        from .checkpoint import load_weights
+
+        wanted = set(self.expected_checkpoint_shapes() if names is None else names)
+        for name, tensor in load_weights(
+            checkpoint_dir, checkpoint_shapes(self.config), self.dtype, include=wanted.__contains__,
+            num_hidden_layers=self.config.num_hidden_layers, progress=progress, cast=False,
+        ):
+            self.load_tensor(name, tensor)
 
 
 __all__ = ["DeepseekV3ForCausalLM", "layer_of"]

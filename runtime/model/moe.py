@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
@@ -113,7 +114,7 @@ class LocalDispatcher:
     def __call__(self, x, weights, ids, experts: RoutedExperts) -> torch.Tensor:
         t, k = ids.shape
         copies = experts(x.repeat_interleave(k, dim=0), experts.slot_of[ids.reshape(-1)])
-        return combine(copies.view(t, k, -1), weights).to(x.dtype)
+        return combine(copies.view(t, k, x.shape[1]), weights).to(x.dtype)
 
 
 def combine(copies: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -133,18 +134,40 @@ def _slot_lookup(expert_ids: Sequence[int], device) -> torch.Tensor:
     return lookup.to(device)
 
 
+class ExpertLayout(Protocol):
+    """Which routed experts a process holds in each MoE layer, and how tokens reach them."""
+
+    def expert_ids(self, layer: int) -> Sequence[int]: ...
+
+    def dispatcher(self, layer: int) -> ExpertDispatcher: ...
+
+
+@dataclass(frozen=True)
+class LocalExperts:
+    """One process holds `ids` (all experts by default) and dispatch is local."""
+
+    num_experts: int
+    ids: tuple[int, ...] | None = None
+
+    def expert_ids(self, layer: int) -> Sequence[int]:
+        return range(self.num_experts) if self.ids is None else self.ids
+
+    def dispatcher(self, layer: int) -> ExpertDispatcher:
+        return LocalDispatcher()
+
+
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device=None, *, expert_ids=None, dispatcher=None):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device, expert_ids: Sequence[int],
+                 dispatcher: ExpertDispatcher):
         super().__init__()
         self.gate = TopKGate(config, device)
-        ids = range(config.n_routed_experts) if expert_ids is None else expert_ids
-        self.experts = RoutedExperts(config, ids, dtype, device)
+        self.experts = RoutedExperts(config, expert_ids, dtype, device)
         self.shared_experts = (
             MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, dtype, device)
             if config.n_shared_experts
             else None
         )
-        self.dispatcher: ExpertDispatcher = dispatcher or LocalDispatcher()
+        self.dispatcher = dispatcher
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]"""

@@ -8,7 +8,7 @@ import torch
 from r1serve.runtime.model.batch import ForwardBatch, SequenceChunk
 from r1serve.runtime.model.generate import greedy_generate, prompt_logits
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
-from r1serve.runtime.model.moe import TopKGate
+from r1serve.runtime.model.moe import LocalExperts, TopKGate
 from r1serve.runtime.model.tiny import random_weights, tiny_config
 
 PROMPTS = [list(range(500, 537)), [7, 8, 9], list(range(3000, 3011))]
@@ -119,7 +119,7 @@ def test_gate_respects_groups_bias_and_scaling():
 
 def test_expert_subset_holds_only_its_experts():
     config = tiny_config()
-    model = DeepseekV3ForCausalLM(config, torch.float32, expert_ids=[0, 5, 9])
+    model = DeepseekV3ForCausalLM(config, torch.float32, experts=LocalExperts(config.n_routed_experts, (0, 5, 9)))
     names = model.expected_checkpoint_shapes()
     held = {n.split(".experts.")[1].split(".")[0] for n in names if ".experts." in n}
     assert held == {"0", "5", "9"}
@@ -145,3 +145,10 @@ def test_forward_batch_rejects_inconsistent_chunks():
     mixed = ForwardBatch.build([SequenceChunk([1], [0, 1, 2]), SequenceChunk([4, 5], [9, 8])])
     assert [g.kind for g in mixed.groups] == ["decode", "prefill"]
     assert [g.token_rows.tolist() for g in mixed.groups] == [[0], [1, 2]]
+
+
+def test_an_empty_batch_runs_through_every_layer(model64):
+    """What an idle data-parallel rank runs so that its group's collectives line up."""
+    caches = model64.allocate_kv_cache(8)
+    logits = model64(ForwardBatch.empty(), caches)
+    assert logits.shape == (0, model64.config.vocab_size)

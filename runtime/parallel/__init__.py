@@ -1,0 +1,1 @@
+"""Expert parallelism: process groups, expert placement, all-to-all dispatch and combine, EP groups."""

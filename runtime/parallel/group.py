@@ -1,0 +1,230 @@
+"""An expert-parallel group of rank processes behind the EngineClient interface."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from dataclasses import replace
+from typing import AsyncIterator
+
+import torch.multiprocessing as tmp
+
+from r1serve.runtime.engine.engine import EngineConfig
+from r1serve.runtime.engine.outputs import EngineStats, KVHandoff, RequestError, RequestOutput
+from r1serve.runtime.engine.sampling import SamplingParams
+
+from .layout import GroupConfig, free_tcp_address
+from .rank import RankSpec, rank_main
+
+log = logging.getLogger(__name__)
+
+
+class GroupFailedError(RuntimeError):
+    """A rank died or a collective failed: the group serves nothing more."""
+
+
+class ExpertParallelGroup:
+    """`world_size` rank processes that together hold every expert; attention is data-parallel, so each
+    request lives on one rank, chosen as the least loaded. One thread relays the ranks' outputs to the
+    waiting callers and watches the processes: a rank that dies fails every request within `timeout_s`."""
+
+    def __init__(self, checkpoint: str, world_size: int, *, engine: EngineConfig = EngineConfig(),
+                 dtype: str = "float32", device: str = "cpu", redundant: int = 0, timeout_s: float = 30.0,
+                 start_timeout_s: float = 300.0):
+        # torch.multiprocessing queues pass tensors (hand-off latents) through shared memory.
+        ctx = tmp.get_context("spawn")
+        self.world_size, self.timeout_s = world_size, timeout_s
+        self._outbox = ctx.Queue()
+        self._inboxes = [ctx.Queue() for _ in range(world_size)]
+        address = free_tcp_address()
+        self._procs = []
+        for rank in range(world_size):
+            spec = RankSpec(GroupConfig(world_size, rank, address, timeout_s=timeout_s), checkpoint, engine,
+                            dtype, device, redundant)
+            proc = ctx.Process(target=rank_main, args=(spec, self._inboxes[rank], self._outbox), daemon=True,
+                               name=f"r1serve-ep-rank{rank}")
+            proc.start()
+            self._procs.append(proc)
+        self.error: str | None = None
+        self.expert_bytes = self._await_ready(start_timeout_s)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._owner: dict[str, tuple[int, int]] = {}  # request id -> (rank, tokens it may occupy)
+        self._replies: dict[str, queue.Queue] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._relay = threading.Thread(target=self._relay_loop, name="r1serve-ep-relay", daemon=True)
+        self._relay.start()
+
+    # -- EngineClient ------------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and all(p.is_alive() for p in self._procs)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        rank = self._pick_rank(len(prompt_token_ids) + params.max_tokens)
+        q = self._open(request_id, rank, len(prompt_token_ids) + params.max_tokens)
+        self._inboxes[rank].put(("add", request_id, list(prompt_token_ids), params))
+        async for out in self._stream(request_id, q):
+            yield out
+
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestOutput:
+        last = None
+        async for out in self.generate(request_id, prompt_token_ids, params):
+            last = out
+        return last
+
+    async def generate_from_handoff(self, handoff: KVHandoff) -> AsyncIterator[RequestOutput]:
+        size = len(handoff.prompt_token_ids) + handoff.params.max_tokens
+        rank = self._pick_rank(size)
+        q = self._open(handoff.request_id, rank, size)
+        self._inboxes[rank].put(("handoff", handoff))
+        async for out in self._stream(handoff.request_id, q):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        owner = self._owner.get(request_id)
+        if owner is not None:
+            self._inboxes[owner[0]].put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        """The group's totals (summed over ranks)."""
+        per_rank = self.rank_stats()
+        first = per_rank[0]
+        summed = {f: sum(getattr(s, f) for s in per_rank) for f in first.__dataclass_fields__ if f != "role"}
+        return replace(first, **summed)
+
+    def rank_stats(self, timeout_s: float = 30.0) -> list[EngineStats]:
+        if not self.healthy:
+            raise GroupFailedError(f"the expert-parallel group is down: {self.error}")
+        reply: queue.Queue = queue.Queue()
+        token = f"stats-{next(self._ids)}"
+        self._replies[token] = reply
+        try:
+            for inbox in self._inboxes:
+                inbox.put(("stats",))
+            results = [reply.get(timeout=timeout_s) for _ in self._inboxes]
+        except queue.Empty:
+            raise GroupFailedError(f"ranks did not answer a stats request within {timeout_s:.0f}s") from None
+        finally:
+            self._replies.pop(token, None)
+        return [stats for _, stats in sorted(results, key=lambda r: r[0])]
+
+    def rebalance(self) -> None:
+        """Ask every rank to rebalance experts from the load seen so far (they do it between steps)."""
+        for inbox in self._inboxes:
+            inbox.put(("rebalance",))
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        for inbox in self._inboxes:
+            inbox.put(("stop",))
+        for proc in self._procs:
+            proc.join(timeout_s)
+            if proc.is_alive():
+                proc.kill()
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _await_ready(self, timeout_s: float) -> list[int]:
+        ready: dict[int, int] = {}
+        while len(ready) < self.world_size:
+            try:
+                message = self._outbox.get(timeout=timeout_s)
+            except queue.Empty:
+                self._kill_all()
+                raise GroupFailedError(f"ranks {sorted(set(range(self.world_size)) - set(ready))} did not start "
+                                       f"within {timeout_s:.0f}s") from None
+            if message[0] == "failed":
+                self._kill_all()
+                raise GroupFailedError(f"rank {message[1]} failed to start: {message[2]}")
+            ready[message[1]] = message[2]
+        return [ready[r] for r in range(self.world_size)]
+
+    def _pick_rank(self, size: int) -> int:
+        if not self.healthy:
+            raise GroupFailedError(f"the expert-parallel group is down: {self.error}")
+        with self._lock:
+            load = [0] * self.world_size  # tokens the rank's open requests may occupy
+            for rank, tokens in self._owner.values():
+                load[rank] += tokens
+            return min(range(self.world_size), key=lambda r: (load[r], r))
+
+    def _open(self, request_id: str, rank: int, size: int) -> asyncio.Queue:
+        with self._lock:
+            if request_id in self._streams:
+                raise RequestError("request_id", f"{request_id!r} is already running")
+            q: asyncio.Queue = asyncio.Queue()
+            self._streams[request_id] = (asyncio.get_running_loop(), q)
+            self._owner[request_id] = (rank, size)
+        return q
+
+    def _close(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._owner.pop(request_id, None)
+
+    async def _stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                await self.abort(request_id)
+            self._close(request_id)
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _relay_loop(self) -> None:
+        while True:
+            try:
+                message = self._outbox.get(timeout=0.2)
+            except queue.Empty:
+                if self.error is None and not all(p.is_alive() for p in self._procs):
+                    dead = [i for i, p in enumerate(self._procs) if not p.is_alive()]
+                    self._fail(f"rank {dead[0]} exited (code {self._procs[dead[0]].exitcode})")
+                continue
+            except (EOFError, OSError):
+                return
+            self._handle(message)
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "outputs":
+            for out in message[2]:
+                self._deliver(out.request_id, out)
+        elif kind == "rejected":
+            _, _, request_id, field, text = message
+            self._deliver(request_id, RequestError(field, text.split(": ", 1)[-1]))
+        elif kind == "stats":
+            for reply in list(self._replies.values()):
+                reply.put((message[1], message[2]))
+        elif kind == "failed":
+            self._fail(message[2])
+
+    def _fail(self, error: str) -> None:
+        """A rank is gone: end every open request with an error now, and stop the others."""
+        if self.error is None:
+            self.error = error
+            log.error("expert-parallel group failed: %s", error)
+        for request_id in list(self._streams):
+            self._deliver(request_id, RequestOutput(request_id, finished=True, finish_reason="error",
+                                                     error=f"expert-parallel group failed: {error}"))
+        self._kill_all()
+
+    def _kill_all(self) -> None:
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
+

@@ -1,0 +1,156 @@
+"""One rank of an expert-parallel group: its engine, stepping in lockstep with the other ranks."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
+from r1serve.runtime.engine.outputs import RequestError
+from r1serve.runtime.model.model import DeepseekV3ForCausalLM
+from r1serve.runtime.model.weights import checkpoint_shapes, expert_of
+from r1serve.runtime.tokenizer import Tokenizer
+
+from .layout import ExpertParallelLayout, GroupConfig, join_group, leave_group
+from .placement import balanced_placement
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """Everything a rank process needs to build itself (picklable)."""
+
+    group: GroupConfig
+    checkpoint: str
+    engine: EngineConfig = EngineConfig()
+    dtype: str = "float32"
+    device: str = "cpu"
+    redundant: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class RankWorker:
+    """Owns the rank's model (attention and dense weights, plus its own experts) and its engine.
+
+    Commands arrive on `inbox` as tuples; outputs leave on `outbox` as ("outputs", rank, [RequestOutput]),
+    ("rejected", rank, request_id, field, message), ("stats", rank, stats) or ("failed", rank, text).
+    """
+
+    def __init__(self, spec: RankSpec):
+        self.spec = spec
+        self.rank, self.world_size = spec.group.rank, spec.group.world_size
+        join_group(spec.group, spec.device)
+        config_dir = Path(spec.checkpoint)
+        from r1serve.runtime.model.config import ModelConfig
+
+        config = ModelConfig.from_file(config_dir)
+        self.layout = ExpertParallelLayout(config, self.rank, self.world_size, spec.redundant)
+        self.model = DeepseekV3ForCausalLM.from_checkpoint(
+            config_dir, getattr(torch, spec.dtype), spec.device, experts=self.layout, progress=False
+        )
+        self.engine = LLMEngine(self.model, Tokenizer.from_dir(config_dir), spec.engine)
+        self._want_rebalance = False
+        self._stop = False
+
+    def expert_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for m in self.model.moe_layers() for p in m.experts.parameters())
+
+    def run(self, inbox, outbox, idle_wait_s: float = 0.01) -> None:
+        """The lockstep loop. Every iteration all ranks agree (one all-reduce) whether any has work, a
+        rebalance is due or the group stops; then every rank runs exactly one forward, empty if idle."""
+        try:
+            busy = False
+            while True:
+                self._apply_commands(inbox, outbox, block=not busy, wait_s=idle_wait_s)
+                flags = torch.tensor([int(self.engine.has_work), int(self._want_rebalance), int(self._stop)])
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                if flags[2]:
+                    break
+                if flags[1]:
+                    self.rebalance()
+                busy = bool(flags[0])
+                if busy:
+                    outputs = self.engine.step(lockstep=True)
+                    if outputs:
+                        outbox.put(("outputs", self.rank, outputs))
+        except Exception as exc:  # noqa: BLE001 - a broken collective or rank must be reported, not hang
+            log.exception("rank %d failed", self.rank)
+            outbox.put(("failed", self.rank, f"rank {self.rank}: {type(exc).__name__}: {exc}"))
+            outbox.put(("outputs", self.rank, self.engine.fail_all(f"expert-parallel group failed: {exc}")))
+        finally:
+            leave_group()
+
+    def _apply_commands(self, inbox, outbox, block: bool, wait_s: float) -> None:
+        try:
+            command = inbox.get(timeout=wait_s) if block else inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(command, outbox)
+            try:
+                command = inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command: tuple, outbox) -> None:
+        kind = command[0]
+        try:
+            if kind == "add":
+                _, request_id, prompt, params = command
+                self.engine.add_request(request_id, prompt, params)
+            elif kind == "handoff":
+                outputs = self.engine.add_handoff(command[1])
+                outbox.put(("outputs", self.rank, outputs))
+            elif kind == "abort":
+                out = self.engine.abort(command[1])
+                if out is not None:
+                    outbox.put(("outputs", self.rank, [out]))
+            elif kind == "stats":
+                outbox.put(("stats", self.rank, self.engine.stats(), self.expert_bytes()))
+            elif kind == "rebalance":
+                self._want_rebalance = True
+            elif kind == "stop":
+                self._stop = True
+        except RequestError as exc:
+            outbox.put(("rejected", self.rank, command[1] if kind == "add" else command[1].request_id,
+                        exc.field, str(exc)))
+
+    def rebalance(self) -> None:
+        """Collective: sum every rank's per-expert load, compute the same balanced placement everywhere,
+        and load the experts that moved onto this rank from the checkpoint. Runs between steps."""
+        self._want_rebalance = False
+        for layer, placement in list(self.layout.placements.items()):
+            dispatcher = self.layout.dispatcher(layer)
+            load = dispatcher.take_load()
+            dist.all_reduce(load)
+            new = balanced_placement(load.tolist(), self.world_size, self.layout.redundant)
+            if new == placement:
+                continue
+            self.layout.placements[layer] = new
+            mine = new.rank_experts(self.rank)
+            self.model.replace_experts(layer, mine)
+            names = [n for n in checkpoint_shapes(self.model.config) if (hit := expert_of(n)) and hit[0] == layer
+                     and hit[1] in mine]
+            self.model.load_checkpoint_tensors(self.spec.checkpoint, names, progress=False)
+            dispatcher.set_placement(new)
+
+
+def rank_main(spec: RankSpec, inbox, outbox) -> None:
+    """Entry point of a rank process."""
+    torch.set_num_threads(max(1, spec.options.get("threads", 1)))
+    try:
+        worker = RankWorker(spec)
+    except Exception:  # noqa: BLE001
+        outbox.put(("failed", spec.group.rank, traceback.format_exc(limit=3)))
+        leave_group()
+        return
+    outbox.put(("ready", spec.group.rank, worker.expert_bytes()))
+    worker.run(inbox, outbox)

@@ -1,0 +1,1 @@
+"""The Ray Serve graph: ingress (gRPC + OpenAI HTTP), prefill and decode pools, routers, KV connectors."""
