@@ -53,6 +53,7 @@ class ExpertParallelGroup:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._owner: dict[str, tuple[int, int]] = {}  # request id -> (rank, tokens it may occupy)
         self._replies: dict[str, queue.Queue] = {}
+        self._asking = threading.Lock()  # one question to the ranks at a time: replies carry no token
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._relay = threading.Thread(target=self._relay_loop, name="r1serve-ep-relay", daemon=True)
@@ -98,20 +99,29 @@ class ExpertParallelGroup:
         return replace(first, **summed)
 
     def rank_stats(self, timeout_s: float = 30.0) -> list[EngineStats]:
+        return self._ask_every_rank("stats", timeout_s)
+
+    def placements(self, timeout_s: float = 30.0) -> list[dict[int, tuple[int, ...]]]:
+        """Per rank: MoE layer -> physical_to_logical (every rank holds the same view)."""
+        return self._ask_every_rank("placements", timeout_s)
+
+    def _ask_every_rank(self, command: str, timeout_s: float) -> list:
         if not self.healthy:
             raise GroupFailedError(f"the expert-parallel group is down: {self.error}")
         reply: queue.Queue = queue.Queue()
-        token = f"stats-{next(self._ids)}"
+        token = f"{command}-{next(self._ids)}"
+        self._asking.acquire()
         self._replies[token] = reply
         try:
             for inbox in self._inboxes:
-                inbox.put(("stats",))
+                inbox.put((command,))
             results = [reply.get(timeout=timeout_s) for _ in self._inboxes]
         except queue.Empty:
-            raise GroupFailedError(f"ranks did not answer a stats request within {timeout_s:.0f}s") from None
+            raise GroupFailedError(f"ranks did not answer {command!r} within {timeout_s:.0f}s") from None
         finally:
             self._replies.pop(token, None)
-        return [stats for _, stats in sorted(results, key=lambda r: r[0])]
+            self._asking.release()
+        return [answer for _, answer in sorted(results, key=lambda r: r[0])]
 
     def rebalance(self) -> None:
         """Ask every rank to rebalance experts from the load seen so far (they do it between steps)."""
@@ -207,7 +217,7 @@ class ExpertParallelGroup:
         elif kind == "rejected":
             _, _, request_id, field, text = message
             self._deliver(request_id, RequestError(field, text.split(": ", 1)[-1]))
-        elif kind == "stats":
+        elif kind == "reply":
             for reply in list(self._replies.values()):
                 reply.put((message[1], message[2]))
         elif kind == "failed":

@@ -114,7 +114,10 @@ class RankWorker:
                 if out is not None:
                     outbox.put(("outputs", self.rank, [out]))
             elif kind == "stats":
-                outbox.put(("stats", self.rank, self.engine.stats(), self.expert_bytes()))
+                outbox.put(("reply", self.rank, self.engine.stats()))
+            elif kind == "placements":
+                placements = {layer: p.physical_to_logical for layer, p in self.layout.placements.items()}
+                outbox.put(("reply", self.rank, placements))
             elif kind == "rebalance":
                 self._want_rebalance = True
             elif kind == "stop":

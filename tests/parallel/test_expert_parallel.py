@@ -1,0 +1,126 @@
+"""Expert parallelism over real process groups (gloo on CPU): same outputs as one process, bounded failure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
+from r1serve.runtime.engine.sampling import SamplingParams
+from r1serve.runtime.model.model import DeepseekV3ForCausalLM
+from r1serve.runtime.parallel.group import ExpertParallelGroup, GroupFailedError
+from r1serve.runtime.parallel.harness import run_moe_layer
+
+pytestmark = pytest.mark.slow
+
+MOE_LAYER = 1
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+ENGINE = EngineConfig(num_blocks=96, block_size=8, max_batch_tokens=64)
+
+
+def _rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("world,redundant", [(2, 0), (2, 2), (3, 2), (4, 0), (4, 4)])
+def test_moe_layer_equals_the_single_process_layer(tiny_checkpoint, world, redundant):
+    full = DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, torch.float32, progress=False)
+    torch.manual_seed(world)
+    sizes = [37, 0, 5, 64][:world]  # uneven, and one rank with nothing to send
+    inputs = [torch.randn(n, full.config.hidden_size) for n in sizes]
+    run = run_moe_layer(str(tiny_checkpoint), inputs, layer=MOE_LAYER, redundant=redundant)
+    with torch.inference_mode():
+        expected = full.model.layers[MOE_LAYER].mlp(torch.cat(inputs))
+    got = torch.cat(run.outputs)
+    assert got.shape == expected.shape
+    assert _rel(got, expected) < 1e-5
+
+
+def test_expert_memory_per_rank_falls_as_one_over_world_size(tiny_checkpoint):
+    hidden = DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, torch.float32, progress=False).config.hidden_size
+    per_world = {}
+    for world in (1, 2, 4):
+        run = run_moe_layer(str(tiny_checkpoint), [torch.zeros(1, hidden)] * world, layer=MOE_LAYER)
+        per_world[world] = max(run.expert_bytes)
+    assert per_world[2] == pytest.approx(per_world[1] / 2, rel=0.05)
+    assert per_world[4] == pytest.approx(per_world[1] / 4, rel=0.05)
+
+
+def _prompts():
+    return [list(range(100 + 9 * i, 100 + 9 * i + n)) for i, n in enumerate([5, 40, 12, 1, 26, 60])]
+
+
+def _single_process(checkpoint, prompts) -> dict[str, list[int]]:
+    engine = LLMEngine.from_checkpoint(checkpoint, ENGINE, dtype=torch.float64)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, GREEDY)
+    out: dict[str, list[int]] = {}
+    while engine.has_work:
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.token_ids)
+    return out
+
+
+def _through_group(group, prompts, prefix="r") -> dict[str, list[int]]:
+    async def one(rid, prompt):
+        return rid, [t async for o in group.generate(rid, prompt, GREEDY) for t in o.token_ids]
+
+    async def main():
+        return dict(await asyncio.gather(*(one(f"{prefix}{i}", p) for i, p in enumerate(prompts))))
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("world,redundant", [(2, 0), (3, 2), (4, 4)])
+def test_greedy_generation_through_the_group_equals_one_process_before_and_after_rebalance(
+    tiny_checkpoint, world, redundant
+):
+    prompts = _prompts()
+    expected = _single_process(tiny_checkpoint, prompts)
+    group = ExpertParallelGroup(str(tiny_checkpoint), world, engine=ENGINE, dtype="float64", redundant=redundant)
+    try:
+        assert _through_group(group, prompts) == expected
+        before = group.placements()
+        group.rebalance()
+        assert _through_group(group, prompts) == expected  # same prompts, new placement
+        after = group.placements()
+        assert after[0] != before[0] and all(p == after[0] for p in after)
+        stats = group.rank_stats()
+        assert all(s.kv_blocks_used == 0 for s in stats)
+        assert sum(s.finished for s in stats) == 2 * len(prompts)
+    finally:
+        group.shutdown()
+
+
+def test_a_killed_rank_fails_requests_within_a_bounded_time(tiny_checkpoint):
+    group = ExpertParallelGroup(str(tiny_checkpoint), 2, engine=ENGINE, timeout_s=10)
+
+    async def main():
+        outs = []
+        started = None
+        async for out in group.generate("long", list(range(50)), SamplingParams(max_tokens=600, temperature=0)):
+            outs.append(out)
+            if started is None:
+                started = time.monotonic()
+                os.kill(group._procs[1].pid, signal.SIGKILL)
+        return outs, time.monotonic() - started
+
+    try:
+        outs, elapsed = asyncio.run(asyncio.wait_for(main(), 60))
+        assert outs[-1].finished and outs[-1].finish_reason == "error"
+        assert "expert-parallel group failed" in outs[-1].error
+        assert elapsed < 20
+        assert not group.healthy
+        with pytest.raises(GroupFailedError):
+            asyncio.run(_through_group_once(group))
+    finally:
+        group.shutdown()
+
+
+async def _through_group_once(group):
+    return [o async for o in group.generate("after", [1, 2], GREEDY)]
