@@ -70,17 +70,24 @@ class RoutedExperts(nn.Module):
     def num_slots(self) -> int:
         return len(self.expert_ids)
 
+    # Above this many token copies per expert (prefill) contiguous per-expert matmuls beat one padded
+    # batched matmul, whose padding to the busiest expert then costs more than the loop's overhead.
+    LOOP_THRESHOLD = 32
+
     def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """x [N, hidden] token copies, slots [N] local slot of each -> [N, hidden] expert outputs (unweighted).
 
-        Grouped execution: one sort puts each expert's tokens together, padded to the busiest expert's
-        count, so all experts run as two batched matmuls instead of a Python loop of small ones.
+        Grouped execution: one sort puts each expert's tokens together. Few tokens (decode): all experts
+        run as two batched matmuls, padded to the busiest expert. Many (prefill): one matmul pair per
+        expert over its contiguous rows.
         """
         n, hidden = x.shape
         if n == 0:
             return torch.empty_like(x)
         order = torch.argsort(slots, stable=True)
         counts = torch.bincount(slots, minlength=self.num_slots)
+        if n >= self.LOOP_THRESHOLD * self.num_slots:
+            return self._contiguous(x, order, counts)
         first = torch.cumsum(counts, 0) - counts
         rank = torch.arange(n, device=x.device) - first[slots[order]]  # position within its expert's group
         padded = x.new_zeros(self.num_slots, int(counts.max()), hidden)
@@ -89,6 +96,30 @@ class RoutedExperts(nn.Module):
         down = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))  # [slots, capacity, hidden]
         out = torch.empty_like(x)
         out[order] = down[slots[order], rank]
+        return out
+
+    def _contiguous(self, x: torch.Tensor, order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        grouped = x[order]
+        out_sorted = torch.empty_like(grouped)
+        start = 0
+        for slot, count in enumerate(counts.tolist()):
+            if count:
+                rows = slice(start, start + count)
+                gate, up = F.linear(grouped[rows], self.w13[slot]).split(self.intermediate, dim=-1)
+                out_sorted[rows] = F.linear(F.silu(gate) * up, self.w2[slot])
+                start += count
+        out = torch.empty_like(x)
+        out[order] = out_sorted
+        return out
+
+    def forward_per_expert(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The same with a Python loop over experts, one small matmul pair each (how simple MoE code
+        runs): the baseline that benchmarks/moe.py measures the grouped path against."""
+        out = torch.empty_like(x)
+        for slot in torch.unique(slots).tolist():
+            rows = (slots == slot).nonzero().squeeze(1)
+            gate, up = F.linear(x[rows], self.w13[slot]).split(self.intermediate, dim=-1)
+            out[rows] = F.linear(F.silu(gate) * up, self.w2[slot])
         return out
 
     def forward_naive(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

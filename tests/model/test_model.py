@@ -97,9 +97,11 @@ def test_lower_precisions_stay_close_to_float64(model64, dtype):
 
 def test_grouped_experts_equal_per_token_reference(model64):
     experts = model64.model.layers[1].mlp.experts
-    x = torch.randn(50, model64.config.hidden_size, dtype=torch.float64)
-    slots = torch.randint(0, experts.num_slots, (50,))
-    assert _rel(experts(x, slots), experts.forward_naive(x, slots)) < 1e-13
+    for n in (50, experts.LOOP_THRESHOLD * experts.num_slots + 3):  # the batched and the contiguous path
+        x = torch.randn(n, model64.config.hidden_size, dtype=torch.float64)
+        slots = torch.randint(0, experts.num_slots, (n,))
+        assert _rel(experts(x, slots), experts.forward_naive(x, slots)) < 1e-13
+        assert _rel(experts.forward_per_expert(x, slots), experts.forward_naive(x, slots)) < 1e-13
 
 
 def test_gate_respects_groups_bias_and_scaling():
