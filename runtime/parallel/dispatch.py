@@ -32,13 +32,17 @@ class AllToAllDispatcher:
         self._table, self._counts = placement.replica_table()
         self.load = torch.zeros(placement.num_experts, dtype=torch.long, device="cpu")  # copies routed since reset
         self.bytes_moved = 0
+        if not hasattr(self, "total_load"):  # cumulative, for metrics: survives placement changes
+            self.total_load = torch.zeros_like(self.load)
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: RoutedExperts) -> torch.Tensor:
         """x [T, hidden], weights/ids [T, k] -> [T, hidden]"""
         t, k = ids.shape
         hidden, device = x.shape[1], x.device
         flat = ids.reshape(-1).cpu()
-        self.load += torch.bincount(flat, minlength=self.placement.num_experts)
+        routed = torch.bincount(flat, minlength=self.placement.num_experts)
+        self.load += routed
+        self.total_load += routed
         token = torch.arange(t * k, device="cpu") // k
         physical = self._table[flat, token % self._counts[flat]]
         dest = physical // self.placement.slots_per_rank

@@ -105,6 +105,14 @@ class ExpertParallelGroup:
         """Per rank: MoE layer -> physical_to_logical (every rank holds the same view)."""
         return self._ask_every_rank("placements", timeout_s)
 
+    def expert_load(self, timeout_s: float = 30.0) -> dict[int, list[int]]:
+        """Token copies routed to each logical expert so far, per MoE layer, summed over the ranks."""
+        totals: dict[int, list[int]] = {}
+        for per_rank in self._ask_every_rank("load", timeout_s):
+            for layer, counts in per_rank.items():
+                totals[layer] = [a + b for a, b in zip(totals.get(layer, [0] * len(counts)), counts)]
+        return totals
+
     def _ask_every_rank(self, command: str, timeout_s: float) -> list:
         if not self.healthy:
             raise GroupFailedError(f"the expert-parallel group is down: {self.error}")

@@ -115,6 +115,9 @@ class RankWorker:
                     outbox.put(("outputs", self.rank, [out]))
             elif kind == "stats":
                 outbox.put(("reply", self.rank, self.engine.stats()))
+            elif kind == "load":
+                load = {layer: d.total_load.tolist() for layer, d in self.layout.dispatchers.items()}
+                outbox.put(("reply", self.rank, load))
             elif kind == "placements":
                 placements = {layer: p.physical_to_logical for layer, p in self.layout.placements.items()}
                 outbox.put(("reply", self.rank, placements))

@@ -85,6 +85,9 @@ def test_greedy_generation_through_the_group_equals_one_process_before_and_after
     group = ExpertParallelGroup(str(tiny_checkpoint), world, engine=ENGINE, dtype="float64", redundant=redundant)
     try:
         assert _through_group(group, prompts) == expected
+        tokens = sum(len(p) + GREEDY.max_tokens - 1 for p in prompts)  # every token ran every MoE layer once
+        top_k = 4
+        assert {layer: sum(c) for layer, c in group.expert_load().items()} == {1: tokens * top_k, 2: tokens * top_k}
         before = group.placements()
         group.rebalance()
         assert _through_group(group, prompts) == expected  # same prompts, new placement
