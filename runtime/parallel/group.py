@@ -7,17 +7,17 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from dataclasses import replace
 from typing import AsyncIterator
-
-import torch.multiprocessing as tmp
 
 from r1serve.runtime.engine.engine import EngineConfig
 from r1serve.runtime.engine.outputs import EngineStats, KVHandoff, RequestError, RequestOutput
 from r1serve.runtime.engine.sampling import SamplingParams
 
 from .layout import GroupConfig, free_tcp_address
-from .rank import RankSpec, rank_main
+from .rank import RankSpec
+from .transport import ProcessTransport, RankTransport
 
 log = logging.getLogger(__name__)
 
@@ -26,29 +26,24 @@ class GroupFailedError(RuntimeError):
     """A rank died or a collective failed: the group serves nothing more."""
 
 
+def rank_specs(checkpoint: str, world_size: int, *, engine: EngineConfig, dtype: str, device: str,
+               redundant: int, timeout_s: float, address: str | None = None) -> list[RankSpec]:
+    address = address or free_tcp_address()
+    return [RankSpec(GroupConfig(world_size, rank, address, timeout_s=timeout_s), checkpoint, engine, dtype, device,
+                     redundant) for rank in range(world_size)]
+
+
 class ExpertParallelGroup:
     """`world_size` rank processes that together hold every expert; attention is data-parallel, so each
     request lives on one rank, chosen as the least loaded. One thread relays the ranks' outputs to the
     waiting callers and watches the processes: a rank that dies fails every request within `timeout_s`."""
 
-    def __init__(self, checkpoint: str, world_size: int, *, engine: EngineConfig = EngineConfig(),
-                 dtype: str = "float32", device: str = "cpu", redundant: int = 0, timeout_s: float = 30.0,
-                 start_timeout_s: float = 300.0):
-        # torch.multiprocessing queues pass tensors (hand-off latents) through shared memory.
-        ctx = tmp.get_context("spawn")
-        self.world_size, self.timeout_s = world_size, timeout_s
-        self._outbox = ctx.Queue()
-        self._inboxes = [ctx.Queue() for _ in range(world_size)]
-        address = free_tcp_address()
-        self._procs = []
-        for rank in range(world_size):
-            spec = RankSpec(GroupConfig(world_size, rank, address, timeout_s=timeout_s), checkpoint, engine,
-                            dtype, device, redundant)
-            proc = ctx.Process(target=rank_main, args=(spec, self._inboxes[rank], self._outbox), daemon=True,
-                               name=f"r1serve-ep-rank{rank}")
-            proc.start()
-            self._procs.append(proc)
+    def __init__(self, transport: RankTransport, *, start_timeout_s: float = 300.0, watch_every_s: float = 1.0):
+        self._transport = transport
+        self.world_size = transport.world_size
         self.error: str | None = None
+        self._watch_every_s = watch_every_s
+        self._stopping = False
         self.expert_bytes = self._await_ready(start_timeout_s)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._owner: dict[str, tuple[int, int]] = {}  # request id -> (rank, tokens it may occupy)
@@ -59,16 +54,25 @@ class ExpertParallelGroup:
         self._relay = threading.Thread(target=self._relay_loop, name="r1serve-ep-relay", daemon=True)
         self._relay.start()
 
+    @classmethod
+    def in_processes(cls, checkpoint: str, world_size: int, *, engine: EngineConfig = EngineConfig(),
+                     dtype: str = "float32", device: str = "cpu", redundant: int = 0, timeout_s: float = 30.0,
+                     start_timeout_s: float = 300.0) -> ExpertParallelGroup:
+        """A group of local processes (one machine, no Ray): tests, benchmarks, the offline CLI."""
+        return cls(ProcessTransport(rank_specs(checkpoint, world_size, engine=engine, dtype=dtype, device=device,
+                                               redundant=redundant, timeout_s=timeout_s)),
+                   start_timeout_s=start_timeout_s)
+
     # -- EngineClient ------------------------------------------------------------------------------
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and all(p.is_alive() for p in self._procs)
+        return self.error is None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         rank = self._pick_rank(len(prompt_token_ids) + params.max_tokens)
         q = self._open(request_id, rank, len(prompt_token_ids) + params.max_tokens)
-        self._inboxes[rank].put(("add", request_id, list(prompt_token_ids), params))
+        self._transport.send(rank, ("add", request_id, list(prompt_token_ids), params))
         async for out in self._stream(request_id, q):
             yield out
 
@@ -82,14 +86,14 @@ class ExpertParallelGroup:
         size = len(handoff.prompt_token_ids) + handoff.params.max_tokens
         rank = self._pick_rank(size)
         q = self._open(handoff.request_id, rank, size)
-        self._inboxes[rank].put(("handoff", handoff))
+        self._transport.send(rank, ("handoff", handoff))
         async for out in self._stream(handoff.request_id, q):
             yield out
 
     async def abort(self, request_id: str) -> None:
         owner = self._owner.get(request_id)
         if owner is not None:
-            self._inboxes[owner[0]].put(("abort", request_id))
+            self._transport.send(owner[0], ("abort", request_id))
 
     def stats(self) -> EngineStats:
         """The group's totals (summed over ranks)."""
@@ -121,9 +125,9 @@ class ExpertParallelGroup:
         self._asking.acquire()
         self._replies[token] = reply
         try:
-            for inbox in self._inboxes:
-                inbox.put((command,))
-            results = [reply.get(timeout=timeout_s) for _ in self._inboxes]
+            for rank in range(self.world_size):
+                self._transport.send(rank, (command,))
+            results = [reply.get(timeout=timeout_s) for _ in range(self.world_size)]
         except queue.Empty:
             raise GroupFailedError(f"ranks did not answer {command!r} within {timeout_s:.0f}s") from None
         finally:
@@ -133,30 +137,26 @@ class ExpertParallelGroup:
 
     def rebalance(self) -> None:
         """Ask every rank to rebalance experts from the load seen so far (they do it between steps)."""
-        for inbox in self._inboxes:
-            inbox.put(("rebalance",))
+        for rank in range(self.world_size):
+            self._transport.send(rank, ("rebalance",))
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
-        for inbox in self._inboxes:
-            inbox.put(("stop",))
-        for proc in self._procs:
-            proc.join(timeout_s)
-            if proc.is_alive():
-                proc.kill()
+        self._stopping = True
+        self._transport.stop(timeout_s)
 
     # -- internals ---------------------------------------------------------------------------------
 
     def _await_ready(self, timeout_s: float) -> list[int]:
         ready: dict[int, int] = {}
+        deadline = time.monotonic() + timeout_s
         while len(ready) < self.world_size:
-            try:
-                message = self._outbox.get(timeout=timeout_s)
-            except queue.Empty:
-                self._kill_all()
-                raise GroupFailedError(f"ranks {sorted(set(range(self.world_size)) - set(ready))} did not start "
-                                       f"within {timeout_s:.0f}s") from None
+            message = self._transport.receive(max(0.0, deadline - time.monotonic()))
+            if message is None:
+                self._transport.kill()
+                missing = sorted(set(range(self.world_size)) - set(ready))
+                raise GroupFailedError(f"ranks {missing} did not start within {timeout_s:.0f}s")
             if message[0] == "failed":
-                self._kill_all()
+                self._transport.kill()
                 raise GroupFailedError(f"rank {message[1]} failed to start: {message[2]}")
             ready[message[1]] = message[2]
         return [ready[r] for r in range(self.world_size)]
@@ -205,17 +205,19 @@ class ExpertParallelGroup:
             loop.call_soon_threadsafe(q.put_nowait, item)
 
     def _relay_loop(self) -> None:
-        while True:
+        last_watch = time.monotonic()
+        while not self._stopping:
             try:
-                message = self._outbox.get(timeout=0.2)
-            except queue.Empty:
-                if self.error is None and not all(p.is_alive() for p in self._procs):
-                    dead = [i for i, p in enumerate(self._procs) if not p.is_alive()]
-                    self._fail(f"rank {dead[0]} exited (code {self._procs[dead[0]].exitcode})")
-                continue
+                message = self._transport.receive(0.2)
             except (EOFError, OSError):
                 return
-            self._handle(message)
+            if message is not None:
+                self._handle(message)
+            elif self.error is None and time.monotonic() - last_watch > self._watch_every_s:
+                last_watch = time.monotonic()
+                dead = self._transport.dead_rank()
+                if dead is not None:
+                    self._fail(dead)
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -239,10 +241,5 @@ class ExpertParallelGroup:
         for request_id in list(self._streams):
             self._deliver(request_id, RequestOutput(request_id, finished=True, finish_reason="error",
                                                      error=f"expert-parallel group failed: {error}"))
-        self._kill_all()
-
-    def _kill_all(self) -> None:
-        for proc in self._procs:
-            if proc.is_alive():
-                proc.terminate()
+        self._transport.kill()
 

@@ -82,7 +82,7 @@ def test_greedy_generation_through_the_group_equals_one_process_before_and_after
 ):
     prompts = _prompts()
     expected = _single_process(tiny_checkpoint, prompts)
-    group = ExpertParallelGroup(str(tiny_checkpoint), world, engine=ENGINE, dtype="float64", redundant=redundant)
+    group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), world, engine=ENGINE, dtype="float64", redundant=redundant)
     try:
         assert _through_group(group, prompts) == expected
         tokens = sum(len(p) + GREEDY.max_tokens - 1 for p in prompts)  # every token ran every MoE layer once
@@ -101,7 +101,7 @@ def test_greedy_generation_through_the_group_equals_one_process_before_and_after
 
 
 def test_a_killed_rank_fails_requests_within_a_bounded_time(tiny_checkpoint):
-    group = ExpertParallelGroup(str(tiny_checkpoint), 2, engine=ENGINE, timeout_s=10)
+    group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 2, engine=ENGINE, timeout_s=10)
 
     async def main():
         outs = []
@@ -110,7 +110,7 @@ def test_a_killed_rank_fails_requests_within_a_bounded_time(tiny_checkpoint):
             outs.append(out)
             if started is None:
                 started = time.monotonic()
-                os.kill(group._procs[1].pid, signal.SIGKILL)
+                os.kill(group._transport.procs[1].pid, signal.SIGKILL)
         return outs, time.monotonic() - started
 
     try:

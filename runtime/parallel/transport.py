@@ -1,0 +1,151 @@
+"""How a group controller reaches its ranks: local processes, or Ray actors in placement-group bundles."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Protocol, Sequence
+
+import torch.multiprocessing as tmp
+
+from .rank import RankSpec, rank_main
+
+
+class RankTransport(Protocol):
+    world_size: int
+
+    def send(self, rank: int, command: tuple) -> None: ...
+
+    def receive(self, timeout_s: float) -> tuple | None:
+        """The next message from any rank, or None after `timeout_s`."""
+        ...
+
+    def dead_rank(self) -> str | None:
+        """A description of a rank known to be gone, if any."""
+        ...
+
+    def stop(self, timeout_s: float) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class ProcessTransport:
+    """One spawned process per rank; torch.multiprocessing queues carry tensors through shared memory."""
+
+    def __init__(self, specs: Sequence[RankSpec]):
+        ctx = tmp.get_context("spawn")
+        self.world_size = len(specs)
+        self._outbox = ctx.Queue()
+        self._inboxes = [ctx.Queue() for _ in specs]
+        self.procs = [
+            ctx.Process(target=rank_main, args=(spec, inbox, self._outbox), daemon=True,
+                        name=f"r1serve-ep-rank{spec.group.rank}")
+            for spec, inbox in zip(specs, self._inboxes)
+        ]
+        for proc in self.procs:
+            proc.start()
+
+    def send(self, rank: int, command: tuple) -> None:
+        self._inboxes[rank].put(command)
+
+    def receive(self, timeout_s: float) -> tuple | None:
+        try:
+            return self._outbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    def dead_rank(self) -> str | None:
+        for rank, proc in enumerate(self.procs):
+            if not proc.is_alive():
+                return f"rank {rank} exited (code {proc.exitcode})"
+        return None
+
+    def stop(self, timeout_s: float) -> None:
+        for inbox in self._inboxes:
+            inbox.put(("stop",))
+        for proc in self.procs:
+            proc.join(timeout_s)
+        self.kill()
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+
+
+class _RankActor:
+    """A rank inside a Ray actor: the lockstep loop runs on a thread, commands arrive by method call."""
+
+    def __init__(self, spec: RankSpec, outbox):
+        self._inbox: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=rank_main, args=(spec, self._inbox, outbox), daemon=True)
+        self._thread.start()
+
+    def put(self, command: tuple) -> None:
+        self._inbox.put(command)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+class RayTransport:
+    """Rank r is an actor in bundle `first_bundle + r` of the caller's placement group, so that Ray schedules
+    the whole group together (a Serve replica reserves the bundles); outputs come back on a Ray queue."""
+
+    def __init__(self, specs: Sequence[RankSpec], bundles: Sequence[dict[str, float]], *, placement_group=None,
+                 first_bundle: int = 1):
+        import ray
+        from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.world_size = len(specs)
+        self._outbox = Queue(actor_options={"num_cpus": 0})
+        actor = ray.remote(_RankActor)
+        self.actors = []
+        for spec, bundle in zip(specs, bundles):
+            resources = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+            strategy = None
+            if placement_group is not None:
+                strategy = PlacementGroupSchedulingStrategy(placement_group, first_bundle + spec.group.rank)
+            self.actors.append(actor.options(
+                num_cpus=bundle.get("CPU", 1), num_gpus=bundle.get("GPU", 0), resources=resources,
+                scheduling_strategy=strategy, name=None, max_restarts=0,
+            ).remote(spec, self._outbox))
+        self._dead: str | None = None
+
+    def send(self, rank: int, command: tuple) -> None:
+        self.actors[rank].put.remote(command)
+
+    def receive(self, timeout_s: float) -> tuple | None:
+        from ray.util.queue import Empty
+
+        try:
+            return self._outbox.get(timeout=timeout_s)
+        except Empty:
+            return None
+
+    def dead_rank(self) -> str | None:
+        import ray
+
+        if self._dead is None:
+            probes = [actor.alive.remote() for actor in self.actors]
+            for rank, probe in enumerate(probes):
+                try:
+                    if not ray.get(probe, timeout=10):
+                        self._dead = f"rank {rank} stopped"
+                except Exception as exc:  # noqa: BLE001 - a dead actor answers with an error
+                    self._dead = f"rank {rank} is gone ({type(exc).__name__})"
+                if self._dead:
+                    break
+        return self._dead
+
+    def stop(self, timeout_s: float) -> None:
+        for rank in range(self.world_size):
+            self.send(rank, ("stop",))
+        self.kill()
+
+    def kill(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
