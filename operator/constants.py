@@ -1,0 +1,64 @@
+"""Names, labels, annotations, ports and API coordinates used by the operator's rendering and handlers."""
+
+from r1serve.spec import constants as spec_constants
+from r1serve.spec.model import API_VERSION, GROUP, KIND, PLURAL, VERSION
+
+OPERATOR_NAME = "r1serve-operator"
+# Server-side apply field manager: the operator owns exactly the fields it renders.
+FIELD_MANAGER = OPERATOR_NAME
+
+R1D_GROUP, R1D_VERSION, R1D_PLURAL, R1D_KIND, R1D_API_VERSION = (
+    GROUP, VERSION, PLURAL, KIND, API_VERSION)
+RAY_GROUP, RAY_VERSION = "ray.io", "v1"
+RAY_API_VERSION = f"{RAY_GROUP}/{RAY_VERSION}"
+RAYSERVICES, RAYCLUSTERS = "rayservices", "rayclusters"
+RAYSERVICE_CRD = f"{RAYSERVICES}.{RAY_GROUP}"
+KUBERAY_VERSION = "1.7.0"
+
+# Labels on every child object (and on the Ray pods, through the pod templates).
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_DEPLOYMENT = f"{GROUP}/deployment"
+LABEL_POOL = f"{GROUP}/pool"
+APP_NAME = "r1serve"
+
+# Labels KubeRay puts on the pods it creates.
+KUBERAY_CLUSTER_LABEL = "ray.io/cluster"
+KUBERAY_GROUP_LABEL = "ray.io/group"
+KUBERAY_NODE_TYPE_LABEL = "ray.io/node-type"
+# Set to "true" by KubeRay on pods whose Serve proxy is healthy: the client Service selects it
+# so traffic only reaches pods that can serve, also across a zero-downtime cluster upgrade.
+KUBERAY_SERVE_LABEL = "ray.io/serve"
+
+# The R1Deployment generation a RayService was rendered from: status.observedGeneration comes
+# from it, not from the live R1Deployment, which may already be newer than what was applied.
+ANNOTATION_SOURCE_GENERATION = f"{GROUP}/source-generation"
+# kopf's own bookkeeping (handler progress, last handled spec) lives under this prefix.
+KOPF_ANNOTATION_PREFIX = GROUP
+
+# Ports of the Ray head container. KubeRay adds no default ports once any is declared, so all
+# are declared; only the two Serve ports are exposed by the client Service.
+GCS_PORT, GCS_PORT_NAME = 6379, "gcs-server"
+DASHBOARD_PORT, DASHBOARD_PORT_NAME = 8265, "dashboard"
+CLIENT_PORT, CLIENT_PORT_NAME = 10001, "client"
+SERVE_HTTP_PORT_NAME = "serve"        # KubeRay's serve Service exposes `serve` and `serve-*`
+SERVE_GRPC_PORT_NAME = "serve-grpc"
+SERVICE_GRPC_PORT_NAME = "grpc"
+SERVICE_HTTP_PORT_NAME = "http"
+
+HEAD_CONTAINER = "ray-head"
+WORKER_CONTAINER = "ray-worker"
+SHM_VOLUME = "dshm"
+TLS_VOLUME = "tls"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+RAY_VERSION_STRING = spec_constants.RAY_VERSION
+# Never `latest`: a moving tag would change the cluster under a running deployment.
+DEFAULT_CPU_IMAGE = f"rayproject/ray:{RAY_VERSION_STRING}-py311-cpu"
+DEFAULT_GPU_IMAGE = f"rayproject/ray:{RAY_VERSION_STRING}-py311-gpu"
+
+LIVENESS_PORT = 8080
+LIVENESS_PATH = "/healthz"

@@ -1,0 +1,280 @@
+"""kopf handlers: reconcile R1Deployments into KubeRay objects; the only module that calls the Kubernetes API."""
+
+import datetime
+import json
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+from r1serve.operator import constants as K
+from r1serve.operator import render
+from r1serve.operator import status as S
+from r1serve.operator.config import OperatorConfig
+
+from r1serve.spec import R1Deployment, SpecError, parse_r1deployment
+
+_APPLY = "application/apply-patch+yaml"
+# Custom resources accept no strategic merge patch; the client would default to it.
+_MERGE = "application/merge-patch+json"
+_PLURALS = {"RayService": K.RAYSERVICES}
+
+
+class KubeApi:
+    """The handful of calls the operator makes, through the blocking kubernetes client.
+
+    kopf runs the (sync) handlers below in its thread pool, so blocking here is fine.
+    """
+
+    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+        self.client = client
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.core = kubernetes.client.CoreV1Api(client)
+
+    @classmethod
+    def from_environment(cls) -> "KubeApi":
+        """In-cluster service-account credentials, else $KUBECONFIG / ~/.kube/config."""
+        config = kubernetes.client.Configuration()
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=config)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
+                                               client_configuration=config)
+        config.connection_pool_maxsize = 32
+        return cls(kubernetes.client.ApiClient(config))
+
+    def close(self) -> None:
+        self.client.close()
+
+    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply: creates or updates, owns exactly the rendered fields, and leaves
+        an unchanged object untouched (no new resourceVersion, nothing for KubeRay to do)."""
+        meta = obj["metadata"]
+        options = {"field_manager": K.FIELD_MANAGER, "force": True, "_content_type": _APPLY}
+        if obj["kind"] == "Service":
+            result = self.core.patch_namespaced_service(meta["name"], meta["namespace"], obj,
+                                                        **options)
+            return self.client.sanitize_for_serialization(result)
+        group, version = obj["apiVersion"].split("/")
+        # Raw response: the client maps only 200 to a body, but an apply that creates answers 201.
+        response = self.custom.patch_namespaced_custom_object(
+            group, version, meta["namespace"], _PLURALS[obj["kind"]], meta["name"], obj,
+            _preload_content=False, **options)
+        return json.loads(response.data)
+
+    def get_r1deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(K.R1D_GROUP, K.R1D_VERSION, namespace, K.R1D_PLURAL, name)
+
+    def get_raycluster(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(K.RAY_GROUP, K.RAY_VERSION, namespace, K.RAYCLUSTERS, name)
+
+    def _get(self, group: str, version: str, namespace: str, plural: str,
+             name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(group, version, namespace, plural, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list_pods(self, namespace: str, cluster: str) -> list[dict[str, Any]]:
+        pods = self.core.list_namespaced_pod(
+            namespace, label_selector=f"{K.KUBERAY_CLUSTER_LABEL}={cluster}")
+        items = self.client.sanitize_for_serialization(pods).get("items") or []
+        # The selector is the server's job; re-checking keeps us right with servers that ignore it.
+        return [p for p in items
+                if (p.get("metadata") or {}).get("labels", {}).get(K.KUBERAY_CLUSTER_LABEL) == cluster]
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            K.R1D_GROUP, K.R1D_VERSION, namespace, K.R1D_PLURAL, name, {"status": dict(status)},
+            _content_type=_MERGE)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A kopf Body (or API dict) as plain nested dicts."""
+    return {key: body[key] for key in body}
+
+
+def _deployment(owner: Mapping[str, Any]) -> R1Deployment:
+    """The typed spec; annotations stay out (kopf's own would make every render differ)."""
+    meta = owner.get("metadata") or {}
+    namespace = meta.get("namespace") or "default"
+    doc = {"apiVersion": K.R1D_API_VERSION, "kind": K.R1D_KIND,
+           "metadata": {"name": meta.get("name"), "namespace": namespace,
+                        "labels": dict(meta.get("labels") or {})},
+           "spec": owner.get("spec") or {}}
+    return parse_r1deployment(doc, origin=f"{namespace}/{meta.get('name')}")
+
+
+def _status_lock(memo: kopf.Memo, namespace: str, name: str) -> threading.Lock:
+    # Reconcile and the RayService watch refresh the same status from different threads; one
+    # at a time per R1Deployment, each reading the other's result, posts every event once.
+    return memo.status_locks.setdefault((namespace, name), threading.Lock())
+
+
+def _publish(memo: kopf.Memo, namespace: str, name: str, compute) -> None:
+    """Under the object's lock: read the live R1Deployment, compute, write, post events."""
+    with _status_lock(memo, namespace, name):
+        owner = memo.api.get_r1deployment(namespace, name)
+        if owner is None or (owner.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        update = compute(owner)
+        if update.changed:
+            memo.api.patch_status(namespace, name, update.status)
+        for event in update.events:
+            kopf.event(owner, type=event.type, reason=event.reason, message=event.message)
+
+
+def _refresh_status(memo: kopf.Memo, owner: Mapping[str, Any], deployment: R1Deployment,
+                    rayservice: Mapping[str, Any] | None) -> None:
+    namespace, name = owner["metadata"]["namespace"], owner["metadata"]["name"]
+    cluster = S.cluster_name(rayservice)
+    observed = S.Observed(
+        rayservice=rayservice,
+        raycluster=memo.api.get_raycluster(namespace, cluster) if cluster else None,
+        pods=tuple(memo.api.list_pods(namespace, cluster)) if cluster else (),
+    )
+    _publish(memo, namespace, name, lambda live: S.aggregate(
+        deployment, observed, generation=live["metadata"].get("generation"),
+        previous=live.get("status"), now=_now()))
+
+
+def _fail(memo: kopf.Memo, owner: Mapping[str, Any], deployment: R1Deployment, reason: str,
+          message: str) -> None:
+    namespace, name = owner["metadata"]["namespace"], owner["metadata"]["name"]
+    _publish(memo, namespace, name, lambda live: S.failure(
+        deployment, reason=reason, message=message, generation=live["metadata"].get("generation"),
+        previous=live.get("status"), now=_now()))
+
+
+def _apply_children(memo: kopf.Memo, owner: Mapping[str, Any],
+                    deployment: R1Deployment) -> dict[str, Any]:
+    """Apply the RayService, then the Services; returns the RayService as the server has it."""
+    api, config, meta = memo.api, memo.config, owner["metadata"]
+    rayservice, *services = render.render_children(
+        deployment, config=config, owner_uid=meta["uid"], generation=meta.get("generation"))
+    try:
+        applied = api.apply(rayservice)
+    except ApiException as exc:
+        if exc.status == 404:
+            # The namespace exists (the R1Deployment lives there), so the type is missing.
+            message = S.kuberay_missing_message(config.kuberay_retry_seconds)
+            _fail(memo, owner, deployment, "KubeRayNotInstalled", message)
+            raise kopf.TemporaryError(message, delay=config.kuberay_retry_seconds) from None
+        _raise_for(memo, owner, deployment, exc)
+    for service in services:
+        try:
+            api.apply(service)
+        except ApiException as exc:
+            _raise_for(memo, owner, deployment, exc)
+    return applied
+
+
+def _raise_for(memo: kopf.Memo, owner: Mapping[str, Any], deployment: R1Deployment,
+               exc: ApiException) -> None:
+    message = f"the API server refused an object: {exc.status} {exc.reason}: {exc.body}"[:2000]
+    if exc.status in (400, 422):
+        # Invalid as written: only a new spec can help, which brings a new reconcile anyway.
+        _fail(memo, owner, deployment, "ApplyRejected", message)
+        raise kopf.PermanentError(message) from None
+    if exc.status == 403:
+        # Missing RBAC is fixed by an administrator, not by the spec: keep retrying.
+        _fail(memo, owner, deployment, "Forbidden", message)
+        raise kopf.TemporaryError(message, delay=60) from None
+    raise kopf.TemporaryError(f"applying children failed: {exc.status} {exc.reason}",
+                              delay=10) from None
+
+
+def _load(memo: kopf.Memo, owner: Mapping[str, Any]) -> R1Deployment:
+    try:
+        return _deployment(owner)
+    except SpecError as exc:
+        # The CRD's schema and CEL rules catch nearly everything; this is the rest.
+        meta, problems = owner["metadata"], exc.problems
+    _publish(memo, meta["namespace"], meta["name"], lambda live: S.invalid_spec(
+        problems, generation=live["metadata"].get("generation"),
+        previous=live.get("status"), now=_now()))
+    raise kopf.PermanentError(f"invalid R1Deployment: {'; '.join(problems)}")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Keep kopf's bookkeeping under r1serve.io annotations and build the API client."""
+    prefix = K.KOPF_ANNOTATION_PREFIX
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=prefix, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{prefix}/finalizer"
+    # `kubectl describe` shows the operator's own events, not kopf's per-handler chatter.
+    settings.posting.loggers = False
+    settings.execution.max_workers = 16
+    if "config" not in memo:
+        memo.config = OperatorConfig.from_env()
+    if "api" not in memo:
+        memo.api = KubeApi.from_environment()
+    memo.status_locks = {}
+
+
+@kopf.on.cleanup()
+def close(memo: kopf.Memo, **_: Any) -> None:
+    """Close the API client's connection pool."""
+    if "api" in memo:
+        memo.api.close()
+
+
+@kopf.on.resume(K.R1D_GROUP, K.R1D_VERSION, K.R1D_PLURAL)
+@kopf.on.create(K.R1D_GROUP, K.R1D_VERSION, K.R1D_PLURAL)
+@kopf.on.update(K.R1D_GROUP, K.R1D_VERSION, K.R1D_PLURAL)
+def reconcile(body: kopf.Body, reason: kopf.Reason, memo: kopf.Memo, **_: Any) -> None:
+    """Render the children, apply them (idempotently) and recompute the status."""
+    owner = _plain(body)
+    deployment = _load(memo, owner)
+    rayservice = _apply_children(memo, owner, deployment)
+    _refresh_status(memo, owner, deployment, rayservice)
+    if reason == kopf.Reason.CREATE:
+        kopf.event(owner, type="Normal", reason="Created",
+                   message=f"applied RayService {rayservice['metadata']['name']} and Service "
+                   f"{render.service_name(deployment)}")
+    elif reason == kopf.Reason.UPDATE:
+        kopf.event(owner, type="Normal", reason="Updated", message=(
+            f"applied generation {owner['metadata'].get('generation')}; KubeRay rolls it out"))
+
+
+def _controller_of(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == K.R1D_KIND \
+                and ref.get("apiVersion") == K.R1D_API_VERSION:
+            return ref
+    return None
+
+
+@kopf.on.event(K.RAY_GROUP, K.RAY_VERSION, K.RAYSERVICES,
+               labels={K.LABEL_MANAGED_BY: K.OPERATOR_NAME})
+def rayservice_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo,
+                     logger: Any, **_: Any) -> None:
+    """Follow KubeRay's status into the owner's status; re-create a RayService deleted by hand."""
+    ref = _controller_of(body)
+    if ref is None:
+        return
+    owner = memo.api.get_r1deployment(body.get("metadata", {}).get("namespace"), ref["name"])
+    owner_meta = (owner or {}).get("metadata") or {}
+    if owner is None or owner_meta.get("uid") != ref.get("uid") \
+            or owner_meta.get("deletionTimestamp"):
+        return  # being garbage-collected with its owner
+    try:
+        deployment = _deployment(owner)
+    except SpecError:
+        return  # reconcile reports it
+    rayservice: Mapping[str, Any] | None = _plain(body)
+    if event.get("type") == "DELETED":
+        logger.info("RayService deleted while its R1Deployment exists; re-creating it")
+        rayservice = _apply_children(memo, owner, deployment)
+    _refresh_status(memo, owner, deployment, rayservice)

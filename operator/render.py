@@ -1,0 +1,258 @@
+"""Pure rendering of an R1Deployment into its child objects: the KubeRay RayService and the client Service."""
+
+import re
+from typing import Any
+
+from r1serve.operator import constants as K
+from r1serve.operator.config import OperatorConfig
+
+from r1serve.spec import constants as C
+from r1serve.spec.model import Pool, R1Deployment, Role
+from r1serve.spec.serve_config import (
+    nodes_per_replica,
+    rank_cpus,
+    ranks_per_node,
+    serve_config_yaml,
+)
+from r1serve.spec.workers import Workers
+
+_MANTISSA = re.compile(r"([0-9.]+(?:[eE][+-]?\d+)?)(.*)")
+
+
+def _format_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def scale_quantity(quantity: str, factor: int) -> str:
+    """'64Gi' x 4 -> '256Gi': the unit is kept, so the result reads like the input."""
+    match = _MANTISSA.fullmatch(quantity)
+    if match is None:
+        raise ValueError(f"not a Kubernetes quantity: {quantity!r}")
+    return _format_number(float(match.group(1)) * factor) + match.group(2)
+
+
+def cpu_quantity(cores: float) -> str:
+    """Cores as a Kubernetes CPU quantity: whole cores plain, fractions in millicores."""
+    return _format_number(cores) if float(cores).is_integer() else f"{round(cores * 1000)}m"
+
+
+def labels_for(deployment: R1Deployment, component: str) -> dict[str, str]:
+    """The resource's own labels plus ours; ours win so selectors cannot be hijacked."""
+    return {
+        **deployment.metadata.labels,
+        K.LABEL_NAME: K.APP_NAME,
+        K.LABEL_INSTANCE: deployment.metadata.name,
+        K.LABEL_COMPONENT: component,
+        K.LABEL_MANAGED_BY: K.OPERATOR_NAME,
+        K.LABEL_PART_OF: K.APP_NAME,
+        K.LABEL_DEPLOYMENT: deployment.metadata.name,
+    }
+
+
+def owner_reference(deployment: R1Deployment, uid: str) -> dict[str, Any]:
+    """Controller reference to the R1Deployment: the garbage collector deletes children with it."""
+    return {"apiVersion": K.R1D_API_VERSION, "kind": K.R1D_KIND, "name": deployment.metadata.name,
+            "uid": uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def rayservice_name(deployment: R1Deployment) -> str:
+    """The RayService is named like the R1Deployment (KubeRay derives `<name>-head-svc` etc.)."""
+    return deployment.metadata.name
+
+
+def _metadata(deployment: R1Deployment, component: str, owner_uid: str | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": deployment.metadata.name,
+        "namespace": deployment.metadata.namespace,
+        "labels": labels_for(deployment, component),
+    }
+    if owner_uid:
+        meta["ownerReferences"] = [owner_reference(deployment, owner_uid)]
+    return meta
+
+
+def image_for(deployment: R1Deployment, role: Role | None, config: OperatorConfig) -> str:
+    """The pod image: the spec's (pool over shared), else the operator's default, else Ray's."""
+    workers = deployment.spec.workers_for(role) if role else deployment.spec.workers
+    if workers.image:
+        return workers.image
+    if config.default_image:
+        return config.default_image
+    pool = deployment.spec.active_pools().get(role) if role else None
+    return K.DEFAULT_GPU_IMAGE if pool is not None and pool.gpus_per_rank else K.DEFAULT_CPU_IMAGE
+
+
+def _credentials(deployment: R1Deployment) -> tuple[list, list, list]:
+    """env, volumeMounts and volumes that hand the API token and TLS secret to every Ray pod
+    (Ingress replicas and proxies may run on any node)."""
+    api = deployment.spec.api
+    env, mounts, volumes = [], [], []
+    if api.auth is not None and api.auth.secret_name:
+        env.append({"name": C.API_TOKEN_ENV, "valueFrom": {"secretKeyRef": {
+            "name": api.auth.secret_name, "key": C.API_TOKEN_SECRET_KEY}}})
+    if api.tls is not None:
+        mounts.append({"name": K.TLS_VOLUME, "mountPath": C.TLS_MOUNT_PATH, "readOnly": True})
+        volumes.append({"name": K.TLS_VOLUME, "secret": {"secretName": api.tls.secret_name}})
+    return env, mounts, volumes
+
+
+def _pod_template(deployment: R1Deployment, *, container: dict[str, Any], shm_size: str,
+                  labels: dict[str, str], workers: Workers | None = None) -> dict[str, Any]:
+    env, mounts, volumes = _credentials(deployment)
+    container = {**container, "volumeMounts": [
+        {"name": K.SHM_VOLUME, "mountPath": "/dev/shm"}, *mounts]}
+    if env:
+        container["env"] = env
+    spec: dict[str, Any] = {
+        "containers": [container],
+        # Ray's object store and NCCL live in /dev/shm; the container default of 64Mi is far
+        # too small, so it is a memory-backed emptyDir of the requested size.
+        "volumes": [{"name": K.SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
+                    *volumes],
+    }
+    if workers is not None and workers.node_selector:
+        spec["nodeSelector"] = dict(workers.node_selector)
+    if workers is not None and workers.tolerations:
+        spec["tolerations"] = [dict(t) for t in workers.tolerations]
+    return {"metadata": {"labels": labels}, "spec": spec}
+
+
+def _worker_resources(pool: Pool, workers: Workers, config: OperatorConfig) -> dict[str, Any]:
+    ranks = ranks_per_node(pool)
+    memory = workers.resources.memory if workers.resources and workers.resources.memory else None
+    # One extra core for bundle 0, the replica actor, so a STRICT_PACKed group fits one pod.
+    amounts = {
+        "cpu": cpu_quantity(ranks * rank_cpus(workers) + C.REPLICA_ACTOR_CPUS),
+        "memory": scale_quantity(memory or config.rank_memory, ranks),
+    }
+    if pool.gpus_per_rank:
+        amounts[K.GPU_RESOURCE] = str(ranks * pool.gpus_per_rank)
+    # Requests equal limits: KubeRay derives Ray's CPU and GPU counts from the limits, and
+    # guaranteed QoS keeps the kubelet from evicting a rank mid-step.
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _worker_group(deployment: R1Deployment, role: Role, config: OperatorConfig) -> dict[str, Any]:
+    pool = deployment.spec.active_pools()[role]
+    workers = deployment.spec.workers_for(role)
+    pods = nodes_per_replica(pool)
+    container = {
+        "name": K.WORKER_CONTAINER,
+        "image": image_for(deployment, role, config),
+        "resources": _worker_resources(pool, workers, config),
+    }
+    labels = {**labels_for(deployment, f"{role}-worker"), K.LABEL_POOL: role}
+    return {
+        "groupName": role,
+        # One replica of the pool (an expert-parallel group) spans `pods` worker pods; the Ray
+        # autoscaler moves `replicas` between the bounds as Serve asks for more or fewer.
+        "replicas": pods * pool.replicas.effective_initial,
+        "minReplicas": pods * pool.replicas.min,
+        "maxReplicas": pods * pool.replicas.max,
+        "numOfHosts": 1,
+        "rayStartParams": {},
+        "resources": {C.POOL_RAY_RESOURCES[role]: str(ranks_per_node(pool))},
+        "template": _pod_template(deployment, container=container, labels=labels,
+                                  shm_size=workers.shm_size or config.shm_size, workers=workers),
+    }
+
+
+def _head_ports(deployment: R1Deployment) -> list[dict[str, Any]]:
+    api = deployment.spec.api
+    return [
+        {"name": K.GCS_PORT_NAME, "containerPort": K.GCS_PORT},
+        {"name": K.DASHBOARD_PORT_NAME, "containerPort": K.DASHBOARD_PORT},
+        {"name": K.CLIENT_PORT_NAME, "containerPort": K.CLIENT_PORT},
+        {"name": K.SERVE_HTTP_PORT_NAME, "containerPort": api.http_port},
+        {"name": K.SERVE_GRPC_PORT_NAME, "containerPort": api.grpc_port},
+    ]
+
+
+def _head_group(deployment: R1Deployment, config: OperatorConfig) -> dict[str, Any]:
+    amounts = {"cpu": config.head_cpu, "memory": config.head_memory}
+    container = {
+        "name": K.HEAD_CONTAINER,
+        "image": image_for(deployment, None, config),
+        "ports": _head_ports(deployment),
+        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+    }
+    return {
+        "rayStartParams": {"dashboard-host": "0.0.0.0"},
+        "serviceType": "ClusterIP",
+        "template": _pod_template(deployment, container=container, labels=labels_for(
+            deployment, "head"), shm_size=deployment.spec.workers.shm_size or config.shm_size),
+    }
+
+
+def render_rayservice(deployment: R1Deployment, *, config: OperatorConfig | None = None,
+                      owner_uid: str | None = None, generation: int | None = None) -> dict[str, Any]:
+    """The KubeRay RayService that runs `deployment` (no API calls; same input, same bytes)."""
+    config = config or OperatorConfig()
+    metadata = _metadata(deployment, "rayservice", owner_uid)
+    if generation is not None:
+        metadata["annotations"] = {K.ANNOTATION_SOURCE_GENERATION: str(generation)}
+    return {
+        "apiVersion": K.RAY_API_VERSION,
+        "kind": "RayService",
+        "metadata": metadata,
+        "spec": {
+            # The same function the local runner deploys; any byte change redeploys the app.
+            "serveConfigV2": serve_config_yaml(deployment),
+            # Serve-config-only changes update in place; cluster changes (image, resources)
+            # bring up a new cluster and switch traffic once it serves: no downtime.
+            "upgradeStrategy": {"type": "NewCluster"},
+            "rayClusterConfig": {
+                "rayVersion": K.RAY_VERSION_STRING,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {"version": "v2", "upscalingMode": "Default"},
+                # Omitted means no token auth on KubeRay; Ray 2.60 expects it on.
+                "authOptions": {"mode": "token"},
+                "headGroupSpec": _head_group(deployment, config),
+                "workerGroupSpecs": [_worker_group(deployment, role, config)
+                                     for role in deployment.spec.active_pools()],
+            },
+        },
+    }
+
+
+def service_name(deployment: R1Deployment) -> str:
+    """The client Service is named like the R1Deployment: `<name>.<namespace>.svc`."""
+    return deployment.metadata.name
+
+
+def render_services(deployment: R1Deployment, *, owner_uid: str | None = None) -> list[dict[str, Any]]:
+    """The client Service: gRPC and HTTP, never Ray's GCS, dashboard or client ports."""
+    api = deployment.spec.api
+    ports = [
+        {"name": K.SERVICE_GRPC_PORT_NAME, "port": api.grpc_port, "targetPort": api.grpc_port,
+         "protocol": "TCP", "appProtocol": "grpc"},
+        {"name": K.SERVICE_HTTP_PORT_NAME, "port": api.http_port, "targetPort": api.http_port,
+         "protocol": "TCP", "appProtocol": "https" if api.tls else "http"},
+    ]
+    return [{
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(deployment, "api", owner_uid),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {K.LABEL_DEPLOYMENT: deployment.metadata.name,
+                         K.KUBERAY_SERVE_LABEL: "true"},
+            "ports": ports,
+        },
+    }]
+
+
+def endpoints(deployment: R1Deployment) -> dict[str, str]:
+    """Cluster-internal addresses of the client Service."""
+    api, meta = deployment.spec.api, deployment.metadata
+    host = f"{service_name(deployment)}.{meta.namespace}.svc"
+    scheme = "https" if api.tls else "http"
+    return {"grpc": f"{host}:{api.grpc_port}", "http": f"{scheme}://{host}:{api.http_port}"}
+
+
+def render_children(deployment: R1Deployment, *, config: OperatorConfig | None = None,
+                    owner_uid: str | None = None, generation: int | None = None) -> list[dict]:
+    """Every object the operator applies for `deployment`, the RayService first."""
+    rayservice = render_rayservice(deployment, config=config, owner_uid=owner_uid,
+                                   generation=generation)
+    return [rayservice, *render_services(deployment, owner_uid=owner_uid)]

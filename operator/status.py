@@ -1,0 +1,269 @@
+"""Pure status aggregation: RayService (+ its RayCluster and pods) -> R1Deployment status and events."""
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from r1serve.operator import constants as K
+from r1serve.operator.render import endpoints, rayservice_name
+
+from r1serve.spec import constants as C
+from r1serve.spec.model import Pool, R1Deployment, Role
+from r1serve.spec.serve_config import nodes_per_replica
+
+# Serve deployment states in which the pool's running replicas take traffic.
+_SERVING_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
+_BROKEN_STATES = {"UNHEALTHY", "DEPLOY_FAILED"}
+_WARNING_PHASES = {"Degraded", "Failed"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """What the operator read from the API about one R1Deployment's children."""
+
+    rayservice: Mapping[str, Any] | None = None
+    raycluster: Mapping[str, Any] | None = None
+    pods: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A Kubernetes event to post on the R1Deployment."""
+
+    type: str      # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusUpdate:
+    """The status to write (only when `changed`) and the events the transition deserves."""
+
+    status: dict[str, Any]
+    events: tuple[Event, ...]
+    changed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verdict:
+    phase: str
+    reason: str
+    message: str
+    serving: bool
+
+
+def _conditions_of(obj: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
+    status = (obj or {}).get("status") or {}
+    return {c.get("type"): c for c in status.get("conditions") or []}
+
+
+def active_application(rayservice: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any]]:
+    """('activeServiceStatus' | 'pendingServiceStatus' | None, the r1serve app's status)."""
+    status = rayservice.get("status") or {}
+    for key in ("activeServiceStatus", "pendingServiceStatus"):
+        apps = (status.get(key) or {}).get("applicationStatuses") or {}
+        if C.SERVE_APP_NAME in apps:
+            return key, apps[C.SERVE_APP_NAME] or {}
+    return None, {}
+
+
+def cluster_name(rayservice: Mapping[str, Any] | None) -> str | None:
+    """The RayCluster serving now (or, on the first deploy, the one being brought up)."""
+    status = (rayservice or {}).get("status") or {}
+    for key in ("activeServiceStatus", "pendingServiceStatus"):
+        name = (status.get(key) or {}).get("rayClusterName")
+        if name:
+            return name
+    return None
+
+
+def _broken_deployments(app: Mapping[str, Any]) -> list[str]:
+    statuses = app.get("serveDeploymentStatuses") or {}
+    return [f"{name}: {info.get('status')}" + (f" ({info['message']})" if info.get("message") else "")
+            for name, info in sorted(statuses.items()) if info.get("status") in _BROKEN_STATES]
+
+
+def _assess(rayservice: Mapping[str, Any] | None) -> _Verdict:
+    if rayservice is None:
+        return _Verdict("Pending", "RayServiceMissing", "the RayService is not created yet", False)
+    where, app = active_application(rayservice)
+    state = app.get("status")
+    if where is None or not state:
+        return _Verdict("Pending", "WaitingForRayCluster",
+                        "KubeRay is starting the Ray cluster and the Serve application", False)
+    serving = where == "activeServiceStatus" and state == "RUNNING"
+    detail = app.get("message") or ""
+    if state == "DEPLOY_FAILED":
+        return _Verdict("Failed", "DeployFailed", detail or "the Serve application failed to "
+                        "deploy", False)
+    broken = _broken_deployments(app)
+    if state == "UNHEALTHY" or broken:
+        return _Verdict("Degraded", "Unhealthy", "; ".join(broken) or detail or
+                        "the Serve application is unhealthy", serving)
+    rs_status = rayservice.get("status") or {}
+    upgrading = _conditions_of(rayservice).get("UpgradeInProgress", {}).get("status") == "True"
+    generation = (rayservice.get("metadata") or {}).get("generation")
+    stale = generation is not None and rs_status.get("observedGeneration") not in (None, generation)
+    if serving and (upgrading or stale):
+        return _Verdict("Progressing", "RollingOut", "KubeRay is rolling out the new spec while "
+                        "the current one keeps serving", True)
+    if serving and rs_status.get("numServeEndpoints") == 0:
+        return _Verdict("Progressing", "WaitingForEndpoints", "the application runs but no "
+                        "Serve proxy is ready to take traffic yet", False)
+    if serving:
+        return _Verdict("Ready", "ApplicationRunning", "the Serve application is running", True)
+    return _Verdict("Progressing", "Deploying", f"the Serve application is {state}", False)
+
+
+def _pod_ready(pod: Mapping[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _desired_pods(raycluster: Mapping[str, Any] | None, role: Role) -> int | None:
+    groups = ((raycluster or {}).get("spec") or {}).get("workerGroupSpecs") or []
+    for group in groups:
+        if group.get("groupName") == role and group.get("replicas") is not None:
+            return int(group["replicas"])
+    return None
+
+
+def pool_status(role: Role, pool: Pool, observed: Observed, app: Mapping[str, Any]) -> dict:
+    """Replicas of one pool, counted in expert-parallel groups (pods / pods per replica)."""
+    per_replica = nodes_per_replica(pool)
+    pods = [p for p in observed.pods
+            if (p.get("metadata") or {}).get("labels", {}).get(K.KUBERAY_GROUP_LABEL) == role
+            and not (p.get("metadata") or {}).get("deletionTimestamp")]
+    desired_pods = _desired_pods(observed.raycluster, role)
+    desired = (math.ceil(desired_pods / per_replica) if desired_pods is not None
+               else pool.replicas.effective_initial)
+    serve_state = ((app.get("serveDeploymentStatuses") or {})
+                   .get(C.POOL_DEPLOYMENTS[role]) or {}).get("status")
+    ready = sum(1 for p in pods if _pod_ready(p)) // per_replica
+    ready = min(ready, desired) if serve_state in _SERVING_STATES else 0
+    return {"replicas": len(pods) // per_replica, "readyReplicas": ready,
+            "desiredReplicas": desired, "summary": f"{ready}/{desired}"}
+
+
+def _condition(kind: str, true: bool, reason: str, message: str, generation: int | None,
+               previous: Mapping[str, Mapping[str, Any]], now: str) -> dict[str, Any]:
+    status = "True" if true else "False"
+    before = previous.get(kind) or {}
+    # Kubernetes convention: the time moves only when the status flips.
+    since = before.get("lastTransitionTime") if before.get("status") == status else None
+    condition = {"type": kind, "status": status, "reason": reason, "message": message,
+                 "lastTransitionTime": since or now}
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    return condition
+
+
+def _conditions(verdict: _Verdict, generation: int | None, previous: Mapping[str, Any],
+                now: str) -> list[dict[str, Any]]:
+    before = {c.get("type"): c for c in previous.get("conditions") or []}
+    ready_reason = "Serving" if verdict.serving else verdict.reason
+    return [
+        _condition("Ready", verdict.serving, ready_reason, verdict.message, generation, before, now),
+        _condition("Progressing", verdict.phase in ("Pending", "Progressing"), verdict.reason,
+                   verdict.message, generation, before, now),
+        _condition("Degraded", verdict.phase in _WARNING_PHASES, verdict.reason, verdict.message,
+                   generation, before, now),
+    ]
+
+
+def _scaling(pools: dict[str, dict], previous: Mapping[str, Any], now: str
+             ) -> tuple[dict[str, Any] | None, list[Event]]:
+    decision, events = previous.get("lastScaleDecision"), []
+    for role, current in pools.items():
+        before = (previous.get(role) or {}).get("desiredReplicas")
+        after = current["desiredReplicas"]
+        if before is not None and before != after:
+            decision = {"pool": role, "fromReplicas": before, "toReplicas": after, "time": now}
+            events.append(Event("Normal", "Scaled", f"{role}: {before} -> {after} replicas"))
+    return decision, events
+
+
+def _generation(rayservice: Mapping[str, Any] | None, fallback: int | None) -> int | None:
+    annotations = ((rayservice or {}).get("metadata") or {}).get("annotations") or {}
+    value = annotations.get(K.ANNOTATION_SOURCE_GENERATION)
+    return int(value) if value is not None and str(value).isdigit() else fallback
+
+
+def _finish(deployment: R1Deployment | None, verdict: _Verdict, pools: dict[str, dict],
+            generation: int | None, previous: Mapping[str, Any], now: str,
+            extra_events: list[Event]) -> StatusUpdate:
+    status: dict[str, Any] = {"phase": verdict.phase}
+    if generation is not None:
+        status["observedGeneration"] = generation
+    status["conditions"] = _conditions(verdict, generation, previous, now)
+    status.update(pools)
+    if deployment is not None:
+        status["endpoints"] = endpoints(deployment)
+        status["rayService"] = rayservice_name(deployment)
+    decision, events = _scaling(pools, previous, now)
+    if decision is not None:
+        status["lastScaleDecision"] = decision
+    if previous.get("phase") != verdict.phase:
+        warning = verdict.phase in _WARNING_PHASES
+        events.insert(0, Event("Warning" if warning else "Normal",
+                               verdict.reason if warning else verdict.phase, verdict.message))
+    events += extra_events
+    # Only our own keys count: anything else under status is not ours to rewrite.
+    changed = any(previous.get(key) != value for key, value in status.items())
+    return StatusUpdate(status, tuple(events), changed)
+
+
+def aggregate(deployment: R1Deployment, observed: Observed, *, generation: int | None,
+              previous: Mapping[str, Any] | None, now: str) -> StatusUpdate:
+    """The R1Deployment status that the observed children imply.
+
+    `generation` is the R1Deployment generation used when the RayService carries no
+    source-generation annotation; `previous` is the current status (None when unset).
+    """
+    previous = previous or {}
+    verdict = _assess(observed.rayservice)
+    _, app = active_application(observed.rayservice) if observed.rayservice else (None, {})
+    pools = {role: pool_status(role, pool, observed, app)
+             for role, pool in deployment.spec.active_pools().items()}
+    return _finish(deployment, verdict, pools, _generation(observed.rayservice, generation),
+                   previous, now, [])
+
+
+def failure(deployment: R1Deployment, *, reason: str, message: str, generation: int | None,
+            previous: Mapping[str, Any] | None, now: str) -> StatusUpdate:
+    """Status when the children cannot be applied at all (e.g. KubeRay is not installed)."""
+    previous = previous or {}
+    verdict = _Verdict("Failed", reason, message, False)
+    pools = {role: {"replicas": 0, "readyReplicas": 0, "desiredReplicas": 0, "summary": "0/0"}
+             for role in deployment.spec.active_pools()}
+    # The phase event fires once; a changed reason under the same phase deserves its own.
+    extra = ([Event("Warning", reason, message)]
+             if previous.get("phase") == "Failed" and _reason_of(previous) != reason else [])
+    return _finish(deployment, verdict, pools, generation, previous, now, extra)
+
+
+def invalid_spec(problems: list[str], *, generation: int | None,
+                 previous: Mapping[str, Any] | None, now: str) -> StatusUpdate:
+    """Status of a resource whose spec the model refuses (it slipped past the CRD's rules)."""
+    message = "; ".join(problems)[:1000]
+    previous = previous or {}
+    extra = ([Event("Warning", "InvalidSpec", message)]
+             if previous.get("phase") == "Failed" and _reason_of(previous) != "InvalidSpec" else [])
+    return _finish(None, _Verdict("Failed", "InvalidSpec", message, False), {}, generation,
+                   previous, now, extra)
+
+
+def _reason_of(status: Mapping[str, Any]) -> str | None:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return condition.get("reason")
+    return None
+
+
+def kuberay_missing_message(retry_seconds: float) -> str:
+    """What to tell the user when the RayService CRD is absent."""
+    return (f"the KubeRay CRD {K.RAYSERVICE_CRD}/{K.RAY_VERSION} is not installed: install the "
+            f"KubeRay operator {K.KUBERAY_VERSION} (the r1serve-operator chart's kuberay "
+            f"dependency, or `helm install kuberay-operator kuberay/kuberay-operator --version "
+            f"{K.KUBERAY_VERSION}`); retrying every {retry_seconds:g}s")

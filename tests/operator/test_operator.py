@@ -1,0 +1,214 @@
+"""The operator against an in-process Kubernetes API: create, update, status, delete, restart, no KubeRay."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from r1serve.spec import load_r1deployment
+from r1serve.spec.serve_config import serve_config_yaml
+
+pytestmark = [
+    pytest.mark.asyncio,
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:read_binary is deprecated:DeprecationWarning"),
+]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TINY = yaml.safe_load((EXAMPLES / "tiny.yaml").read_text())
+R1D, RAYSERVICES, SERVICES = "r1serve.io/v1alpha1/r1deployments", "ray.io/v1/rayservices", "v1/services"
+R1D_URL = "/apis/r1serve.io/v1alpha1/namespaces/default/r1deployments"
+RS_URL = "/apis/ray.io/v1/namespaces/default/rayservices"
+
+
+async def _create(kube, doc=None) -> dict:
+    response = await kube.post(R1D_URL, json=copy.deepcopy(doc or TINY))
+    assert response.status in (200, 201), await response.text()
+    return await response.json()
+
+
+def _r1d(kube, name="tiny") -> dict:
+    return kube.live(R1D, "default", name) or {}
+
+
+def _phase(kube, name="tiny") -> str | None:
+    return (_r1d(kube, name).get("status") or {}).get("phase")
+
+
+def _reasons(kube, name="tiny") -> list[str]:
+    return [e["reason"] for e in kube.events_for(name)]
+
+
+async def _created(kube, wait_for) -> dict:
+    """Wait for the children and the first status of tiny; return the RayService."""
+    await wait_for(lambda: kube.live(SERVICES, "default", "tiny"), message="the Service")
+    await wait_for(lambda: _phase(kube) == "Pending", message="phase Pending")
+    await wait_for(lambda: "Created" in _reasons(kube), message="the Created event")
+    return kube.live(RAYSERVICES, "default", "tiny")
+
+
+async def test_create_applies_owned_children(kube, operator_thread, wait_for):
+    async with operator_thread():
+        owner = await _create(kube)
+        rayservice = await _created(kube, wait_for)
+    service = kube.live(SERVICES, "default", "tiny")
+    for child in (rayservice, service):
+        [ref] = child["metadata"]["ownerReferences"]
+        assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
+            "R1Deployment", "tiny", owner["metadata"]["uid"], True)
+    assert rayservice["spec"]["serveConfigV2"] == serve_config_yaml(load_r1deployment(TINY))
+    assert [p["port"] for p in service["spec"]["ports"]] == [9000, 8000]
+    status = _r1d(kube)["status"]
+    assert status["observedGeneration"] == 1
+    assert status["endpoints"]["grpc"] == "tiny.default.svc:9000"
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "False", "Progressing": "True", "Degraded": "False"}
+    # Reconcile and the RayService watch both refresh the status; the event is posted once.
+    assert _reasons(kube).count("Pending") == 1 and _reasons(kube).count("Created") == 1
+
+
+async def test_update_patches_children_in_place(kube, operator_thread, wait_for):
+    async with operator_thread():
+        await _create(kube)
+        before = await _created(kube, wait_for)
+        patch = {"spec": {"decode": {"replicas": {"min": 1, "max": 3}},
+                          "api": {"grpcPort": 9100, "httpPort": 8000}}}
+        response = await kube.patch(f"{R1D_URL}/tiny", json=patch,
+                                    headers={"Content-Type": "application/merge-patch+json"})
+        assert response.status == 200
+        await wait_for(lambda: kube.live(RAYSERVICES, "default", "tiny")["spec"][
+            "rayClusterConfig"]["workerGroupSpecs"][1]["maxReplicas"] == 3, message="new bounds")
+        await wait_for(lambda: _r1d(kube)["status"]["observedGeneration"] == 2,
+                       message="observedGeneration 2")
+        await wait_for(lambda: "Updated" in _reasons(kube), message="the Updated event")
+        await wait_for(lambda: [p["port"] for p in kube.live(SERVICES, "default", "tiny")[
+            "spec"]["ports"]] == [9100, 8000], message="the new gRPC port on the Service")
+    after = kube.live(RAYSERVICES, "default", "tiny")
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert "port: 9100" in after["spec"]["serveConfigV2"]
+    assert after["metadata"]["annotations"]["r1serve.io/source-generation"] == "2"
+    # Patched, never deleted and re-created: KubeRay rolls the change out itself.
+    assert kube.calls(RAYSERVICES, "DELETE") == [] and kube.calls(SERVICES, "DELETE") == []
+    assert kube.calls(RAYSERVICES, "POST") == []
+
+
+async def test_rayservice_status_drives_r1deployment_status(kube, operator_thread, wait_for,
+                                                          kuberay_world):
+    async with operator_thread():
+        await _create(kube)
+        await _created(kube, wait_for)
+        # Play KubeRay: a cluster with its worker pods, then a running application.
+        cluster = "tiny-abcde"
+        await kube.post("/apis/ray.io/v1/namespaces/default/rayclusters", json={
+            "apiVersion": "ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": cluster, "namespace": "default"},
+            "spec": {"workerGroupSpecs": [{"groupName": "prefill", "replicas": 1},
+                                          {"groupName": "decode", "replicas": 2}]}})
+        for pod in kuberay_world.pods(cluster, "prefill", 1, 1) + kuberay_world.pods(
+                cluster, "decode", 2, 2):
+            await kube.post("/api/v1/namespaces/default/pods", json=pod)
+        await kube.patch(f"{RS_URL}/tiny/status", json={"status": {
+            **kuberay_world.status("RUNNING", cluster=cluster), "observedGeneration": 1}},
+            headers={"Content-Type": "application/merge-patch+json"})
+        await wait_for(lambda: _phase(kube) == "Ready", message="phase Ready")
+        status = _r1d(kube)["status"]
+        assert (status["prefill"]["summary"], status["decode"]["summary"]) == ("1/1", "2/2")
+        await wait_for(lambda: "Ready" in _reasons(kube), message="the Ready event")
+
+        await kube.patch(f"{RS_URL}/tiny/status", json={"status": kuberay_world.status(
+            "RUNNING", cluster=cluster, deployments={"Ingress": "HEALTHY",
+                                                     "PrefillServer": "HEALTHY",
+                                                     "DecodeServer": "UNHEALTHY"})},
+            headers={"Content-Type": "application/merge-patch+json"})
+        await wait_for(lambda: _phase(kube) == "Degraded", message="phase Degraded")
+        await wait_for(lambda: "Unhealthy" in _reasons(kube), message="the warning event")
+    [warning] = [e for e in kube.events_for("tiny") if e["reason"] == "Unhealthy"]
+    assert warning["type"] == "Warning" and "DecodeServer: UNHEALTHY" in warning["message"]
+
+
+async def test_delete_leaves_nothing(kube, operator_thread, wait_for):
+    async with operator_thread():
+        await _create(kube)
+        await _created(kube, wait_for)
+        response = await kube.delete(f"{R1D_URL}/tiny")
+        assert response.status == 200
+        await wait_for(lambda: not _r1d(kube), message="the R1Deployment to go")
+        await wait_for(lambda: kube.all_live(RAYSERVICES) == [] and
+                       kube.all_live(SERVICES) == [], message="the children to go")
+    # No finalizer of ours held the deletion up.
+    assert not kube.calls(R1D, "PATCH") or all(
+        "finalizers" not in (r.data or {}).get("metadata", {}) for r in kube.calls(R1D, "PATCH"))
+
+
+async def test_restart_duplicates_nothing_and_changes_nothing(kube, operator_thread, wait_for):
+    async with operator_thread():
+        await _create(kube)
+        await _created(kube, wait_for)
+    versions = {key: kube.live(key, "default", "tiny")["metadata"]["resourceVersion"]
+                for key in (RAYSERVICES, SERVICES)}
+    applies = len(kube.calls(RAYSERVICES, "PATCH"))
+    async with operator_thread():
+        # The resumed reconcile re-applies every child once more ...
+        await wait_for(lambda: len(kube.calls(RAYSERVICES, "PATCH")) > applies and
+                       len(kube.calls(SERVICES, "PATCH")) >= 2, message="the resume")
+    # ... which changes nothing and creates nothing.
+    assert len(kube.all_live(RAYSERVICES)) == 1 and len(kube.all_live(SERVICES)) == 1
+    assert {key: kube.live(key, "default", "tiny")["metadata"]["resourceVersion"]
+            for key in versions} == versions
+    assert _reasons(kube).count("Created") == 1 and "Updated" not in _reasons(kube)
+    assert kube.calls(RAYSERVICES, "POST") == [] and kube.calls(RAYSERVICES, "DELETE") == []
+
+
+async def test_rayservice_deleted_by_hand_comes_back(kube, operator_thread, wait_for):
+    async with operator_thread():
+        await _create(kube)
+        before = await _created(kube, wait_for)
+        await kube.delete(f"{RS_URL}/tiny")
+        await wait_for(lambda: (kube.live(RAYSERVICES, "default", "tiny") or {}).get(
+            "metadata", {}).get("uid") not in (None, before["metadata"]["uid"]),
+            message="a new RayService")
+
+
+async def test_missing_kuberay_gives_a_clear_status_then_recovers(
+        kube_without_kuberay, operator_thread, wait_for, monkeypatch):
+    kube = kube_without_kuberay
+    monkeypatch.setenv("R1SERVE_KUBERAY_RETRY_SECONDS", "0.5")
+    async with operator_thread():
+        await _create(kube)
+        await wait_for(lambda: _phase(kube) == "Failed", message="phase Failed")
+        [ready] = [c for c in _r1d(kube)["status"]["conditions"] if c["type"] == "Ready"]
+        assert ready["reason"] == "KubeRayNotInstalled"
+        assert "rayservices.ray.io" in ready["message"] and "KubeRay" in ready["message"]
+        await wait_for(lambda: "KubeRayNotInstalled" in _reasons(kube), message="the warning")
+        assert kube.live(SERVICES, "default", "tiny") is None  # nothing half-applied
+
+        kube.install_kuberay()
+        await wait_for(lambda: kube.live(RAYSERVICES, "default", "tiny"), message="the RayService")
+        await wait_for(lambda: _phase(kube) == "Pending", message="recovery to Pending")
+    assert _reasons(kube).count("KubeRayNotInstalled") == 1
+
+
+async def test_invalid_spec_past_the_crd_is_reported(kube, operator_thread, wait_for):
+    doc = copy.deepcopy(TINY)
+    doc["spec"]["prefill"]["replicas"] = {"min": 3, "max": 1}  # the fake server has no CRD
+    async with operator_thread():
+        await _create(kube, doc)
+        await wait_for(lambda: _phase(kube) == "Failed", message="phase Failed")
+        await wait_for(lambda: "InvalidSpec" in _reasons(kube), message="the InvalidSpec event")
+    [event] = [e for e in kube.events_for("tiny") if e["reason"] == "InvalidSpec"]
+    assert "spec.prefill.replicas.min" in event["message"]
+    assert kube.all_live(RAYSERVICES) == []
+
+
+async def test_runs_under_plain_kopf_run(kube, wait_for):
+    from kopf.testing import KopfRunner
+
+    # `kopf run -m r1serve.operator.handlers` works too (settings then come from R1SERVE_* env).
+    runner = KopfRunner(["run", "--all-namespaces", "--standalone",
+                         "-m", "r1serve.operator.handlers"], timeout=30)
+    with runner:
+        await _create(kube)
+        await wait_for(lambda: kube.live(SERVICES, "default", "tiny"), message="the children")
+        await wait_for(lambda: _phase(kube) == "Pending", message="the status")
+    assert runner.exit_code == 0

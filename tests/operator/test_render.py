@@ -1,0 +1,189 @@
+"""Rendering: every RayService validates against KubeRay's CRD, built-in objects against Kubernetes' schemas."""
+
+import copy
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from r1serve.operator import constants as K
+from r1serve.operator.config import OperatorConfig
+from r1serve.operator.render import (
+    endpoints,
+    render_children,
+    render_rayservice,
+    render_services,
+    scale_quantity,
+)
+
+from r1serve.spec import load_r1deployment
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TINY = yaml.safe_load((EXAMPLES / "tiny.yaml").read_text())
+PROD = yaml.safe_load((EXAMPLES / "r1-production.yaml").read_text())
+KUBE_VERSION = "1.33.0"
+
+
+def _variant(base: dict, **spec_changes) -> dict:
+    doc = copy.deepcopy(base)
+    for key, value in spec_changes.items():
+        if value is None:
+            doc["spec"].pop(key, None)
+        else:
+            doc["spec"][key] = value
+    return doc
+
+
+VARIANTS = {
+    "tiny": TINY,
+    "production": PROD,
+    "aggregated": _variant(TINY, disaggregation=False, prefill=None),
+    "gpu-defaults": {"apiVersion": "r1serve.io/v1alpha1", "kind": "R1Deployment",
+                     "metadata": {"name": "r1", "namespace": "ml", "labels": {"team": "x"}},
+                     "spec": {"model": {"source": "/models/r1"}, "prefill": {}, "decode": {}}},
+    "auth-and-tls": _variant(TINY, api={"grpcPort": 50051, "httpPort": 8080,
+                                        "auth": {"secretName": "tok"}, "tls": {"secretName": "t"}}),
+    "pool-overrides": _variant(PROD, workers={"image": "img:2", "shmSize": "1Gi",
+                                              "resources": {"cpu": "500m"}}),
+}
+
+
+@pytest.fixture(params=sorted(VARIANTS), ids=str)
+def deployment(request):
+    return load_r1deployment(copy.deepcopy(VARIANTS[request.param]))
+
+
+def test_rayservice_validates_against_kuberay_crd(deployment, kuberay_rayservice):
+    rayservice = render_rayservice(deployment, owner_uid="0b9f-uid", generation=3)
+    assert kuberay_rayservice.errors(rayservice) == []
+
+
+def test_kuberay_validator_rejects_a_typo(kuberay_rayservice):
+    rayservice = render_rayservice(load_r1deployment(TINY))
+    rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    assert any("maxReplica" in e for e in kuberay_rayservice.errors(rayservice))
+
+
+def test_builtin_objects_validate_against_kubernetes_schemas(deployment):
+    rayservice, *services = render_children(deployment, owner_uid="0b9f-uid", generation=1)
+    for service in services:
+        kubernetes_validate.validate(service, KUBE_VERSION, strict=True)
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"]["template"]] + [
+        group["template"] for group in cluster["workerGroupSpecs"]]
+    for template in templates:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", **template["metadata"]},
+               "spec": template["spec"]}
+        kubernetes_validate.validate(pod, KUBE_VERSION, strict=True)
+
+
+def test_rendering_is_pure_and_deterministic(deployment):
+    first = render_children(deployment, owner_uid="u", generation=2)
+    assert first == render_children(deployment, owner_uid="u", generation=2)
+    assert yaml.safe_dump(first) == yaml.safe_dump(
+        render_children(deployment, owner_uid="u", generation=2))
+
+
+def test_children_are_owned_by_the_r1deployment(deployment):
+    for child in render_children(deployment, owner_uid="0b9f-uid"):
+        [ref] = child["metadata"]["ownerReferences"]
+        assert ref == {"apiVersion": "r1serve.io/v1alpha1", "kind": "R1Deployment",
+                       "name": deployment.metadata.name, "uid": "0b9f-uid",
+                       "controller": True, "blockOwnerDeletion": True}
+        assert child["metadata"]["namespace"] == deployment.metadata.namespace
+        assert child["metadata"]["labels"][K.LABEL_DEPLOYMENT] == deployment.metadata.name
+
+
+def test_head_declares_ray_and_serve_ports_and_service_exposes_only_serve(deployment):
+    head = render_rayservice(deployment)["spec"]["rayClusterConfig"]["headGroupSpec"]
+    ports = {p["name"]: p["containerPort"]
+             for p in head["template"]["spec"]["containers"][0]["ports"]}
+    api = deployment.spec.api
+    assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001,
+                     "serve": api.http_port, "serve-grpc": api.grpc_port}
+    [service] = render_services(deployment)
+    exposed = {p["port"] for p in service["spec"]["ports"]}
+    assert exposed == {api.grpc_port, api.http_port}
+    assert not exposed & {6379, 8265, 10001}
+    assert service["spec"]["selector"] == {K.LABEL_DEPLOYMENT: deployment.metadata.name,
+                                           "ray.io/serve": "true"}
+
+
+def test_cluster_settings(deployment):
+    cluster = render_rayservice(deployment)["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert cluster["rayVersion"] == "2.60.0"
+    groups = [g["groupName"] for g in cluster["workerGroupSpecs"]]
+    assert groups == list(deployment.spec.active_pools())
+    for group in cluster["workerGroupSpecs"]:
+        spec = group["template"]["spec"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in spec["containers"][0]["volumeMounts"]
+        assert any(v["name"] == "dshm" and v["emptyDir"]["medium"] == "Memory"
+                   for v in spec["volumes"])
+        assert not spec["containers"][0]["image"].endswith(":latest")
+
+
+def test_production_pools_are_sized_in_whole_nodes():
+    deployment = load_r1deployment(copy.deepcopy(PROD))
+    groups = {g["groupName"]: g for g in
+              render_rayservice(deployment)["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    prefill, decode = groups["prefill"], groups["decode"]
+    # 32 ranks = 4 pods of 8 GPUs per replica; replicas 1..4, initial 2.
+    assert (prefill["minReplicas"], prefill["maxReplicas"], prefill["replicas"]) == (4, 16, 8)
+    assert (decode["minReplicas"], decode["maxReplicas"], decode["replicas"]) == (18, 36, 18)
+    limits = prefill["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"cpu": "97", "memory": "1600Gi", "nvidia.com/gpu": "8"}
+    assert prefill["resources"] == {"r1serve_prefill_rank": "8"}
+    decode_spec = decode["template"]["spec"]
+    assert decode_spec["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                                           "r1serve.io/pool": "decode"}
+    assert decode_spec["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_image_choice():
+    tiny = load_r1deployment(copy.deepcopy(TINY))
+    head = render_rayservice(tiny)["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["template"]["spec"]["containers"][0]["image"] == "rayproject/ray:2.60.0-py311-cpu"
+    gpu = load_r1deployment(copy.deepcopy(VARIANTS["gpu-defaults"]))
+    groups = render_rayservice(gpu)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert {g["template"]["spec"]["containers"][0]["image"] for g in groups} == {
+        "rayproject/ray:2.60.0-py311-gpu"}
+    configured = render_rayservice(tiny, config=OperatorConfig(default_image="my/ray:1"))
+    images = {g["template"]["spec"]["containers"][0]["image"]
+              for g in configured["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert images == {"my/ray:1"}
+    with pytest.raises(ValueError, match="pinned"):
+        OperatorConfig(default_image="my/ray:latest")
+
+
+def test_credentials_reach_every_ray_pod():
+    deployment = load_r1deployment(copy.deepcopy(VARIANTS["auth-and-tls"]))
+    cluster = render_rayservice(deployment)["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        container = pod["template"]["spec"]["containers"][0]
+        assert container["env"] == [{"name": "R1SERVE_API_TOKEN", "valueFrom": {
+            "secretKeyRef": {"name": "tok", "key": "token"}}}]
+        assert {"name": "tls", "mountPath": "/etc/r1serve/tls", "readOnly": True} in \
+            container["volumeMounts"]
+    assert endpoints(deployment) == {"grpc": "tiny.default.svc:50051",
+                                     "http": "https://tiny.default.svc:8080"}
+
+
+def test_labels_and_generation_do_not_touch_the_serve_config():
+    plain = load_r1deployment(copy.deepcopy(TINY))
+    labelled = copy.deepcopy(TINY)
+    labelled["metadata"]["labels"] = {"team": "a"}
+    a = render_rayservice(plain, generation=1)
+    b = render_rayservice(load_r1deployment(labelled), generation=2)
+    assert a["spec"]["serveConfigV2"] == b["spec"]["serveConfigV2"]
+    assert b["metadata"]["labels"]["team"] == "a"
+    assert b["metadata"]["annotations"] == {K.ANNOTATION_SOURCE_GENERATION: "2"}
+
+
+@pytest.mark.parametrize("quantity, factor, expected", [
+    ("64Gi", 4, "256Gi"), ("1.5G", 3, "4.5G"), ("8", 2, "16"), ("200Gi", 8, "1600Gi")])
+def test_scale_quantity(quantity, factor, expected):
+    assert scale_quantity(quantity, factor) == expected

@@ -1,0 +1,167 @@
+"""Status aggregation (pure): KubeRay's view of the RayService becomes phase, conditions, replicas and events."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from r1serve.operator.status import (
+    Observed,
+    aggregate,
+    failure,
+    invalid_spec,
+    kuberay_missing_message,
+)
+
+from r1serve.spec import load_r1deployment
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+
+
+@pytest.fixture
+def tiny():
+    return load_r1deployment(EXAMPLES / "tiny.yaml")
+
+
+def _rayservice(status: dict, generation: int = 1, source_generation: int | None = 1) -> dict:
+    meta = {"name": "tiny", "namespace": "default", "generation": generation}
+    if source_generation is not None:
+        meta["annotations"] = {"r1serve.io/source-generation": str(source_generation)}
+    return {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": meta,
+            "status": {**status, "observedGeneration": generation}}
+
+
+def _cluster(prefill_pods: int, decode_pods: int) -> dict:
+    return {"spec": {"workerGroupSpecs": [{"groupName": "prefill", "replicas": prefill_pods},
+                                          {"groupName": "decode", "replicas": decode_pods}]}}
+
+
+def _conditions(status: dict) -> dict:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_no_rayservice_status_yet_is_pending(tiny, kuberay_world):
+    update = aggregate(tiny, Observed(_rayservice(kuberay_world.status(None))), generation=1,
+                       previous=None, now=NOW)
+    assert update.changed and update.status["phase"] == "Pending"
+    assert _conditions(update.status) == {
+        "Ready": ("False", "WaitingForRayCluster"), "Progressing": ("True", "WaitingForRayCluster"),
+        "Degraded": ("False", "WaitingForRayCluster")}
+    assert update.status["decode"] == {"replicas": 0, "readyReplicas": 0, "desiredReplicas": 1,
+                                       "summary": "0/1"}
+    assert update.status["endpoints"] == {"grpc": "tiny.default.svc:9000",
+                                          "http": "http://tiny.default.svc:8000"}
+    assert [(e.type, e.reason) for e in update.events] == [("Normal", "Pending")]
+
+
+def test_running_application_with_ready_pods_is_ready(tiny, kuberay_world):
+    pods = kuberay_world.pods("r1-abcde", "prefill", 1, 1) + kuberay_world.pods(
+        "r1-abcde", "decode", 2, 2)
+    observed = Observed(_rayservice(kuberay_world.status("RUNNING")), _cluster(1, 2), tuple(pods))
+    update = aggregate(tiny, observed, generation=1, previous={"phase": "Progressing"}, now=NOW)
+    status = update.status
+    assert status["phase"] == "Ready" and status["observedGeneration"] == 1
+    assert _conditions(status)["Ready"] == ("True", "Serving")
+    assert status["prefill"] == {"replicas": 1, "readyReplicas": 1, "desiredReplicas": 1,
+                                 "summary": "1/1"}
+    # tiny's decode pool: 2 CPU ranks fit one pod, so 2 pods are 2 replicas.
+    assert status["decode"]["summary"] == "2/2"
+    assert [(e.type, e.reason) for e in update.events] == [("Normal", "Ready")]
+
+
+def test_first_deploy_on_the_pending_cluster_is_progressing(tiny, kuberay_world):
+    rs = _rayservice(kuberay_world.status("DEPLOYING", pending=True))
+    assert aggregate(tiny, Observed(rs), generation=1, previous=None, now=NOW
+                     ).status["phase"] == "Progressing"
+
+
+def test_unhealthy_deployment_degrades_with_a_warning(tiny, kuberay_world):
+    rs = _rayservice(kuberay_world.status("RUNNING", deployments={
+        "Ingress": "HEALTHY", "PrefillServer": "UNHEALTHY", "DecodeServer": "HEALTHY"}))
+    update = aggregate(tiny, Observed(rs), generation=1, previous={"phase": "Ready"}, now=NOW)
+    assert update.status["phase"] == "Degraded"
+    assert _conditions(update.status)["Degraded"] == ("True", "Unhealthy")
+    assert _conditions(update.status)["Ready"] == ("True", "Serving")  # still answers requests
+    assert update.status["prefill"]["readyReplicas"] == 0
+    [event] = update.events
+    assert (event.type, event.reason) == ("Warning", "Unhealthy")
+    assert "PrefillServer: UNHEALTHY" in event.message
+
+
+def test_deploy_failure_fails(tiny, kuberay_world):
+    rs = _rayservice(kuberay_world.status("DEPLOY_FAILED", message="ImportError: r1serve"))
+    update = aggregate(tiny, Observed(rs), generation=1, previous=None, now=NOW)
+    assert update.status["phase"] == "Failed"
+    assert update.events[0].type == "Warning" and "ImportError" in update.events[0].message
+
+
+def test_rollout_keeps_serving_while_progressing(tiny, kuberay_world):
+    rs = _rayservice(kuberay_world.status("RUNNING", upgrading=True), source_generation=2)
+    update = aggregate(tiny, Observed(rs), generation=2, previous=None, now=NOW)
+    assert update.status["phase"] == "Progressing"
+    assert _conditions(update.status)["Ready"] == ("True", "Serving")
+    assert update.status["observedGeneration"] == 2
+
+
+def test_observed_generation_comes_from_what_was_applied(tiny, kuberay_world):
+    rs = _rayservice(kuberay_world.status("RUNNING"), source_generation=3)
+    update = aggregate(tiny, Observed(rs), generation=5, previous=None, now=NOW)
+    assert update.status["observedGeneration"] == 3
+
+
+def test_unchanged_status_writes_and_posts_nothing(tiny, kuberay_world):
+    observed = Observed(_rayservice(kuberay_world.status("RUNNING")), _cluster(1, 1),
+                        tuple(kuberay_world.pods("r1-abcde", "decode", 1, 1)
+                              + kuberay_world.pods("r1-abcde", "prefill", 1, 1)))
+    first = aggregate(tiny, observed, generation=1, previous=None, now=NOW)
+    again = aggregate(tiny, observed, generation=1, previous=copy.deepcopy(first.status),
+                      now=LATER)
+    assert not again.changed and again.events == ()
+    # Transition times stay put while a condition keeps its status.
+    assert {c["lastTransitionTime"] for c in again.status["conditions"]} == {NOW}
+
+
+def test_scaling_is_recorded_and_announced(tiny, kuberay_world):
+    rs = _rayservice(kuberay_world.status("RUNNING"))
+    before = aggregate(tiny, Observed(rs, _cluster(1, 1)), generation=1, previous=None, now=NOW)
+    after = aggregate(tiny, Observed(rs, _cluster(1, 2)), generation=1,
+                      previous=before.status, now=LATER)
+    assert after.status["decode"]["desiredReplicas"] == 2
+    assert after.status["lastScaleDecision"] == {"pool": "decode", "fromReplicas": 1,
+                                                 "toReplicas": 2, "time": LATER}
+    assert [(e.reason, e.message) for e in after.events] == [("Scaled", "decode: 1 -> 2 replicas")]
+
+
+def test_kuberay_missing_fails_with_instructions(tiny):
+    message = kuberay_missing_message(60)
+    update = failure(tiny, reason="KubeRayNotInstalled", message=message, generation=1,
+                     previous=None, now=NOW)
+    assert update.status["phase"] == "Failed"
+    assert _conditions(update.status)["Ready"] == ("False", "KubeRayNotInstalled")
+    assert "rayservices.ray.io" in message and "helm install kuberay-operator" in message
+    [event] = update.events
+    assert (event.type, event.reason) == ("Warning", "KubeRayNotInstalled")
+    again = failure(tiny, reason="KubeRayNotInstalled", message=message, generation=1,
+                    previous=update.status, now=LATER)
+    assert not again.changed and again.events == ()
+
+
+def test_aggregated_deployment_reports_only_decode(kuberay_world):
+    doc = yaml.safe_load((EXAMPLES / "tiny.yaml").read_text())
+    doc["spec"]["disaggregation"] = False
+    del doc["spec"]["prefill"]
+    update = aggregate(load_r1deployment(doc), Observed(_rayservice(kuberay_world.status(
+        "RUNNING", deployments={"Ingress": "HEALTHY", "DecodeServer": "HEALTHY"}))),
+        generation=1, previous=None, now=NOW)
+    assert "prefill" not in update.status and update.status["phase"] == "Ready"
+
+
+def test_invalid_spec_fails_naming_the_problem():
+    update = invalid_spec(["spec.prefill.replicas.min: must be <= max (1) (got 3)"],
+                          generation=2, previous={"phase": "Ready"}, now=NOW)
+    assert update.status["phase"] == "Failed" and update.status["observedGeneration"] == 2
+    assert _conditions(update.status)["Degraded"] == ("True", "InvalidSpec")
+    [event] = update.events
+    assert (event.type, event.reason) == ("Warning", "InvalidSpec")
+    assert "spec.prefill.replicas.min" in event.message
