@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sets up a virtual environment in .venv and runs r1serve from it.
 
-    python3 bootstrap.py serve   # install, create the tiny demo model if missing, and run it
+    python3 bootstrap.py serve   # install, then serve examples/tiny.yaml (gRPC :9000, HTTP :8000)
     python3 bootstrap.py test    # install with test extras and run the whole test suite
 
 Only Python 3.11+ and pip are needed. Installation is skipped when pyproject.toml has not changed.
@@ -21,7 +21,6 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / "python"
 TORCH = "torch==2.13.0"
-DEMO_MODEL = ROOT / ".r1serve" / "tiny-model"
 
 
 def run(*cmd: str | Path) -> None:
@@ -51,10 +50,11 @@ def install(extras: str) -> None:
 
 def serve(args: list[str]) -> None:
     install("")
-    r1serve = BIN / "r1serve"
-    run(r1serve, "checkpoint", "make-tiny", DEMO_MODEL, "--if-missing")
-    prompt = args[0] if args else "What is the capital of France?"
-    run(r1serve, "generate", "--checkpoint", DEMO_MODEL, "--chat", "--prompt", prompt, "--max-tokens", "32")
+    # The tiny checkpoint is written to .r1serve/models/ on first use; Ctrl-C stops the server.
+    try:
+        run(BIN / "r1serve", "serve", "examples/tiny.yaml", *args)
+    except KeyboardInterrupt:
+        pass
 
 
 def test(args: list[str]) -> None:

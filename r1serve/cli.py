@@ -10,6 +10,11 @@ DTYPES = ("float64", "float32", "bfloat16")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["operator"]:  # the operator parses its own flags, --help included
+        from r1serve.operator.main import run_operator
+
+        return run_operator(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -43,8 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("checkpoint", type=Path)
     check.set_defaults(run=_check_checkpoint)
 
-    gen = sub.add_parser("generate", help="generate from a checkpoint with the engine, streaming the answer")
-    gen.add_argument("--checkpoint", type=Path, required=True)
+    gen = sub.add_parser("generate", help="generate from a checkpoint (offline) or a server (--target), streaming")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="run the engine in this process on this checkpoint")
+    source.add_argument("--target", metavar="HOST:PORT", help="ask a running server over gRPC, e.g. localhost:9000")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--max-tokens", type=int, default=64)
@@ -52,8 +59,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", choices=DTYPES, default="float32")
+    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="offline only")
+    gen.add_argument("--timeout", type=float, default=None, help="--target only: deadline in seconds")
     gen.set_defaults(run=_generate)
+
+    srv = sub.add_parser("serve", help="run an R1Deployment on a local Ray: gRPC and OpenAI HTTP until Ctrl-C")
+    srv.add_argument("file", type=Path, help="the R1Deployment YAML (the same file you would kubectl apply)")
+    srv.add_argument("--address", default=None, help="join this Ray cluster instead of starting one here")
+    srv.add_argument("--host", default="127.0.0.1", help="interface of the HTTP endpoint (gRPC listens on all)")
+    srv.set_defaults(run=_serve)
+
+    op = sub.add_parser("operator", add_help=False, help="run the Kubernetes operator (kopf); --help for its flags")
+    op.add_argument("operator_args", nargs=argparse.REMAINDER)
 
     spec = sub.add_parser("spec", help="work with R1Deployment files").add_subparsers(title="spec")
     validate = spec.add_parser("validate", help="check an R1Deployment YAML and print it with defaults")
@@ -86,6 +103,9 @@ def _check_checkpoint(args) -> int:
 
 def _generate(args) -> int:
     import asyncio
+
+    if args.target:
+        return _generate_remote(args)
 
     from r1serve.runtime.engine.sampling import SamplingParams
 
@@ -121,6 +141,31 @@ async def _stream_generation(args, params) -> int:
     finally:
         client.shutdown()
     return 0
+
+
+def _generate_remote(args) -> int:
+    import grpc
+
+    from r1serve.runtime.serve import client
+
+    request = client.build_request(args.prompt, chat=args.chat, max_tokens=args.max_tokens,
+                                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    try:
+        client.print_stream(client.stream(args.target, request, timeout_s=args.timeout), sys.stdout)
+    except grpc.RpcError as exc:
+        print(f"\nr1serve: error: {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve(args) -> int:
+    from r1serve.runtime.serve.local import serve_file
+
+    try:
+        return serve_file(args.file, address=args.address, host=args.host)
+    except (RuntimeError, TimeoutError) as exc:  # the application failed to deploy or start
+        print(f"r1serve: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _validate_spec(args) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from r1serve.runtime.engine.outputs import KVHandoff
+
 from r1serve.spec import R1Deployment
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class ObjectStoreConnector:
 
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ticket.ref.future()), self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise KVTransferError(f"{ticket.request_id}: KV cache not received within {self.timeout_s:g}s "
                                   "(kvTransfer.timeoutSeconds)") from None
         except ray.exceptions.RayError as exc:

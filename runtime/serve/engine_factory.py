@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from r1serve.runtime.engine.interface import EngineClient
+
 from r1serve.spec import Pool, R1Deployment
 from r1serve.spec.serve_config import rank_cpus
 
@@ -78,7 +80,6 @@ def make_engine_client(deployment: R1Deployment, role: EngineRole, checkpoint: P
 
 def _local_engine(deployment: R1Deployment, role: EngineRole, checkpoint: Path, pool: Pool) -> EngineClient:
     import torch
-
     from r1serve.runtime.engine.async_engine import AsyncEngine
     from r1serve.runtime.engine.engine import LLMEngine
 

@@ -1,0 +1,1 @@
+"""Stubs of protos/r1serve/ (generated)."""

@@ -1,0 +1,178 @@
+"""A prefill or decode pool replica: one engine (one EP group) behind Serve, streaming RequestOutputs.
+
+The same class serves three roles under two deployment names: PrefillServer (`prefill` → PrefillResult
+with a KV hand-off ticket), DecodeServer (`generate_from_handoff`, or `generate` without disaggregation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from r1serve.runtime.engine.outputs import RequestError, RequestOutput
+from r1serve.runtime.engine.sampling import SamplingParamsError
+
+from r1serve.spec import R1Deployment, parse_r1deployment
+
+from .checkpoint import ensure_checkpoint
+from .connector import HandoffTicket, make_connector
+from .engine_factory import EngineRole, make_engine_client, make_mock_client
+from .errors import classify
+from .messages import PoolRequest, PrefillResult, merge_outputs, to_wire
+from .metrics import PoolMetrics
+from .streams import coalesced
+
+log = logging.getLogger(__name__)
+
+METRICS_INTERVAL_S = 1.0
+# Prefix hashes a replica publishes for the prefill router (the most recently cached blocks).
+PUBLISHED_PREFIX_HASHES = 1024
+# Each streamed message costs about 1.4 ms of CPU across the hops (replica, Ingress, proxy; measured on
+# CPU, see benchmarks/README.md). A replica running at least half its maxRunningRequests is throughput-
+# bound, so it sends each request's new tokens at most this often; below that, every token at once.
+BUSY_STREAM_INTERVAL_S = 0.2
+
+
+class EngineFailure(RuntimeError):
+    """The engine ended a request with an error (its step failed): the replica is unhealthy."""
+
+
+class PoolServer:
+    def __init__(self, manifest: Mapping[str, Any], role: EngineRole, checkpoint: str,
+                 engine_options: Mapping[str, Any] | None = None):
+        self.deployment: R1Deployment = parse_r1deployment(dict(manifest))
+        self.role = role
+        options = dict(engine_options or {})
+        if options.get("kind") == "mock":
+            self.engine = make_mock_client(self.deployment, role, options)
+        else:
+            path = Path(checkpoint)
+            if self.deployment.spec.model.is_tiny and not (path / "config.json").is_file():
+                path = ensure_checkpoint(self.deployment.spec.model)  # a node the driver could not write to
+            self.engine = make_engine_client(self.deployment, role, path)
+        self.connector = make_connector(self.deployment)
+        self.metrics = PoolMetrics(role)
+        self._busy_at = max(1, self._pool().max_running_requests // 2)
+        self._stream_interval = 0.0
+        # A thread, not a task: the constructor may run outside the replica's event loop.
+        self._stopping = threading.Event()
+        threading.Thread(target=self._publish_metrics, name="r1serve-pool-metrics", daemon=True).start()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def prefill(self, request: PoolRequest) -> PrefillResult:
+        try:
+            out = await self.engine.prefill(request.request_id, request.prompt_token_ids, request.params)
+        except (RequestError, SamplingParamsError) as exc:
+            raise classify(exc) from None  # the engine's errors do not unpickle; ServeError does
+        _raise_if_failed(out)
+        if out.handoff is None:
+            raise EngineFailure(f"{request.request_id}: prefill returned no KV hand-off")
+        ticket = self.connector.send(out.handoff)
+        return PrefillResult(request.request_id, out.token_ids[0], out.prompt_tokens, out.cached_tokens, ticket)
+
+    async def generate(self, request: PoolRequest) -> AsyncIterator[tuple]:
+        """Streams outputs in wire form (messages.to_wire)."""
+        source = self.engine.generate(request.request_id, request.prompt_token_ids, request.params)
+        async for out in _checked(source, lambda: self._stream_interval):
+            yield out
+
+    async def generate_from_handoff(self, ticket: HandoffTicket) -> AsyncIterator[tuple]:
+        """Streams outputs in wire form (messages.to_wire), from the first token on."""
+        handoff = await self.connector.receive(ticket)
+        async for out in _checked(self.engine.generate_from_handoff(handoff), lambda: self._stream_interval):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    # -- observability ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's stats (EngineStats as a dict, plus kv_usage and prefix_hit_rate)."""
+        stats = self.engine.stats()
+        return {**asdict(stats), "kv_usage": stats.kv_usage, "prefix_hit_rate": stats.prefix_hit_rate}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        stats = self.engine.stats()
+        return {
+            "queued_prompt_tokens": stats.queued_prompt_tokens,
+            "running": stats.running,
+            "waiting": stats.waiting,
+            "kv_usage": round(stats.kv_usage, 3),
+            "block_size": self._block_size(),
+            "prefix_hashes": cached_prefix_hashes(self.engine, PUBLISHED_PREFIX_HASHES) if self.role != "decode" else [],
+        }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        stats = self.engine.stats()
+        return {
+            "queued_prompt_tokens": float(stats.queued_prompt_tokens),
+            "ongoing_requests": float(stats.running + stats.waiting),
+            "kv_cache_usage": float(stats.kv_usage),
+        }
+
+    def check_health(self) -> None:
+        if not self.engine.healthy:
+            raise EngineFailure(f"the {self.role} engine stopped: {getattr(self.engine, 'error', None)!r}")
+
+    async def __del__(self):
+        self._stopping.set()
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            await asyncio.get_running_loop().run_in_executor(None, shutdown)
+
+    def _publish_metrics(self) -> None:
+        while not self._stopping.wait(METRICS_INTERVAL_S):
+            try:
+                stats = self.engine.stats()
+                self.metrics.update(stats)
+                self._stream_interval = BUSY_STREAM_INTERVAL_S if stats.running >= self._busy_at else 0.0
+            except Exception:
+                log.exception("updating pool metrics failed")
+
+    def _pool(self):
+        return self.deployment.spec.prefill if self.role == "prefill" else self.deployment.spec.decode
+
+    def _block_size(self) -> int:
+        return self._pool().block_size
+
+
+async def _checked(source: AsyncIterator[RequestOutput], min_interval) -> AsyncIterator[tuple]:
+    """The engine's stream, coalesced, with engine errors turned into exceptions that cross processes."""
+    try:
+        async for out in coalesced(source, merge_outputs, min_interval):
+            _raise_if_failed(out)
+            yield to_wire(out)
+    except (RequestError, SamplingParamsError) as exc:
+        raise classify(exc) from None
+
+
+def _raise_if_failed(out: RequestOutput) -> None:
+    if out.error:
+        raise EngineFailure(f"{out.request_id}: {out.error}")
+
+
+def cached_prefix_hashes(engine: Any, limit: int) -> list[int]:
+    """Hashes of the prefix blocks an engine holds, newest last (for the prefill router).
+
+    An EP group client may offer `cached_prefix_hashes(limit)`; for the in-process engine the block
+    manager's hash table is read under the engine lock (its insertion order is commit order).
+    """
+    method = getattr(engine, "cached_prefix_hashes", None)
+    if method is not None:
+        return list(method(limit))
+    inner = getattr(engine, "engine", None)
+    table = getattr(getattr(inner, "blocks", None), "_by_hash", None)
+    if table is None:
+        return []
+    with engine._lock:
+        keys = list(table)
+    return keys[-limit:]
+
+

@@ -1,0 +1,173 @@
+"""Request routers for the pools, plugged into Serve's handles (request_router_config).
+
+Prefill: least queued prompt tokens, where a replica that caches a prefix of the prompt is charged only
+for the tokens it must still compute. Decode: least load (running plus waiting sequences, then KV-cache
+use). Replicas publish their numbers through `record_routing_stats` every second; the router adds what it
+sent since, so a burst of requests does not all land on the replica that looked idle a second ago.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from r1serve.runtime.engine.block_manager import prefix_hashes
+from ray.serve.request_router import (
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
+
+# Prefix hashes remembered per replica from requests this router sent (stats lag by up to a period).
+RECENT_PREFIXES_PER_REPLICA = 4096
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One replica as the policy sees it: its published stats merged with this router's own in-flight work."""
+
+    replica_id: Any
+    queued_prompt_tokens: int = 0
+    ongoing: int = 0  # running + waiting sequences
+    kv_usage: float = 0.0
+    cached_blocks: int = 0  # leading blocks of this prompt the replica holds
+
+
+def prefill_order(candidates: list[Candidate], prompt_len: int, block_size: int) -> list[Candidate]:
+    """Best first: fewest prompt tokens to compute before this one finishes, counting cache hits."""
+    def cost(c: Candidate) -> tuple:
+        uncached = max(prompt_len - c.cached_blocks * block_size, 0)
+        return (c.queued_prompt_tokens + uncached, c.ongoing, random.random())
+    return sorted(candidates, key=cost)
+
+
+def decode_order(candidates: list[Candidate]) -> list[Candidate]:
+    """Best first: fewest running plus waiting sequences, then the emptiest KV cache."""
+    return sorted(candidates, key=lambda c: (c.ongoing, c.kv_usage, random.random()))
+
+
+def matched_blocks(hashes: list[int], cached: Iterable[set[int]]) -> int:
+    """How many leading blocks of a prompt (given as chained hashes) any of the sets holds."""
+    sets = list(cached)
+    n = 0
+    for h in hashes:
+        if not any(h in s for s in sets):
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class _Tracker:
+    """What this router sent to each replica and has not seen complete."""
+
+    inflight: dict[str, tuple[Any, int]] = field(default_factory=dict)  # internal id -> (replica, tokens)
+    tokens: dict[Any, int] = field(default_factory=dict)
+    requests: dict[Any, int] = field(default_factory=dict)
+    prefixes: dict[Any, OrderedDict] = field(default_factory=dict)
+
+    def add(self, request_id: str, replica: Any, tokens: int, hashes: list[int]) -> None:
+        self.inflight[request_id] = (replica, tokens)
+        self.tokens[replica] = self.tokens.get(replica, 0) + tokens
+        self.requests[replica] = self.requests.get(replica, 0) + 1
+        recent = self.prefixes.setdefault(replica, OrderedDict())
+        for h in hashes:
+            recent[h] = None
+            recent.move_to_end(h)
+        while len(recent) > RECENT_PREFIXES_PER_REPLICA:
+            recent.popitem(last=False)
+
+    def done(self, request_id: str) -> None:
+        entry = self.inflight.pop(request_id, None)
+        if entry is not None:
+            replica, tokens = entry
+            self.tokens[replica] -= tokens
+            self.requests[replica] -= 1
+
+    def forget(self, replica: Any) -> None:
+        for key in [k for k, (r, _) in self.inflight.items() if r == replica]:
+            self.done(key)
+        for table in (self.tokens, self.requests, self.prefixes):
+            table.pop(replica, None)
+
+
+def _prompt_of(pending: PendingRequest | None) -> list[int]:
+    arg = pending.args[0] if pending is not None and pending.args else None
+    return list(getattr(arg, "prompt_token_ids", None) or [])
+
+
+class _PoolRouter(RequestRouter):
+    """Shared plumbing: bookkeeping hooks, one replica per rank so Serve tries them in our order."""
+
+    def initialize_state(self, **kwargs) -> None:
+        self._tracker = _Tracker()
+
+    def _candidate(self, replica: RunningReplica, hashes: list[int]) -> Candidate:
+        stats = replica.routing_stats or {}
+        rid = replica.replica_id
+        published = set(stats.get("prefix_hashes") or ())
+        recent = self._tracker.prefixes.get(rid, {}).keys()
+        return Candidate(
+            replica_id=rid,
+            queued_prompt_tokens=max(int(stats.get("queued_prompt_tokens", 0)), self._tracker.tokens.get(rid, 0)),
+            ongoing=max(int(stats.get("running", 0)) + int(stats.get("waiting", 0)),
+                        self._tracker.requests.get(rid, 0)),
+            kv_usage=float(stats.get("kv_usage", 0.0)),
+            cached_blocks=matched_blocks(hashes, [published, set(recent)]) if hashes else 0,
+        )
+
+    def _ranks(self, ordered: list[Candidate], replicas: list[RunningReplica],
+               pending: PendingRequest | None) -> list[list[RunningReplica]]:
+        if pending is not None:
+            pending.routing_context.should_backoff = True  # all full: back off instead of spinning
+        by_id = {r.replica_id: r for r in replicas}
+        return [[by_id[c.replica_id]] for c in ordered]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        prompt = _prompt_of(pending_request)
+        arg = pending_request.args[0] if pending_request.args else None
+        tokens = len(prompt) or int(getattr(arg, "num_prompt_tokens", 0) or 0)
+        block_size = self._block_size(replica_id)
+        hashes = prefix_hashes(prompt, block_size) if prompt and block_size else []
+        self._tracker.add(pending_request.metadata.internal_request_id, replica_id, tokens, hashes)
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._tracker.done(internal_request_id)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        self._tracker.forget(replica_id)
+        super().on_replica_actor_died(replica_id)
+
+    def _block_size(self, replica_id: ReplicaID) -> int:
+        replica = self._replicas.get(replica_id)
+        return int((replica.routing_stats or {}).get("block_size", 0)) if replica is not None else 0
+
+
+class PrefillRouter(_PoolRouter):
+    """Least queued prompt tokens, with prefix-cache affinity."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        prompt = _prompt_of(pending_request)
+        block_size = max((int((r.routing_stats or {}).get("block_size", 0)) for r in candidate_replicas), default=0)
+        hashes = prefix_hashes(prompt[:-1], block_size) if prompt and block_size else []
+        candidates = [self._candidate(r, hashes) for r in candidate_replicas]
+        ordered = prefill_order(candidates, len(prompt), block_size or 1)
+        return self._ranks(ordered, candidate_replicas, pending_request)
+
+
+class DecodeRouter(_PoolRouter):
+    """Least loaded: running plus waiting sequences, then KV-cache use."""
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        candidates = [self._candidate(r, []) for r in candidate_replicas]
+        return self._ranks(decode_order(candidates), candidate_replicas, pending_request)

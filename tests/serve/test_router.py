@@ -1,0 +1,51 @@
+"""Routing policy: prefill by queued tokens net of cached prefix blocks, decode by load."""
+
+from __future__ import annotations
+
+from r1serve.runtime.engine.block_manager import prefix_hashes
+from r1serve.runtime.serve.router import (
+    Candidate,
+    _Tracker,
+    decode_order,
+    matched_blocks,
+    prefill_order,
+)
+
+
+def test_prefill_prefers_the_least_queued_replica():
+    ordered = prefill_order([Candidate("a", 500), Candidate("b", 100), Candidate("c", 300)], 64, 16)
+    assert [c.replica_id for c in ordered] == ["b", "c", "a"]
+
+
+def test_prefill_prefers_a_cached_prefix_unless_it_is_swamped():
+    warm = Candidate("warm", queued_prompt_tokens=200, cached_blocks=30)  # 480 of 512 prompt tokens cached
+    cold = Candidate("cold", queued_prompt_tokens=0)
+    assert prefill_order([cold, warm], 512, 16)[0].replica_id == "warm"
+    swamped = Candidate("warm", queued_prompt_tokens=5000, cached_blocks=30)
+    assert prefill_order([cold, swamped], 512, 16)[0].replica_id == "cold"
+
+
+def test_decode_prefers_fewer_sequences_then_free_cache():
+    ordered = decode_order([Candidate("a", ongoing=3, kv_usage=0.1), Candidate("b", ongoing=1, kv_usage=0.9),
+                            Candidate("c", ongoing=1, kv_usage=0.2)])
+    assert [c.replica_id for c in ordered] == ["c", "b", "a"]
+
+
+def test_matched_blocks_counts_the_leading_run_only():
+    prompt = list(range(100, 164))
+    hashes = prefix_hashes(prompt, 16)
+    assert matched_blocks(hashes, [set(hashes[:2])]) == 2
+    assert matched_blocks(hashes, [{hashes[0]}, {hashes[1], hashes[3]}]) == 2
+    assert matched_blocks(hashes, [set(hashes[1:])]) == 0
+
+
+def test_tracker_adds_and_releases_in_flight_work():
+    tracker = _Tracker()
+    tracker.add("r1", "a", 100, [1, 2])
+    tracker.add("r2", "a", 50, [])
+    assert tracker.tokens["a"] == 150 and tracker.requests["a"] == 2
+    tracker.done("r1")
+    tracker.done("r1")  # completion may be reported twice; the second is ignored
+    assert tracker.tokens["a"] == 50 and tracker.requests["a"] == 1
+    tracker.forget("a")
+    assert "a" not in tracker.tokens and not tracker.inflight
