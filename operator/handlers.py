@@ -2,8 +2,10 @@
 
 import datetime
 import json
+import logging
 import os
 import threading
+import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,11 +18,16 @@ from r1serve.operator import status as S
 from r1serve.operator.config import OperatorConfig
 
 from r1serve.spec import R1Deployment, SpecError, parse_r1deployment
+from r1serve.spec import constants as C
 
 _APPLY = "application/apply-patch+yaml"
 # Custom resources accept no strategic merge patch; the client would default to it.
 _MERGE = "application/merge-patch+json"
 _PLURALS = {"RayService": K.RAYSERVICES}
+# Reading the scaling status from the Serve application must not hold up a reconcile for long.
+SCALING_STATUS_TIMEOUT_S = 2.0
+
+log = logging.getLogger(__name__)
 
 
 class KubeApi:
@@ -141,10 +148,28 @@ def _refresh_status(memo: kopf.Memo, owner: Mapping[str, Any], deployment: R1Dep
         rayservice=rayservice,
         raycluster=memo.api.get_raycluster(namespace, cluster) if cluster else None,
         pods=tuple(memo.api.list_pods(namespace, cluster)) if cluster else (),
+        scaling=_scaling_status(deployment, rayservice),
     )
     _publish(memo, namespace, name, lambda live: S.aggregate(
         deployment, observed, generation=live["metadata"].get("generation"),
         previous=live.get("status"), now=_now()))
+
+
+def _scaling_status(deployment: R1Deployment, rayservice: Mapping[str, Any] | None) -> dict | None:
+    """The Serve application's scaling status (the pool policies' decisions), or None.
+
+    Read only while the application runs; any failure just leaves the decisions out of the status.
+    """
+    where, app = S.active_application(rayservice) if rayservice else (None, {})
+    if where != "activeServiceStatus" or app.get("status") != "RUNNING":
+        return None
+    url = render.endpoints(deployment)["http"] + C.SCALING_STATUS_ROUTE
+    try:
+        with urllib.request.urlopen(url, timeout=SCALING_STATUS_TIMEOUT_S) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        log.debug("could not read %s", url, exc_info=True)
+        return None
 
 
 def _fail(memo: kopf.Memo, owner: Mapping[str, Any], deployment: R1Deployment, reason: str,

@@ -96,14 +96,24 @@ def _credentials(deployment: R1Deployment) -> tuple[list, list, list]:
     return env, mounts, volumes
 
 
+# Ray's images run as user `ray` (uid 1000, group `users` 100). The root filesystem stays writable:
+# Ray writes its session directory, logs and sockets under /tmp/ray and runtime environments and
+# caches under the home directory while it runs, so a read-only root would need every such path
+# remounted; non-root, no privilege escalation and no capabilities hold regardless.
+RAY_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100}
+RAY_CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                          "readOnlyRootFilesystem": False}
+
+
 def _pod_template(deployment: R1Deployment, *, container: dict[str, Any], shm_size: str,
                   labels: dict[str, str], workers: Workers | None = None) -> dict[str, Any]:
     env, mounts, volumes = _credentials(deployment)
-    container = {**container, "volumeMounts": [
+    container = {**container, "securityContext": dict(RAY_CONTAINER_SECURITY), "volumeMounts": [
         {"name": K.SHM_VOLUME, "mountPath": "/dev/shm"}, *mounts]}
     if env:
         container["env"] = env
     spec: dict[str, Any] = {
+        "securityContext": dict(RAY_POD_SECURITY),
         "containers": [container],
         # Ray's object store and NCCL live in /dev/shm; the container default of 64Mi is far
         # too small, so it is a memory-backed emptyDir of the requested size.

@@ -1,6 +1,7 @@
 """Pure status aggregation: RayService (+ its RayCluster and pods) -> R1Deployment status and events."""
 
 import dataclasses
+import datetime
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,9 @@ class Observed:
     rayservice: Mapping[str, Any] | None = None
     raycluster: Mapping[str, Any] | None = None
     pods: tuple[Mapping[str, Any], ...] = ()
+    # The Serve application's scaling status (GET /r1serve/v1/status): per pool, the policies'
+    # last decisions with their reasons; None when it could not be read.
+    scaling: Mapping[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +146,26 @@ def pool_status(role: Role, pool: Pool, observed: Observed, app: Mapping[str, An
                    .get(C.POOL_DEPLOYMENTS[role]) or {}).get("status")
     ready = sum(1 for p in pods if _pod_ready(p)) // per_replica
     ready = min(ready, desired) if serve_state in _SERVING_STATES else 0
-    return {"replicas": len(pods) // per_replica, "readyReplicas": ready,
-            "desiredReplicas": desired, "summary": f"{ready}/{desired}"}
+    status = {"replicas": len(pods) // per_replica, "readyReplicas": ready,
+              "desiredReplicas": desired, "summary": f"{ready}/{desired}"}
+    decision = scale_decision(observed.scaling, role)
+    if decision is not None:
+        status["lastScaleDecision"] = decision
+    return status
+
+
+def scale_decision(scaling: Mapping[str, Any] | None, role: Role) -> dict[str, Any] | None:
+    """The pool policy's last replica-count change, as the R1Deployment status shows it."""
+    entry = (((scaling or {}).get("pools") or {}).get(role) or {}).get("lastScaleDecision")
+    if not entry:
+        return None
+    decision = {"fromReplicas": int(entry["current"]), "toReplicas": int(entry["desired"]),
+                "signal": str(entry["signal"]), "value": round(float(entry["value"]), 3),
+                "target": round(float(entry["target"]), 3), "reason": str(entry["reason"])}
+    if entry.get("at") is not None:
+        decision["time"] = datetime.datetime.fromtimestamp(
+            float(entry["at"]), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return decision
 
 
 def _condition(kind: str, true: bool, reason: str, message: str, generation: int | None,
@@ -180,7 +202,9 @@ def _scaling(pools: dict[str, dict], previous: Mapping[str, Any], now: str
         after = current["desiredReplicas"]
         if before is not None and before != after:
             decision = {"pool": role, "fromReplicas": before, "toReplicas": after, "time": now}
-            events.append(Event("Normal", "Scaled", f"{role}: {before} -> {after} replicas"))
+            why = (current.get("lastScaleDecision") or {}).get("reason")
+            events.append(Event("Normal", "Scaled", f"{role}: {before} -> {after} replicas"
+                                + (f" ({why})" if why else "")))
     return decision, events
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="offline only")
     gen.add_argument("--timeout", type=float, default=None, help="--target only: deadline in seconds")
+    gen.add_argument("--token", default=None,
+                     help="--target only: bearer token (default: the R1SERVE_API_TOKEN environment variable)")
     gen.set_defaults(run=_generate)
 
     srv = sub.add_parser("serve", help="run an R1Deployment on a local Ray: gRPC and OpenAI HTTP until Ctrl-C")
@@ -72,11 +75,34 @@ def _parser() -> argparse.ArgumentParser:
     op = sub.add_parser("operator", add_help=False, help="run the Kubernetes operator (kopf); --help for its flags")
     op.add_argument("operator_args", nargs=argparse.REMAINDER)
 
+    status = sub.add_parser("status", help="per pool: current and desired replicas, last scaling decision")
+    status.add_argument("--url", default="http://127.0.0.1:8000", help="the deployment's HTTP endpoint")
+    status.add_argument("--json", action="store_true", help="print the raw status document")
+    status.set_defaults(run=_status)
+
     spec = sub.add_parser("spec", help="work with R1Deployment files").add_subparsers(title="spec")
     validate = spec.add_parser("validate", help="check an R1Deployment YAML and print it with defaults")
     validate.add_argument("file", type=Path)
     validate.set_defaults(run=_validate_spec)
     return parser
+
+
+def _status(args) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from r1serve.runtime.serve.status_board import STATUS_ROUTE, format_status
+
+    url = args.url.rstrip("/") + STATUS_ROUTE
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            status = json.loads(response.read())
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"r1serve: error: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
+    return 0
 
 
 def _make_tiny(args) -> int:
@@ -147,11 +173,13 @@ def _generate_remote(args) -> int:
     import grpc
 
     from r1serve.runtime.serve import client
+    from r1serve.spec.constants import API_TOKEN_ENV
 
     request = client.build_request(args.prompt, chat=args.chat, max_tokens=args.max_tokens,
                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     try:
-        client.print_stream(client.stream(args.target, request, timeout_s=args.timeout), sys.stdout)
+        token = args.token or os.environ.get(API_TOKEN_ENV) or None
+        client.print_stream(client.stream(args.target, request, timeout_s=args.timeout, token=token), sys.stdout)
     except grpc.RpcError as exc:
         print(f"\nr1serve: error: {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

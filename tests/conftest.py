@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from r1serve.runtime.model.tiny import make_tiny
 
 # Three architectures the parity tests cover: grouped routing with low-rank queries and YaRN (the
@@ -28,3 +27,17 @@ def tiny_checkpoints(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_checkpoints):
     return tiny_checkpoints["grouped"]
+
+
+@pytest.fixture(scope="session")
+def reliability():
+    """`record(name, kind, what=..., requests=..., failed=..., ...)`: figures for docs/RELIABILITY.md
+    (scripts/reliability_report.py renders them)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "reliability_report.py"
+    spec = importlib.util.spec_from_file_location("reliability_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.record

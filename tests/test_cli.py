@@ -54,3 +54,35 @@ def test_package_does_not_shadow_the_standard_library():
     import sysconfig
 
     assert path.startswith(sysconfig.get_paths()["stdlib"])
+
+
+def test_status_prints_each_pool_with_its_last_decision(capsys):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    document = {"pools": {"decode": {"currentReplicas": 1, "desiredReplicas": 2, "lastScaleDecision": None,
+                                     "lastDecision": {"pool": "decode", "current": 1, "desired": 2,
+                                                      "signal": "running + waiting sequences", "value": 20.0,
+                                                      "target": 8, "reason": "20.0 per replica > target 8",
+                                                      "at": 0.0}}}}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(document).encode() if self.path == "/r1serve/v1/status" else b"{}"
+            self.send_response(200 if self.path == "/r1serve/v1/status" else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert main(["status", "--url", f"http://127.0.0.1:{server.server_port}"]) == 0
+    finally:
+        server.shutdown()
+    out = capsys.readouterr().out
+    assert "decode: 1 replicas, desired 2" in out
+    assert "running + waiting sequences 20 in the pool vs target 8 per replica" in out
+    assert main(["status", "--url", "http://127.0.0.1:1"]) == 1

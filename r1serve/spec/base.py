@@ -17,6 +17,9 @@ class SpecModel(BaseModel):
         # cluster with a default nobody asked for.
         extra="forbid",
         frozen=True,
+        # No lax coercion: `min: false` or `port: "9000"` would pass as 0 and 9000 here while the CRD
+        # schema refuses them, so a spec `r1serve serve` runs could never be applied.
+        strict=True,
     )
 
 

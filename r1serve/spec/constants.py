@@ -18,14 +18,28 @@ POOL_DEPLOYMENTS = {"prefill": PREFILL_DEPLOYMENT, "decode": DECODE_DEPLOYMENT}
 PREFILL_POLICY = "r1serve.runtime.serve.autoscaling:prefill_policy"
 DECODE_POLICY = "r1serve.runtime.serve.autoscaling:decode_policy"
 POOL_POLICIES = {"prefill": PREFILL_POLICY, "decode": DECODE_POLICY}
+# Application-level policy (only with spec.ratio): both pools' decisions, then the ratio band. Serve
+# lets it take precedence over the per-deployment policies, which stay for a config without it.
+RATIO_POLICY = "r1serve.runtime.serve.autoscaling:ratio_policy"
 POLICY_KW_TARGET_QUEUED_TOKENS = "target_queued_tokens"
 POLICY_KW_TARGET_ONGOING_REQUESTS = "target_ongoing_requests"
 POLICY_KW_TARGET_KV_CACHE_USAGE = "target_kv_cache_usage"
 
+# A pool replica being removed (scale-down, redeploy) gets no new requests; Serve waits for its ongoing
+# ones, streams included, checking every WAIT_LOOP seconds, for up to TIMEOUT seconds before stopping
+# it. An R1 answer of 32768 tokens at ~40 tokens/s takes about 14 minutes: the timeout covers it.
+POOL_GRACEFUL_SHUTDOWN_TIMEOUT_S = 900.0
+POOL_GRACEFUL_SHUTDOWN_WAIT_LOOP_S = 2.0
+
+# HTTP route of the Ingress serving the pools' scaling status (`r1serve status`, the operator).
+SCALING_STATUS_ROUTE = "/r1serve/v1/status"
+
 # gRPC servicers registered on every Serve gRPC proxy. The generated modules must be importable
 # in the proxy process (installed in the image), not only in the application's working_dir.
+# r1serve's own registration (not the generated one): it turns undecodable requests into
+# INVALID_ARGUMENT instead of the proxy's UNKNOWN (see runtime/serve/grpc_servicer.py).
 GRPC_INFERENCE_SERVICER = (
-    "r1serve.protos.r1serve.v1.inference_pb2_grpc.add_InferenceServicer_to_server"
+    "r1serve.runtime.serve.grpc_servicer.add_InferenceServicer_to_server"
 )
 # The standard grpc.health.v1.Health service (grpcio-health-checking), so Kubernetes gRPC probes
 # and grpc_health_probe work unchanged; the Ingress deployment implements its `Check` method.

@@ -259,8 +259,23 @@ def _pool_status(role: str) -> dict[str, Any]:
                                 "as the Ray autoscaler sized the worker group)."},
             "summary": {"type": "string", "description":
                         "readyReplicas/desiredReplicas, as `kubectl get` shows it."},
+            "lastScaleDecision": _scale_decision(),
         },
     }
+
+
+def _scale_decision() -> dict[str, Any]:
+    text = {"type": "string"}
+    return {"type": "object", "description": "The pool autoscaling policy's last change of the replica "
+            "count, with its reason (signal value vs. target).", "properties": {
+                "fromReplicas": {"type": "integer", "description": "Replicas when it decided."},
+                "toReplicas": {"type": "integer", "description": "Replicas it asked for."},
+                "signal": {**text, "description": "The signal that decided (e.g. queued prompt tokens)."},
+                "value": {"type": "number", "description": "The signal summed over the pool's replicas."},
+                "target": {"type": "number", "description": "The signal's target per replica."},
+                "reason": {**text, "description": "Why, in words."},
+                "time": {"type": "string", "format": "date-time", "description": "When it decided."},
+            }}
 
 
 def _condition() -> dict[str, Any]:

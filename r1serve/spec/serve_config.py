@@ -92,10 +92,23 @@ def _pool_deployment(role: Role, pool: Pool, workers: Workers) -> dict[str, Any]
                 "policy_kwargs": _policy_kwargs(role, pool),
             },
         },
+        "graceful_shutdown_timeout_s": C.POOL_GRACEFUL_SHUTDOWN_TIMEOUT_S,
+        "graceful_shutdown_wait_loop_s": C.POOL_GRACEFUL_SHUTDOWN_WAIT_LOOP_S,
         "ray_actor_options": {"num_cpus": C.REPLICA_ACTOR_CPUS},
         "placement_group_bundles": _bundles(role, pool, workers),
         "placement_group_strategy": _placement_strategy(pool),
     }
+
+
+def _ratio_policy(deployment: R1Deployment) -> dict[str, Any] | None:
+    """The application-level policy that keeps prefill:decode replicas in spec.ratio (None without it)."""
+    spec = deployment.spec
+    if spec.ratio is None or spec.prefill is None or not spec.disaggregation:
+        return None
+    kwargs = {**_policy_kwargs("prefill", spec.prefill), **_policy_kwargs("decode", spec.decode),
+              "prefill_deployment": C.PREFILL_DEPLOYMENT, "decode_deployment": C.DECODE_DEPLOYMENT,
+              "ratio_min": spec.ratio.min, "ratio_max": spec.ratio.max}
+    return {"policy_function": C.RATIO_POLICY, "policy_kwargs": kwargs}
 
 
 def _ingress_deployment() -> dict[str, Any]:
@@ -140,19 +153,23 @@ def build_serve_config(deployment: R1Deployment) -> dict[str, Any]:
         _pool_deployment(role, pool, spec.workers_for(role))
         for role, pool in spec.active_pools().items()
     ]
+    application: dict[str, Any] = {
+        "name": C.SERVE_APP_NAME,
+        "route_prefix": C.SERVE_ROUTE_PREFIX,
+        "import_path": C.APP_BUILDER,
+        "args": {C.APP_ARG_DEPLOYMENT: app_manifest(deployment)},
+        "deployments": deployments,
+    }
+    ratio = _ratio_policy(deployment)
+    if ratio is not None:
+        application["autoscaling_policy"] = ratio
     return {
         "grpc_options": {
             "port": spec.api.grpc_port,
             "grpc_servicer_functions": list(C.GRPC_SERVICER_FUNCTIONS),
         },
         "http_options": _http_options(deployment),
-        "applications": [{
-            "name": C.SERVE_APP_NAME,
-            "route_prefix": C.SERVE_ROUTE_PREFIX,
-            "import_path": C.APP_BUILDER,
-            "args": {C.APP_ARG_DEPLOYMENT: app_manifest(deployment)},
-            "deployments": deployments,
-        }],
+        "applications": [application],
     }
 
 

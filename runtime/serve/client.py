@@ -27,10 +27,16 @@ def build_request(prompt: str, *, chat: bool = False, max_tokens: int | None = N
     return pb.GenerateRequest(text=prompt, sampling=sampling)
 
 
-def stream(target: str, request: pb.GenerateRequest, *, timeout_s: float | None = None) -> Iterator[pb.GenerateResponse]:
+def metadata(token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """The call metadata: the Serve application, and the bearer token when there is one."""
+    return METADATA + ((("authorization", f"Bearer {token}"),) if token else ())
+
+
+def stream(target: str, request: pb.GenerateRequest, *, timeout_s: float | None = None,
+           token: str | None = None) -> Iterator[pb.GenerateResponse]:
     """The Generate stream's messages; raises grpc.RpcError with the server's status on failure."""
     with grpc.insecure_channel(target) as channel:
-        yield from pb_grpc.InferenceStub(channel).Generate(request, metadata=METADATA, timeout=timeout_s)
+        yield from pb_grpc.InferenceStub(channel).Generate(request, metadata=metadata(token), timeout=timeout_s)
 
 
 def print_stream(responses: Iterator[pb.GenerateResponse], out) -> None:

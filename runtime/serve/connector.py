@@ -116,3 +116,24 @@ def make_connector(deployment: R1Deployment) -> KVConnector:
     timeout = deployment.spec.kv_transfer.timeout_seconds
     connectors = {OBJECT_STORE: ObjectStoreConnector, NCCL: NcclConnector}
     return connectors[connector_name(deployment)](timeout)
+
+
+class FaultyConnector:
+    """Test double around a real connector: every `receive` fails, as a lost or a late hand-off would.
+
+    Selected with engine options {"kv_fault": "lost" | "timeout"} (tests of the graph only)."""
+
+    def __init__(self, inner: KVConnector, mode: str, timeout_s: float):
+        if mode not in ("lost", "timeout"):
+            raise ValueError(f"kv_fault: must be 'lost' or 'timeout' (got {mode!r})")
+        self.inner, self.mode, self.timeout_s, self.name = inner, mode, timeout_s, inner.name
+
+    def send(self, handoff: KVHandoff) -> HandoffTicket:
+        return self.inner.send(handoff)
+
+    async def receive(self, ticket: HandoffTicket) -> KVHandoff:
+        if self.mode == "timeout":
+            await asyncio.sleep(self.timeout_s)
+            raise KVTransferError(f"{ticket.request_id}: KV cache not received within {self.timeout_s:g}s "
+                                  "(kvTransfer.timeoutSeconds; injected)")
+        raise KVTransferError(f"{ticket.request_id}: KV cache lost in transfer (injected)")

@@ -18,6 +18,7 @@ class Status(enum.Enum):
 
     INVALID_ARGUMENT = ("INVALID_ARGUMENT", 400, "invalid_request_error", "invalid_value")
     NOT_FOUND = ("NOT_FOUND", 404, "invalid_request_error", "model_not_found")
+    UNAUTHENTICATED = ("UNAUTHENTICATED", 401, "invalid_request_error", "invalid_api_key")
     RESOURCE_EXHAUSTED = ("RESOURCE_EXHAUSTED", 429, "rate_limit_error", "overloaded")
     UNAVAILABLE = ("UNAVAILABLE", 503, "server_error", "unavailable")
     DEADLINE_EXCEEDED = ("DEADLINE_EXCEEDED", 504, "server_error", "timeout")
@@ -120,7 +121,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 # Statuses that are the client's doing: not worth a traceback in the server's log.
-CLIENT_STATUSES = frozenset({Status.INVALID_ARGUMENT, Status.NOT_FOUND, Status.RESOURCE_EXHAUSTED, Status.CANCELLED})
+CLIENT_STATUSES = frozenset({Status.INVALID_ARGUMENT, Status.NOT_FOUND, Status.UNAUTHENTICATED,
+                             Status.RESOURCE_EXHAUSTED, Status.CANCELLED})
 
 
 class ClientErrorLogFilter(logging.Filter):

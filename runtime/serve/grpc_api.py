@@ -9,6 +9,7 @@ from r1serve.protos.r1serve.v1 import inference_pb2 as pb
 
 from .errors import classify, invalid
 from .frontend import Frontend, ModelFacts, new_request_id
+from .grpc_servicer import UndecodableRequest
 from .messages import PoolRequest
 
 DEFAULT_MAX_TOKENS = 256  # the engine's default, lowered to what the context leaves
@@ -20,6 +21,9 @@ FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENG
 
 def prepare(frontend: Frontend, request: pb.GenerateRequest) -> tuple[PoolRequest, str]:
     """A validated PoolRequest and the id to echo to the client; raises ServeError naming the field."""
+    if isinstance(request, UndecodableRequest):
+        raise invalid("request", f"not a valid {request.message_type} (a corrupt message, or a string field "
+                                 f"that is not UTF-8): {request.problem}")
     frontend.check_model(request.model)
     prompt = _prompt(frontend, request)
     params = _sampling(request.sampling, default_max_tokens=min(DEFAULT_MAX_TOKENS, frontend.room_after(prompt)))
@@ -71,6 +75,10 @@ def to_proto(out: RequestOutput, request_id: str) -> pb.GenerateResponse:
 
 def empty_response() -> pb.GenerateResponse:
     return pb.GenerateResponse()
+
+
+def empty_model_info() -> pb.ModelInfo:
+    return pb.ModelInfo()
 
 
 def model_info(facts: ModelFacts, *, disaggregated: bool, prefill_ep: int, decode_ep: int,

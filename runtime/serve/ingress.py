@@ -22,7 +22,8 @@ from ray.serve.handle import DeploymentHandle
 from r1serve.spec import constants as C
 from r1serve.spec import parse_r1deployment
 
-from . import grpc_api, openai_api
+from . import grpc_api, openai_api, status_api
+from .auth import BearerAuth, resolve_token
 from .connector import connector_name
 from .errors import ServeError, Status, quiet_client_errors
 from .frontend import Frontend
@@ -35,6 +36,7 @@ HEALTH_WATCH_INTERVAL_S = 5.0
 SERVICE_NAME = "r1serve.v1.Inference"
 
 api = FastAPI(title="r1serve", docs_url=None, redoc_url=None)
+api.include_router(status_api.router)  # GET /r1serve/v1/status: scaling decisions (status_api.py)
 
 
 # Helpers come before the class: serve.ingress pickles the class when it is decorated.
@@ -46,6 +48,8 @@ def _set_grpc_status(context, error: ServeError) -> None:
 
 def _openai_error(error: ServeError) -> JSONResponse:
     headers = {"Retry-After": "1"} if error.status is Status.RESOURCE_EXHAUSTED else None
+    if error.status is Status.UNAUTHENTICATED:
+        headers = {"WWW-Authenticate": "Bearer"}
     if error.status is Status.INTERNAL:
         log.error("request failed: %s", error.message)
     return JSONResponse(error.openai_body(), status_code=error.status.http_status, headers=headers)
@@ -58,6 +62,7 @@ class Ingress:
         quiet_client_errors()
         self.deployment = parse_r1deployment(dict(manifest))
         self.frontend = Frontend(self.deployment, Path(checkpoint))
+        self.auth = BearerAuth(resolve_token(self.deployment.spec.api.auth))
         self.pipeline = Pipeline(decode, prefill, IngressMetrics(self.frontend.facts.name))
         self._pools = {"decode": decode, **({"prefill": prefill} if prefill is not None else {})}
 
@@ -65,6 +70,7 @@ class Ingress:
 
     async def Generate(self, request, grpc_context) -> AsyncIterator:
         try:
+            self.auth.check_grpc(grpc_context)
             pool_request, client_id = grpc_api.prepare(self.frontend, request)
             async for out in self.pipeline.stream(pool_request, field_prefix=grpc_api.FIELD_PREFIX):
                 yield grpc_api.to_proto(out, client_id)
@@ -74,6 +80,7 @@ class Ingress:
 
     async def GenerateUnary(self, request, grpc_context):
         try:
+            self.auth.check_grpc(grpc_context)
             pool_request, client_id = grpc_api.prepare(self.frontend, request)
             out = await self.pipeline.complete(pool_request, field_prefix=grpc_api.FIELD_PREFIX)
             return grpc_api.to_proto(out, client_id)
@@ -84,6 +91,11 @@ class Ingress:
             return grpc_api.empty_response()
 
     def GetModelInfo(self, request, grpc_context=None):
+        try:
+            self.auth.check_grpc(grpc_context)
+        except ServeError as error:
+            _set_grpc_status(grpc_context, error)
+            return grpc_api.empty_model_info()
         spec = self.deployment.spec
         pools = spec.active_pools()
         return grpc_api.model_info(
@@ -137,7 +149,11 @@ class Ingress:
         return await self._openai(request, openai_api.completion_request)
 
     @api.get("/v1/models")
-    async def models(self) -> Response:
+    async def models(self, request: Request) -> Response:
+        try:
+            self.auth.check(request.headers.get("authorization"))
+        except ServeError as error:
+            return _openai_error(error)
         facts = self.frontend.facts
         return JSONResponse(openai_api.models_response(facts.name, facts.max_model_len))
 
@@ -147,6 +163,7 @@ class Ingress:
 
     async def _openai(self, request: Request, parse) -> Response:
         try:
+            self.auth.check(request.headers.get("authorization"))
             parsed = parse(self.frontend, openai_api.parse_body(await request.body()))
             if not parsed.stream:
                 out = await self.pipeline.complete(parsed.pool)

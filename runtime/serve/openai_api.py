@@ -50,7 +50,24 @@ def parse_body(raw: bytes) -> dict:
         raise invalid("body", f"is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise invalid("body", "must be a JSON object")
+    _check_unicode(body, "")
     return body
+
+
+def _check_unicode(value: Any, path: str) -> None:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer or UTF-8 encoder takes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid(path or "body", "is not valid Unicode (it holds a lone surrogate escape)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, path or "body")
+            _check_unicode(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{path}[{i}]")
 
 
 def chat_request(frontend: Frontend, body: Mapping[str, Any]) -> OpenAIRequest:

@@ -20,6 +20,12 @@ from .metrics import IngressMetrics
 from .streams import coalesced
 
 
+# A replica that dies before the request's first output (killed, engine failed, KV hand-off lost): Serve
+# routes the retry to another (or the replacement) replica.
+RETRIES_BEFORE_FIRST_OUTPUT = 2
+RETRY_BACKOFF_S = 0.5
+
+
 class Pipeline:
     def __init__(self, decode: DeploymentHandle, prefill: DeploymentHandle | None, metrics: IngressMetrics):
         self._decode = decode.options(stream=True)
@@ -35,7 +41,7 @@ class Pipeline:
         timer = self._metrics.request()
         status = "OK"
         try:
-            async for out in coalesced(self._through_pools(request), merge_outputs):
+            async for out in coalesced(self._retrying(request, field_prefix), merge_outputs):
                 timer.tokens(len(out.token_ids), out.prompt_tokens)
                 yield out
         except (asyncio.CancelledError, GeneratorExit):
@@ -54,6 +60,24 @@ class Pipeline:
         if not outputs:
             raise ServeError(Status.INTERNAL, "the engine produced no output")
         return merge_outputs(outputs)
+
+    async def _retrying(self, request: PoolRequest, field_prefix: str) -> AsyncIterator[RequestOutput]:
+        """The pools' outputs; a request whose replica fails before any output is sent again, transparently
+        (the client has seen nothing, so a second replica's answer is indistinguishable from the first's)."""
+        for attempt in range(RETRIES_BEFORE_FIRST_OUTPUT + 1):
+            produced = False
+            try:
+                async for out in self._through_pools(request):
+                    produced = True
+                    yield out
+                return
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified: only UNAVAILABLE is retried
+                error = classify(exc, field_prefix=field_prefix)
+                if produced or error.status is not Status.UNAVAILABLE or attempt == RETRIES_BEFORE_FIRST_OUTPUT:
+                    raise error from None
+            await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
 
     async def _through_pools(self, request: PoolRequest) -> AsyncIterator[RequestOutput]:
         if self._prefill is None:

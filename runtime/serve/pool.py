@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +21,7 @@ from r1serve.runtime.engine.sampling import SamplingParamsError
 from r1serve.spec import R1Deployment, parse_r1deployment
 
 from .checkpoint import ensure_checkpoint
-from .connector import HandoffTicket, make_connector
+from .connector import FaultyConnector, HandoffTicket, make_connector
 from .engine_factory import EngineRole, make_engine_client, make_mock_client
 from .errors import classify
 from .messages import PoolRequest, PrefillResult, merge_outputs, to_wire
@@ -36,6 +37,12 @@ PUBLISHED_PREFIX_HASHES = 1024
 # CPU, see benchmarks/README.md). A replica running at least half its maxRunningRequests is throughput-
 # bound, so it sends each request's new tokens at most this often; below that, every token at once.
 BUSY_STREAM_INTERVAL_S = 0.2
+# After Serve's graceful shutdown (graceful_shutdown_timeout_s in the Serve config) the engine gets
+# this long to finish what it still holds; a prefill replica then keeps its object store alive a
+# little longer, since the decode replicas fetch its last KV hand-offs from it.
+DRAIN_TIMEOUT_S = 60.0
+DRAIN_POLL_S = 0.1
+HANDOFF_GRACE_S = 5.0
 
 
 class EngineFailure(RuntimeError):
@@ -56,9 +63,13 @@ class PoolServer:
                 path = ensure_checkpoint(self.deployment.spec.model)  # a node the driver could not write to
             self.engine = make_engine_client(self.deployment, role, path)
         self.connector = make_connector(self.deployment)
+        if options.get("kv_fault"):  # tests: a hand-off that never arrives
+            self.connector = FaultyConnector(self.connector, options["kv_fault"],
+                                             self.deployment.spec.kv_transfer.timeout_seconds)
         self.metrics = PoolMetrics(role)
         self._busy_at = max(1, self._pool().max_running_requests // 2)
         self._stream_interval = 0.0
+        self._last_handoff = -HANDOFF_GRACE_S
         # A thread, not a task: the constructor may run outside the replica's event loop.
         self._stopping = threading.Event()
         threading.Thread(target=self._publish_metrics, name="r1serve-pool-metrics", daemon=True).start()
@@ -74,6 +85,7 @@ class PoolServer:
         if out.handoff is None:
             raise EngineFailure(f"{request.request_id}: prefill returned no KV hand-off")
         ticket = self.connector.send(out.handoff)
+        self._last_handoff = time.monotonic()
         return PrefillResult(request.request_id, out.token_ids[0], out.prompt_tokens, out.cached_tokens, ticket)
 
     async def generate(self, request: PoolRequest) -> AsyncIterator[tuple]:
@@ -122,10 +134,26 @@ class PoolServer:
             raise EngineFailure(f"the {self.role} engine stopped: {getattr(self.engine, 'error', None)!r}")
 
     async def __del__(self):
+        # Serve calls this after its graceful shutdown has waited for the ongoing requests; the engine
+        # may still hold sequences of requests whose callers went away: let them finish before stopping.
+        await self.drain(DRAIN_TIMEOUT_S)
+        # The last hand-offs live in this replica's object store until decode replicas fetch them.
+        await asyncio.sleep(max(0.0, self._last_handoff + HANDOFF_GRACE_S - time.monotonic()))
         self._stopping.set()
         shutdown = getattr(self.engine, "shutdown", None)
         if shutdown is not None:
             await asyncio.get_running_loop().run_in_executor(None, shutdown)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Waits until the engine runs and queues nothing (True), or `timeout_s` passes (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while _busy(self.engine.stats()):
+            if loop.time() >= deadline:
+                log.warning("stopping the %s replica with sequences still running", self.role)
+                return False
+            await asyncio.sleep(DRAIN_POLL_S)
+        return True
 
     def _publish_metrics(self) -> None:
         while not self._stopping.wait(METRICS_INTERVAL_S):
@@ -141,6 +169,10 @@ class PoolServer:
 
     def _block_size(self) -> int:
         return self._pool().block_size
+
+
+def _busy(stats) -> bool:
+    return bool(stats.running or stats.waiting)
 
 
 async def _checked(source: AsyncIterator[RequestOutput], min_interval) -> AsyncIterator[tuple]:

@@ -60,6 +60,8 @@ def _unknown_keys(config: dict) -> list[str]:
         unknown += [f"{section}.{k}" for k in set(config[section]) - ALLOWED[section]]
     for app in config["applications"]:
         unknown += [f"application.{k}" for k in set(app) - ALLOWED["application"]]
+        unknown += [f"application.autoscaling_policy.{k}"
+                    for k in set(app.get("autoscaling_policy", {})) - ALLOWED["policy"]]
         for dep in app["deployments"]:
             where = f"deployments[{dep['name']}]"
             unknown += [f"{where}.{k}" for k in set(dep) - ALLOWED["deployment"]]
@@ -176,6 +178,8 @@ def test_pool_deployments_follow_the_spec():
     assert len(bundles) == 33 and bundles[0] == {"CPU": 1.0}
     assert bundles[1] == {"CPU": 12.0, "GPU": 1.0, "r1serve_prefill_rank": 1.0}
     assert prefill["ray_actor_options"] == {"num_cpus": 1.0}
+    # A replica being scaled away finishes its running sequences first.
+    assert (decode["graceful_shutdown_timeout_s"], decode["graceful_shutdown_wait_loop_s"]) == (900.0, 2.0)
     assert len(decode["placement_group_bundles"]) == 145
     # 32 and 144 GPUs never fit one 8-GPU node.
     assert prefill["placement_group_strategy"] == decode["placement_group_strategy"] == "PACK"
@@ -239,3 +243,19 @@ def test_local_ray_resources_cover_every_replica():
 @pytest.mark.parametrize("text, value", [("8", 8.0), ("500m", 0.5), ("1.5", 1.5), ("2k", 2000.0)])
 def test_quantity_to_float(text, value):
     assert quantity_to_float(text) == value
+
+
+def test_ratio_band_adds_one_application_level_policy_with_both_pools_targets():
+    deployment = load_r1deployment(EXAMPLES / "r1-production.yaml")
+    [app] = build_serve_config(deployment)["applications"]
+    policy = app["autoscaling_policy"]
+    spec = deployment.spec
+    assert policy["policy_function"] == C.RATIO_POLICY
+    assert policy["policy_kwargs"] == {
+        "prefill_deployment": C.PREFILL_DEPLOYMENT, "decode_deployment": C.DECODE_DEPLOYMENT,
+        "target_queued_tokens": spec.prefill.autoscaling.target_queued_tokens,
+        "target_ongoing_requests": spec.decode.autoscaling.target_ongoing_requests,
+        "target_kv_cache_usage": spec.decode.autoscaling.target_kv_cache_usage,
+        "ratio_min": spec.ratio.min, "ratio_max": spec.ratio.max}
+    [tiny_app] = build_serve_config(load_r1deployment(EXAMPLES / "tiny.yaml"))["applications"]
+    assert "autoscaling_policy" not in tiny_app  # no spec.ratio: the per-pool policies alone

@@ -133,6 +133,24 @@ def test_scaling_is_recorded_and_announced(tiny, kuberay_world):
     assert [(e.reason, e.message) for e in after.events] == [("Scaled", "decode: 1 -> 2 replicas")]
 
 
+def test_the_pool_shows_the_policy_decision_and_the_event_gives_its_reason(tiny, kuberay_world):
+    rs = _rayservice(kuberay_world.status("RUNNING"))
+    scaling = {"pools": {"decode": {"lastScaleDecision": {
+        "pool": "decode", "current": 1, "desired": 2, "signal": "running + waiting sequences",
+        "value": 20.0, "target": 8, "reason": "running + waiting sequences: 20.0 per replica > target 8",
+        "at": 0.0}}}}
+    before = aggregate(tiny, Observed(rs, _cluster(1, 1)), generation=1, previous=None, now=NOW)
+    after = aggregate(tiny, Observed(rs, _cluster(1, 2), scaling=scaling), generation=1,
+                      previous=before.status, now=LATER)
+    assert after.status["decode"]["lastScaleDecision"] == {
+        "fromReplicas": 1, "toReplicas": 2, "signal": "running + waiting sequences", "value": 20.0,
+        "target": 8.0, "reason": "running + waiting sequences: 20.0 per replica > target 8",
+        "time": "1970-01-01T00:00:00Z"}
+    assert "lastScaleDecision" not in after.status["prefill"]
+    assert [(e.reason, e.message) for e in after.events] == [
+        ("Scaled", "decode: 1 -> 2 replicas (running + waiting sequences: 20.0 per replica > target 8)")]
+
+
 def test_kuberay_missing_fails_with_instructions(tiny):
     message = kuberay_missing_message(60)
     update = failure(tiny, reason="KubeRayNotInstalled", message=message, generation=1,
@@ -165,3 +183,30 @@ def test_invalid_spec_fails_naming_the_problem():
     [event] = update.events
     assert (event.type, event.reason) == ("Warning", "InvalidSpec")
     assert "spec.prefill.replicas.min" in event.message
+
+
+def test_the_operator_reads_the_scaling_status_only_from_a_running_application(tiny, kuberay_world,
+                                                                               monkeypatch):
+    import io
+    import json
+
+    from r1serve.operator import handlers
+
+    asked = []
+
+    def urlopen(url, timeout):
+        asked.append((url, timeout))
+        return io.BytesIO(json.dumps({"pools": {}}).encode())
+
+    monkeypatch.setattr(handlers.urllib.request, "urlopen", urlopen)
+    running = _rayservice(kuberay_world.status("RUNNING"))
+    assert handlers._scaling_status(tiny, running) == {"pools": {}}
+    assert asked == [("http://tiny.default.svc:8000/r1serve/v1/status", handlers.SCALING_STATUS_TIMEOUT_S)]
+    assert handlers._scaling_status(tiny, _rayservice(kuberay_world.status("DEPLOYING", pending=True))) is None
+    assert handlers._scaling_status(tiny, None) is None and len(asked) == 1
+
+    def unreachable(url, timeout):
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(handlers.urllib.request, "urlopen", unreachable)
+    assert handlers._scaling_status(tiny, running) is None

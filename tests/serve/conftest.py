@@ -96,6 +96,10 @@ def cluster(tmp_path_factory):
     from ray import serve
 
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("r1serve-cache"))
+    # Replicas push autoscaling metrics every 10 s by default; the autoscaling tests need 1 s. Set
+    # before Ray starts, so the raylet passes it to every replica.
+    os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     deployment = load_r1deployment(tiny_doc())
     ensure_checkpoint(deployment.spec.model)
     local.init_ray(deployment, include_dashboard=False,

@@ -1,0 +1,105 @@
+"""The Ingress retries a request whose replica failed before its first output, and only then."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from r1serve.runtime.engine.outputs import RequestOutput
+from r1serve.runtime.serve import pipeline as pipeline_module
+from r1serve.runtime.serve.errors import ServeError, Status
+from r1serve.runtime.serve.messages import PoolRequest, to_wire
+from r1serve.runtime.serve.pipeline import Pipeline
+from ray import exceptions as ray_errors
+
+
+class _Timer:
+    def tokens(self, *_):
+        pass
+
+    def finish(self, status):
+        self.status = status
+
+
+class _Metrics:
+    def request(self):
+        return _Timer()
+
+
+class _Response:
+    def __init__(self, script):
+        self.script = script
+
+    def __aiter__(self):
+        return self._run()
+
+    async def _run(self):
+        for step in self.script:
+            if isinstance(step, BaseException):
+                raise step
+            yield to_wire(step)
+
+    def cancel(self):
+        pass
+
+
+class _Decode:
+    """A decode handle whose calls follow `scripts` in turn (outputs, then maybe an exception)."""
+
+    def __init__(self, *scripts):
+        self.scripts, self.calls = list(scripts), 0
+
+    def options(self, **_):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, _request):
+        self.calls += 1
+        return _Response(self.scripts.pop(0))
+
+
+def _out(tokens, finished=False):
+    return RequestOutput("r", token_ids=tokens, finished=finished, finish_reason="length" if finished else None)
+
+
+def _dead():
+    return ray_errors.ActorDiedError()
+
+
+async def _collect(decode):
+    pipeline = Pipeline(decode, None, _Metrics())
+    request = PoolRequest("r", [1, 2, 3], None)
+    return [out async for out in pipeline.stream(request)]
+
+
+@pytest.fixture(autouse=True)
+def _fast(monkeypatch):
+    monkeypatch.setattr(pipeline_module, "RETRY_BACKOFF_S", 0.0)
+
+
+def test_failure_before_the_first_output_is_retried():
+    decode = _Decode([_dead()], [_out([5]), _out([6], finished=True)])
+    outs = asyncio.run(_collect(decode))
+    assert decode.calls == 2 and [t for o in outs for t in o.token_ids] == [5, 6]
+
+
+def test_failure_after_output_is_not_retried():
+    decode = _Decode([_out([5]), _dead()], [_out([9], finished=True)])
+    with pytest.raises(ServeError) as info:
+        asyncio.run(_collect(decode))
+    assert info.value.status is Status.UNAVAILABLE and decode.calls == 1
+
+
+def test_client_errors_are_not_retried_and_retries_are_bounded():
+    decode = _Decode([ServeError(Status.INVALID_ARGUMENT, "x: bad", "x")], [_out([1], finished=True)])
+    with pytest.raises(ServeError) as info:
+        asyncio.run(_collect(decode))
+    assert info.value.status is Status.INVALID_ARGUMENT and decode.calls == 1
+    attempts = pipeline_module.RETRIES_BEFORE_FIRST_OUTPUT + 1
+    decode = _Decode(*([_dead()] for _ in range(attempts)), [_out([1], finished=True)])
+    with pytest.raises(ServeError) as info:
+        asyncio.run(_collect(decode))
+    assert info.value.status is Status.UNAVAILABLE and decode.calls == attempts

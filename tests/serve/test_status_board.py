@@ -1,0 +1,46 @@
+"""The scaling status board and its `r1serve status` rendering, without Ray."""
+
+from __future__ import annotations
+
+from r1serve.runtime.serve.scaling import Bounds, prefill_decision
+from r1serve.runtime.serve.status_board import (
+    StatusBoard,
+    format_status,
+    pool_status,
+    publish,
+)
+
+
+def test_the_board_keeps_the_last_decision_and_the_last_change():
+    board = StatusBoard()
+    up = prefill_decision(1, 5000, 1000, Bounds(1, 8)).to_dict()
+    hold = prefill_decision(5, 5000, 1000, Bounds(1, 8)).to_dict()
+    board.record(up, 100.0)
+    assert "lastScaleDecision" not in board.get()["prefill"]  # a wish until the count changes
+    board.record(hold, 110.0)
+    pools = board.get()
+    assert pools["prefill"]["last"]["desired"] == 5 and pools["prefill"]["last"]["at"] == 110.0
+    assert pools["prefill"]["lastScaleDecision"] == {**up, "at": 100.0}
+    blip = prefill_decision(5, 50000, 1000, Bounds(1, 8)).to_dict()  # wants 8, then the load falls back
+    board.record(blip, 120.0)
+    board.record(hold, 130.0)
+    assert board.get()["prefill"]["lastScaleDecision"] == {**up, "at": 100.0}
+
+
+def test_status_shows_current_and_desired_replicas_with_the_reason():
+    board = StatusBoard()
+    board.record(prefill_decision(1, 5000, 1000, Bounds(1, 8)).to_dict(), 0.0)
+    board.record(prefill_decision(1, 5000, 1000, Bounds(1, 8)).to_dict(), 1.0)
+    status = pool_status(board.get(), {"prefill": 1, "decode": 2})
+    assert status["pools"]["prefill"]["currentReplicas"] == 1
+    assert status["pools"]["prefill"]["desiredReplicas"] == 5
+    assert status["pools"]["decode"] == {"currentReplicas": 2, "desiredReplicas": None, "lastDecision": None,
+                                         "lastScaleDecision": None}
+    text = format_status(status)
+    assert "prefill: 1 replicas, desired 5" in text
+    assert "queued prompt tokens 5000 in the pool vs target 1000 per replica" in text
+    assert "decode: 2 replicas, no decision yet" in text
+
+
+def test_publishing_without_ray_never_fails_the_policy():
+    publish(prefill_decision(1, 0, 1000, Bounds(1, 8)))  # no Ray running: silently skipped
