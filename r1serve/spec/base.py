@@ -80,8 +80,13 @@ def check_no_whitespace(value: str) -> str:
 
 
 def _number_to_text(value: Any) -> Any:
-    # YAML reads `cpu: 8` as an int; Kubernetes accepts it, so normalise to the string form.
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    # YAML reads `cpu: 8` as an int; Kubernetes accepts it (an int64 in an int-or-string field), so
+    # normalise to the string form. A YAML float is what the CRD refuses: ask for the string form.
+    if isinstance(value, float):
+        raise ValueError(f"write fractional quantities as a string, e.g. '{value}' or '500m'")
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError("is out of range for a Kubernetes quantity (a 64-bit integer)")
         return str(value)
     return value
 
