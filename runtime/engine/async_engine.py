@@ -8,6 +8,7 @@ import threading
 from typing import AsyncIterator
 
 from .engine import LLMEngine
+from .interface import last_output
 from .outputs import EngineStats, KVHandoff, RequestOutput
 from .sampling import SamplingParams
 
@@ -47,10 +48,7 @@ class AsyncEngine:
             yield out
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestOutput:
-        last = None
-        async for out in self.generate(request_id, prompt_token_ids, params):
-            last = out
-        return last
+        return await last_output(self.generate(request_id, prompt_token_ids, params))
 
     async def generate_from_handoff(self, handoff: KVHandoff) -> AsyncIterator[RequestOutput]:
         queue = self._open(handoff.request_id, lambda: self.engine.add_handoff(handoff))

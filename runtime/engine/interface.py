@@ -30,3 +30,11 @@ class EngineClient(Protocol):
 
     @property
     def healthy(self) -> bool: ...
+
+
+async def last_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput | None:
+    """Drain a request's stream; its last output (the finished one) carries totals and any hand-off."""
+    last = None
+    async for out in stream:
+        last = out
+    return last

@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import AsyncIterator
 
 from r1serve.runtime.engine.engine import EngineConfig
+from r1serve.runtime.engine.interface import last_output
 from r1serve.runtime.engine.outputs import EngineStats, KVHandoff, RequestError, RequestOutput
 from r1serve.runtime.engine.sampling import SamplingParams
 
@@ -77,10 +78,7 @@ class ExpertParallelGroup:
             yield out
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestOutput:
-        last = None
-        async for out in self.generate(request_id, prompt_token_ids, params):
-            last = out
-        return last
+        return await last_output(self.generate(request_id, prompt_token_ids, params))
 
     async def generate_from_handoff(self, handoff: KVHandoff) -> AsyncIterator[RequestOutput]:
         size = len(handoff.prompt_token_ids) + handoff.params.max_tokens
