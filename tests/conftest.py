@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from r1serve.runtime.model.checkpoint_writer import copy_tokenizer
 from r1serve.runtime.model.tiny import make_tiny
 
 # Three architectures the parity tests cover: grouped routing with low-rank queries and YaRN (the
@@ -41,3 +42,11 @@ def reliability():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.record
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """A checkpoint-like directory holding only the hub's tokenizer files (no weights)."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    copy_tokenizer(directory)
+    return directory

