@@ -1,4 +1,4 @@
-"""Test doubles of the operator, like kopf.testing: an in-process Kubernetes API server and the operator in a thread.
+"""Test doubles of the operator, like kopf.testing: an in-process Kubernetes API server, the operator in a thread or a process.
 
 Needs the `test` extra (kmock). Used by tests/operator and benchmarks/operator.py.
 """
@@ -9,6 +9,9 @@ import asyncio
 import contextlib
 import datetime
 import itertools
+import os
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -48,6 +51,37 @@ def _is_apply(request: kmock.Request) -> bool:
 def _without_version(obj: dict) -> dict:
     meta = {k: v for k, v in (obj.get("metadata") or {}).items() if k != "resourceVersion"}
     return {**obj, "metadata": meta}
+
+
+@attrs.define(eq=False)
+class Hold:
+    """One API request stopped on its way into the FakeApiServer until the test lets it through or
+    drops it; `reached` is set once the request arrived: the way to kill the operator in a chosen call."""
+
+    matches: Callable[[kmock.Request], bool]
+    reached: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
+    request: kmock.Request | None = attrs.field(default=None, init=False)
+    _let_go: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
+    _dropped: bool = attrs.field(default=False, init=False)
+    task: asyncio.Future | None = attrs.field(default=None, init=False)  # serving it, shielded
+
+    def release(self) -> None:
+        """Serve the request: it had reached the server before its client died."""
+        self._let_go.set()
+
+    def drop(self) -> None:
+        """Answer 503 without serving it: the request never got through."""
+        self._dropped = True
+        self._let_go.set()
+
+    async def wait(self, timeout: float = 60.0) -> kmock.Request:
+        """The held request, once it has arrived."""
+        try:
+            await asyncio.wait_for(self.reached.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"timed out after {timeout}s waiting for the held request") from None
+        assert self.request is not None
+        return self.request
 
 
 def _sees(view: Any, request: kmock.Request) -> bool:
@@ -93,7 +127,9 @@ class FakeApiServer(kmock.KubernetesEmulator, _FastMatching):
       nothing keeps the resourceVersion, a spec change bumps the generation;
     - a server-side apply PATCH of a missing object creates it;
     - the status subresource: /status writes only status, the main resource never does;
-    - the garbage collector: deleting an owner deletes the objects that reference its uid.
+    - the garbage collector: deleting an owner deletes the objects that reference its uid, and an
+      object written while all its owners are gone is deleted at once;
+    - `hold()` stops a chosen request until the test releases or drops it.
     """
 
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
@@ -103,6 +139,39 @@ class FakeApiServer(kmock.KubernetesEmulator, _FastMatching):
     # counting every one in `request_count`.
     keep_requests: int | None = None
     request_count: int = attrs.field(default=0, init=False)
+    # uid -> key of the object stamped with it, for the garbage collector's owner look-ups.
+    _uids: dict[str, tuple[Any, str | None, str | None]] = attrs.field(factory=dict, init=False)
+    _holds: list[Hold] = attrs.field(factory=list, init=False)
+    _all_holds: list[Hold] = attrs.field(factory=list, init=False)
+
+    def hold(self, resource: str, method: str, *, name: str | None = None,
+             subresource: str | None = None,
+             where: Callable[[kmock.Request], bool] | None = None) -> Hold:
+        """Stop the next request with this method on this resource (and name, subresource,
+        `where(request)` when given) until the returned Hold is released or dropped."""
+        wanted = kmock.resource(resource)
+        held = Hold(lambda r: r.resource == wanted and r.method.value == method.upper()
+                    and (name is None or r.name == name) and r.subresource == subresource
+                    and (where is None or where(r)))
+        self._holds.append(held)
+        self._all_holds.append(held)
+        return held
+
+    def drop_holds(self) -> None:
+        """Drop every held request and stop holding (a server shutting down must not wait on them)."""
+        self._holds.clear()
+        for held in self._all_holds:
+            held.drop()
+
+    async def _serve_held(self, held: Hold, request: kmock.Request) -> Any:
+        held.request = request
+        held.reached.set()
+        await held._let_go.wait()
+        if held._dropped:
+            return aiohttp.web.json_response(
+                {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                 "reason": "ServiceUnavailable", "code": 503}, status=503)
+        return await self._serve(request)
 
     def install_kuberay(self) -> None:
         """What `helm install kuberay-operator` adds to discovery: the RayService and
@@ -136,6 +205,16 @@ class FakeApiServer(kmock.KubernetesEmulator, _FastMatching):
 
     async def _handle(self, request: kmock.Request) -> Any:
         self.request_count += 1
+        held = next((h for h in self._holds if h.matches(request)), None)
+        if held is None:
+            return await self._serve(request)
+        self._holds.remove(held)
+        # A real API server finishes a request it has received even when its client is gone, but
+        # aiohttp's test server cancels the handler on disconnect: shield it.
+        held.task = asyncio.ensure_future(self._serve_held(held, request))
+        return await asyncio.shield(held.task)
+
+    async def _serve(self, request: kmock.Request) -> Any:
         if self.keep_requests and len(self._requests) > 2 * self.keep_requests:
             del self._requests[:-self.keep_requests]
         resource = request.resource
@@ -152,6 +231,9 @@ class FakeApiServer(kmock.KubernetesEmulator, _FastMatching):
         response = await super()._handle(request)
         if doomed_uid is not None and self._current(request) is None:
             await self._collect_garbage(doomed_uid)
+        elif request.action in (kmock.action.CREATE, kmock.action.UPDATE) \
+                and request.subresource is None:
+            await self._collect_if_orphaned(request)
         return response
 
     async def _create_by_apply(self, request: kmock.Request) -> Any:
@@ -164,6 +246,7 @@ class FakeApiServer(kmock.KubernetesEmulator, _FastMatching):
             else:
                 self.objects[key] = data
             await self._buses[request.resource].put({"type": "ADDED", "object": data})
+        await self._collect_if_orphaned(request)
         return aiohttp.web.json_response(data, status=201)
 
     def _stamp_new(self, data: dict, namespace: str | None, resource: Any) -> None:
@@ -175,7 +258,9 @@ class FakeApiServer(kmock.KubernetesEmulator, _FastMatching):
         self.created_at.setdefault(key, time.monotonic())
         if namespace:
             meta.setdefault("namespace", namespace)
-        meta.update(uid=str(uuid.uuid4()), resourceVersion=str(next(self._versions)),
+        uid = str(uuid.uuid4())
+        self._uids[uid] = (resource, namespace or meta.get("namespace"), meta.get("name"))
+        meta.update(uid=uid, resourceVersion=str(next(self._versions)),
                     generation=1, creationTimestamp=datetime.datetime.now(
                         datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
@@ -207,6 +292,26 @@ class FakeApiServer(kmock.KubernetesEmulator, _FastMatching):
             meta["resourceVersion"] = str(next(self._versions))
             if after.get("spec") != current.get("spec"):
                 meta["generation"] = int(current["metadata"].get("generation") or 1) + 1
+
+    def _uid_live(self, uid: str | None) -> bool:
+        key = self._uids.get(uid or "")
+        if key is None or key not in self.objects or self.objects[key].deleted:
+            return False
+        return self.objects[key].get("metadata", {}).get("uid") == uid
+
+    async def _collect_if_orphaned(self, request: kmock.Request) -> None:
+        # A write that lands after its owner's deletion (say, from an operator killed mid-call)
+        # leaves a dangling owner reference; Kubernetes' garbage collector deletes such objects.
+        current = self._current(request)
+        refs = ((current or {}).get("metadata") or {}).get("ownerReferences") or []
+        if not refs or any(self._uid_live(ref.get("uid")) for ref in refs):
+            return
+        async with self._lock:
+            obj = self.objects[(request.resource, request.namespace, request.name)]
+            raw = obj.raw
+            obj.delete()
+            await self._buses[request.resource].put({"type": "DELETED", "object": raw})
+        await self._collect_garbage(raw["metadata"].get("uid"))
 
     async def _collect_garbage(self, owner_uid: str) -> None:
         async with self._lock:
@@ -257,7 +362,10 @@ async def api_server(*, kuberay: bool = True,
     if kuberay:
         server.install_kuberay()
     async with server, kmock.Server(server):
-        yield server
+        try:
+            yield server
+        finally:
+            server.drop_holds()
 
 
 def write_kubeconfig(path: Path, url: str) -> None:
@@ -295,3 +403,62 @@ class OperatorThread:
         await asyncio.to_thread(self.thread.join, 30)
         assert not self.thread.is_alive(), "the operator did not stop"
         assert self.result == [0]
+
+
+class OperatorProcess:
+    """`python -m r1serve.operator` in a child process against a FakeApiServer (served over HTTP),
+    as in its pod: unlike a thread, it can be SIGKILLed in the middle of an API call."""
+
+    def __init__(self, server: FakeApiServer, workdir: Path, *argv: str) -> None:
+        self.server, self.workdir, self.argv = server, workdir, argv
+        self.process: asyncio.subprocess.Process | None = None
+        self.log = workdir / f"operator-{id(self):x}.log"
+
+    def _watches(self) -> int:
+        kinds = {kmock.resource(R1D), kmock.resource(RAYSERVICES)}
+        return sum(1 for r in self.server if r.action == kmock.action.WATCH and r.resource in kinds)
+
+    async def start(self, timeout: float = 120.0) -> Self:
+        """Start it and wait until it watches R1Deployments and RayServices."""
+        kubeconfig = self.workdir / "kubeconfig"
+        write_kubeconfig(kubeconfig, str(self.server.url).rstrip("/"))
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONSAFEPATH": "1"}
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        before = self._watches()
+        with self.log.open("a") as log:
+            # cwd away from the repository root, whose operator/ would shadow the stdlib.
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "r1serve.operator", "--liveness", "", *self.argv,
+                env=env, cwd=self.workdir, stdout=log, stderr=asyncio.subprocess.STDOUT)
+        await eventually(lambda: self._watches() >= before + 2 or self.process.returncode is not None,
+                         timeout=timeout, message="the operator process to watch")
+        assert self.process.returncode is None, f"the operator exited:\n{self.log_tail()}"
+        return self
+
+    async def kill(self) -> None:
+        """SIGKILL: no clean-up, no goodbye to the API server, requests in flight cut off."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+        if self.process is not None:
+            await self.process.wait()
+
+    async def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait (kopf says goodbye through the API, served by this event loop)."""
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.terminate()
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except TimeoutError:
+                await self.kill()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) \
+            if self.log.exists() else ""
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()

@@ -11,15 +11,12 @@ import pytest
 import pytest_asyncio
 import yaml
 from r1serve.operator.testing import (
+    OperatorProcess,
     OperatorThread,
     api_server,
     eventually,
     write_kubeconfig,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -66,6 +63,21 @@ def wait_for():
 def operator_thread():
     """`async with operator_thread(*argv):` runs the operator for the block."""
     return OperatorThread
+
+
+@pytest_asyncio.fixture
+async def operator_process(kube, tmp_path):
+    """`await operator_process(*argv).start()`: the operator as a child process that a test can
+    kill (SIGKILL); whatever still runs at the end is killed."""
+    started: list[OperatorProcess] = []
+
+    def make(*argv: str) -> OperatorProcess:
+        started.append(OperatorProcess(kube, tmp_path, *argv))
+        return started[-1]
+
+    yield make
+    for process in started:
+        await process.kill()
 
 
 # --- Custom resources without an API server: OpenAPI -> JSON Schema, defaulting, CEL rules.
