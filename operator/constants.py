@@ -46,6 +46,10 @@ DASHBOARD_PORT, DASHBOARD_PORT_NAME = 8265, "dashboard"
 CLIENT_PORT, CLIENT_PORT_NAME = 10001, "client"
 SERVE_HTTP_PORT_NAME = "serve"        # KubeRay's serve Service exposes `serve` and `serve-*`
 SERVE_GRPC_PORT_NAME = "serve-grpc"
+# With api.tls Serve's gRPC proxy listens plaintext on spec GRPC_BACKEND_PORT: declared under a
+# name outside serve-*, so KubeRay's serve Service never exposes the plaintext port.
+GRPC_BACKEND_PORT_NAME = "grpc-backend"
+GRPC_TLS_PORT_NAME = "grpc-tls"
 SERVICE_GRPC_PORT_NAME = "grpc"
 SERVICE_HTTP_PORT_NAME = "http"
 
@@ -53,6 +57,10 @@ HEAD_CONTAINER = "ray-head"
 WORKER_CONTAINER = "ray-worker"
 SHM_VOLUME = "dshm"
 TLS_VOLUME = "tls"
+# The gRPC TLS front (`r1serve grpc-tls`), a sidecar of every Ray pod with api.tls. Requests equal
+# limits like the Ray container's, so the pod keeps guaranteed QoS; it only copies bytes.
+GRPC_TLS_CONTAINER = "grpc-tls"
+GRPC_TLS_RESOURCES = {"cpu": "500m", "memory": "256Mi"}
 GPU_RESOURCE = "nvidia.com/gpu"
 
 RAY_VERSION_STRING = spec_constants.RAY_VERSION

@@ -13,6 +13,7 @@ from r1serve.spec.serve_config import (
     rank_cpus,
     ranks_per_node,
     serve_config_yaml,
+    serve_grpc_port,
 )
 from r1serve.spec.workers import Workers
 
@@ -90,7 +91,7 @@ def _credentials(deployment: R1Deployment) -> tuple[list, list, list]:
     if api.auth is not None and api.auth.secret_name:
         env.append({"name": C.API_TOKEN_ENV, "valueFrom": {"secretKeyRef": {
             "name": api.auth.secret_name, "key": C.API_TOKEN_SECRET_KEY}}})
-    if api.tls is not None:
+    if api.tls is not None and api.tls.secret_name:
         mounts.append({"name": K.TLS_VOLUME, "mountPath": C.TLS_MOUNT_PATH, "readOnly": True})
         volumes.append({"name": K.TLS_VOLUME, "secret": {"secretName": api.tls.secret_name}})
     return env, mounts, volumes
@@ -105,6 +106,27 @@ RAY_CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"d
                           "readOnlyRootFilesystem": False}
 
 
+def grpc_tls_sidecar(deployment: R1Deployment, image: str, mounts: list) -> dict[str, Any]:
+    """The gRPC TLS front on api.grpcPort, forwarding to Serve's plaintext gRPC proxy in the pod.
+
+    Every Ray pod gets one: Serve runs a proxy on every node and the client Service selects any
+    pod whose proxy is healthy. Same image as the Ray container (r1serve is installed there).
+    """
+    api = deployment.spec.api
+    return {
+        "name": K.GRPC_TLS_CONTAINER,
+        "image": image,
+        "command": ["r1serve", "grpc-tls", "--listen", f"[::]:{api.grpc_port}",
+                    "--backend", f"127.0.0.1:{C.GRPC_BACKEND_PORT}",
+                    "--cert", api.tls.cert_path, "--key", api.tls.key_path],
+        "ports": [{"name": K.GRPC_TLS_PORT_NAME, "containerPort": api.grpc_port}],
+        "readinessProbe": {"tcpSocket": {"port": api.grpc_port}, "periodSeconds": 5},
+        "resources": {"requests": dict(K.GRPC_TLS_RESOURCES), "limits": dict(K.GRPC_TLS_RESOURCES)},
+        "securityContext": dict(RAY_CONTAINER_SECURITY),
+        "volumeMounts": list(mounts),
+    }
+
+
 def _pod_template(deployment: R1Deployment, *, container: dict[str, Any], shm_size: str,
                   labels: dict[str, str], workers: Workers | None = None) -> dict[str, Any]:
     env, mounts, volumes = _credentials(deployment)
@@ -112,9 +134,13 @@ def _pod_template(deployment: R1Deployment, *, container: dict[str, Any], shm_si
         {"name": K.SHM_VOLUME, "mountPath": "/dev/shm"}, *mounts]}
     if env:
         container["env"] = env
+    # KubeRay takes the first container as the Ray container: sidecars go after it.
+    containers = [container]
+    if deployment.spec.api.tls is not None:
+        containers.append(grpc_tls_sidecar(deployment, container["image"], mounts))
     spec: dict[str, Any] = {
         "securityContext": dict(RAY_POD_SECURITY),
-        "containers": [container],
+        "containers": containers,
         # Ray's object store and NCCL live in /dev/shm; the container default of 64Mi is far
         # too small, so it is a memory-backed emptyDir of the requested size.
         "volumes": [{"name": K.SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
@@ -169,12 +195,17 @@ def _worker_group(deployment: R1Deployment, role: Role, config: OperatorConfig) 
 
 def _head_ports(deployment: R1Deployment) -> list[dict[str, Any]]:
     api = deployment.spec.api
+    # Behind TLS, Serve's gRPC port is the plaintext backend of the sidecar (which declares
+    # api.grpcPort itself); a serve-* name would let KubeRay's serve Service expose it.
+    grpc = ({"name": K.GRPC_BACKEND_PORT_NAME, "containerPort": serve_grpc_port(deployment)}
+            if api.tls is not None else
+            {"name": K.SERVE_GRPC_PORT_NAME, "containerPort": api.grpc_port})
     return [
         {"name": K.GCS_PORT_NAME, "containerPort": K.GCS_PORT},
         {"name": K.DASHBOARD_PORT_NAME, "containerPort": K.DASHBOARD_PORT},
         {"name": K.CLIENT_PORT_NAME, "containerPort": K.CLIENT_PORT},
         {"name": K.SERVE_HTTP_PORT_NAME, "containerPort": api.http_port},
-        {"name": K.SERVE_GRPC_PORT_NAME, "containerPort": api.grpc_port},
+        grpc,
     ]
 
 
@@ -233,6 +264,7 @@ def service_name(deployment: R1Deployment) -> str:
 def render_services(deployment: R1Deployment, *, owner_uid: str | None = None) -> list[dict[str, Any]]:
     """The client Service: gRPC and HTTP, never Ray's GCS, dashboard or client ports."""
     api = deployment.spec.api
+    # With api.tls, api.grpcPort is the TLS sidecar's; Serve's plaintext port is never a target.
     ports = [
         {"name": K.SERVICE_GRPC_PORT_NAME, "port": api.grpc_port, "targetPort": api.grpc_port,
          "protocol": "TCP", "appProtocol": "grpc"},

@@ -64,13 +64,28 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=None, help="--target only: deadline in seconds")
     gen.add_argument("--token", default=None,
                      help="--target only: bearer token (default: the R1SERVE_API_TOKEN environment variable)")
+    gen.add_argument("--tls", action="store_true",
+                     help="--target only: connect over TLS (spec.api.tls), trusting the system's CAs")
+    gen.add_argument("--ca-file", type=Path, default=None,
+                     help="--target only: connect over TLS, trusting this PEM CA (e.g. a self-signed cert)")
     gen.set_defaults(run=_generate)
 
     srv = sub.add_parser("serve", help="run an R1Deployment on a local Ray: gRPC and OpenAI HTTP until Ctrl-C")
     srv.add_argument("file", type=Path, help="the R1Deployment YAML (the same file you would kubectl apply)")
     srv.add_argument("--address", default=None, help="join this Ray cluster instead of starting one here")
-    srv.add_argument("--host", default="127.0.0.1", help="interface of the HTTP endpoint (gRPC listens on all)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="interface of the HTTP endpoint and, with api.tls, of the gRPC TLS front "
+                          "(Serve's own gRPC proxy listens on all)")
     srv.set_defaults(run=_serve)
+
+    front = sub.add_parser("grpc-tls", help="terminate TLS for gRPC in front of Serve's plaintext gRPC proxy "
+                                            "(the operator's sidecar; `serve` runs it itself)")
+    front.add_argument("--listen", required=True, metavar="HOST:PORT", help="TLS address, e.g. 0.0.0.0:9000")
+    front.add_argument("--backend", required=True, metavar="HOST:PORT",
+                       help="Serve's plaintext gRPC proxy, e.g. 127.0.0.1:9001")
+    front.add_argument("--cert", required=True, type=Path, help="PEM certificate chain")
+    front.add_argument("--key", required=True, type=Path, help="PEM private key")
+    front.set_defaults(run=_grpc_tls)
 
     op = sub.add_parser("operator", add_help=False, help="run the Kubernetes operator (kopf); --help for its flags")
     op.add_argument("operator_args", nargs=argparse.REMAINDER)
@@ -179,7 +194,11 @@ def _generate_remote(args) -> int:
                                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     try:
         token = args.token or os.environ.get(API_TOKEN_ENV) or None
-        client.print_stream(client.stream(args.target, request, timeout_s=args.timeout, token=token), sys.stdout)
+        client.print_stream(client.stream(args.target, request, timeout_s=args.timeout, token=token,
+                                          tls=args.tls, ca_file=args.ca_file), sys.stdout)
+    except OSError as exc:
+        print(f"r1serve: error: --ca-file: {exc}", file=sys.stderr)
+        return 2
     except grpc.RpcError as exc:
         print(f"\nr1serve: error: {args.target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -193,6 +212,16 @@ def _serve(args) -> int:
         return serve_file(args.file, address=args.address, host=args.host)
     except (RuntimeError, TimeoutError) as exc:  # the application failed to deploy or start
         print(f"r1serve: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _grpc_tls(args) -> int:
+    from r1serve.runtime.serve.grpc_tls import run_front
+
+    try:
+        return run_front(args.listen, args.backend, args.cert, args.key)
+    except RuntimeError as exc:  # grpc cannot bind the address
+        print(f"r1serve: error: grpc-tls: {exc}", file=sys.stderr)
         return 1
 
 

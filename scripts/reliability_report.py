@@ -41,11 +41,13 @@ FOOTER = """
 - Bearer tokens: `spec.api.auth` (tokenEnv, tokenFile, or a Secret the operator injects as
   `R1SERVE_API_TOKEN`), compared with `hmac.compare_digest`; refused with `UNAUTHENTICATED` / 401.
   Health (`grpc.health.v1`, `GET /health`) stays open for probes.
-- HTTP TLS: with `spec.api.tls` the Serve HTTP proxy gets `ssl_certfile`/`ssl_keyfile` from the mounted
-  Secret.
-- gRPC TLS: Ray 2.60's `grpc_options` has no TLS settings, so the gRPC port is plaintext inside the
-  cluster. Terminate TLS in front of it: a TLS-terminating gateway or ingress controller with gRPC
-  support (e.g. Envoy/Gateway API `GRPCRoute`), or a service mesh (mTLS sidecars).
+- HTTP TLS: with `spec.api.tls` the Serve HTTP proxy gets `ssl_certfile`/`ssl_keyfile`: the mounted
+  Secret (`secretName`) or the given `certFile`/`keyFile`.
+- gRPC TLS: Ray 2.60's `grpc_options` has no TLS settings, so with `spec.api.tls` Serve's gRPC proxy
+  listens plaintext on the internal port 9001 and r1serve's gRPC TLS front (`r1serve grpc-tls`, a sidecar
+  of every Ray pod; a thread in local mode) terminates TLS on `api.grpcPort` and forwards every call,
+  raw, over loopback: one extra local hop. The client Service never targets the plaintext port, but it
+  listens on the pod IP; restrict it with a NetworkPolicy if pods other than the sidecar could reach it.
 """
 
 

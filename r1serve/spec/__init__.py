@@ -23,6 +23,7 @@ from r1serve.spec.pool import (
 )
 from r1serve.spec.sections import (
     DEFAULT_TINY_PRESET,
+    RESERVED_PORTS,
     RESERVED_RAY_PORTS,
     TINY_PREFIX,
     ApiAuth,
@@ -41,6 +42,7 @@ __all__ = [
     "GROUP",
     "KIND",
     "PLURAL",
+    "RESERVED_PORTS",
     "RESERVED_RAY_PORTS",
     "TINY_PREFIX",
     "VERSION",

@@ -78,4 +78,9 @@ API_TOKEN_SECRET_KEY = "token"
 TLS_MOUNT_PATH = "/etc/r1serve/tls"
 TLS_CERT_FILE, TLS_KEY_FILE = "tls.crt", "tls.key"  # keys of a kubernetes.io/tls Secret
 
+# With spec.api.tls, Serve's own gRPC proxy (which Ray 2.60 can only run plaintext) moves to this
+# port and r1serve's TLS front (runtime/serve/grpc_tls.py) takes api.grpcPort, forwarding to it
+# over loopback. The spec refuses it as an api port. Outside Ray's worker port range (10002+).
+GRPC_BACKEND_PORT = 9001
+
 RAY_VERSION = "2.60.0"

@@ -13,7 +13,7 @@ from r1serve.spec.base import (
     MAX_NAME_LENGTH,
 )
 from r1serve.spec.model import GROUP, KIND, PLURAL, VERSION, R1Deployment
-from r1serve.spec.sections import _PRESET, RESERVED_RAY_PORTS, TINY_PREFIX
+from r1serve.spec.sections import _PRESET, RESERVED_PORTS, TINY_PREFIX
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 SHORT_NAMES = ["r1d"]
@@ -46,9 +46,10 @@ def _rule(rule: str, message: str, field_path: str | None = None,
 _QUANTITY_FIELD = {"x-kubernetes-int-or-string": True, "pattern": _anchored(_QUANTITY.pattern)}
 _OBJECT_NAME = {"pattern": _anchored(_DNS_1123_SUBDOMAIN.pattern), "maxLength": 253}
 _NON_BLANK = {"pattern": r"^\S+$"}
-_RESERVED = ", ".join(f"{port} ({what})" for port, what in sorted(RESERVED_RAY_PORTS.items()))
-_PORT_RULES = [_rule(f"!(self in {sorted(RESERVED_RAY_PORTS)})",
-                     f"must not be one of Ray's reserved ports: {_RESERVED}")]
+_RESERVED = ", ".join(f"{port} ({what})" for port, what in sorted(RESERVED_PORTS.items()))
+_PORT_RULES = [_rule(f"!(self in {sorted(RESERVED_PORTS)})",
+                     f"must not be one of the reserved ports: {_RESERVED}")]
+_ABSOLUTE_PATH = {"pattern": r"^/\S*$"}
 _TOLERATIONS = {"items": {
     "type": "object",
     "description": "A Kubernetes toleration.",
@@ -73,6 +74,8 @@ FIELD_OVERRIDES: dict[tuple[str | None, str | None], dict[str, Any]] = {
     ("ApiAuth", "tokenFile"): _NON_BLANK,
     ("ApiAuth", "tokenEnv"): {"pattern": _anchored(_ENV_NAME.pattern)},
     ("ApiTLS", "secretName"): _OBJECT_NAME,
+    ("ApiTLS", "certFile"): _ABSOLUTE_PATH,
+    ("ApiTLS", "keyFile"): _ABSOLUTE_PATH,
     ("ModelSpec", "servedModelName"): _NON_BLANK,
     ("ModelSpec", "source"): {"x-kubernetes-validations": [
         _rule("!self.contains('://')",
@@ -124,6 +127,16 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
                       "api.grpcPort", ".httpPort")],
     "ApiAuth": [_rule("has(self.secretName) || has(self.tokenFile) || has(self.tokenEnv)",
                       "api.auth: set at least one of secretName, tokenFile or tokenEnv")],
+    "ApiTLS": [
+        _rule("has(self.secretName) || has(self.certFile) || has(self.keyFile)",
+              "api.tls: set secretName, or certFile and keyFile"),
+        _rule("!has(self.secretName) || !(has(self.certFile) || has(self.keyFile))",
+              "api.tls: set either secretName or certFile and keyFile, not both", ".secretName"),
+        _rule("has(self.certFile) || !has(self.keyFile)", "api.tls.certFile is required with "
+              "keyFile", ".certFile", "FieldValueRequired"),
+        _rule("has(self.keyFile) || !has(self.certFile)", "api.tls.keyFile is required with "
+              "certFile", ".keyFile", "FieldValueRequired"),
+    ],
     "DecodePool": [_rule(
         "self.autoscaling.targetOngoingRequests <= self.maxRunningRequests + "
         "self.maxQueuedRequests",

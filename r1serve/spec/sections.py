@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
+from r1serve.spec import constants as C
 from r1serve.spec.base import NonBlank, ObjectName, SpecModel, check_env_name
 from r1serve.spec.errors import FieldError
 
@@ -18,6 +19,11 @@ RESERVED_RAY_PORTS: dict[int, str] = {
     6379: "the Ray GCS server",
     8265: "the Ray dashboard",
     10001: "the Ray client server",
+}
+# Every port an api port must avoid: Ray's, and the one Serve's gRPC proxy moves to behind TLS.
+RESERVED_PORTS: dict[int, str] = {
+    **RESERVED_RAY_PORTS,
+    C.GRPC_BACKEND_PORT: "Serve's plaintext gRPC proxy behind the TLS front",
 }
 
 Dtype = Literal["auto", "bfloat16", "float32", "float64"]
@@ -126,11 +132,21 @@ class KVTransfer(SpecModel):
 
 
 def _not_reserved(port: int) -> int:
-    if port in RESERVED_RAY_PORTS:
-        reserved = ", ".join(str(p) for p in sorted(RESERVED_RAY_PORTS))
+    if port in RESERVED_PORTS:
+        reserved = ", ".join(str(p) for p in sorted(RESERVED_PORTS))
         raise ValueError(
-            f"port {port} is reserved for {RESERVED_RAY_PORTS[port]} (reserved: {reserved})")
+            f"port {port} is reserved for {RESERVED_PORTS[port]} (reserved: {reserved})")
     return port
+
+
+def _absolute(path: str) -> str:
+    # Serve's HTTP proxy and the gRPC front read the file from their own working directories.
+    if not path.startswith("/"):
+        raise ValueError("must be an absolute path")
+    return path
+
+
+AbsolutePath = Annotated[NonBlank, AfterValidator(_absolute)]
 
 
 Port = Annotated[int, Field(ge=1, le=65535), AfterValidator(_not_reserved)]
@@ -162,12 +178,46 @@ class ApiAuth(SpecModel):
 
 
 class ApiTLS(SpecModel):
-    """TLS for the client-facing gRPC and HTTP endpoints."""
+    """TLS for the client-facing gRPC and HTTP endpoints; set secretName, or certFile and keyFile."""
 
-    secret_name: ObjectName = Field(
+    secret_name: ObjectName | None = Field(
+        None,
         description="Kubernetes TLS Secret (type kubernetes.io/tls, keys tls.crt and "
-        "tls.key) in the resource's namespace.",
+        "tls.key) in the resource's namespace; the operator mounts it into the Ray pods.",
     )
+    cert_file: AbsolutePath | None = Field(
+        None,
+        description="Absolute path of the PEM certificate chain; used when running locally or "
+        "when the file is mounted into the pods. Needs keyFile.",
+    )
+    key_file: AbsolutePath | None = Field(
+        None,
+        description="Absolute path of the PEM private key of certFile. Needs certFile.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ApiTLS":
+        has_files = self.cert_file is not None or self.key_file is not None
+        if self.secret_name is not None and has_files:
+            raise FieldError("secretName", "set either secretName or certFile and keyFile, "
+                             "not both", self.secret_name)
+        if self.secret_name is None and not has_files:
+            raise FieldError("", "set secretName, or certFile and keyFile")
+        if has_files and self.cert_file is None:
+            raise FieldError("certFile", "required with keyFile")
+        if has_files and self.key_file is None:
+            raise FieldError("keyFile", "required with certFile")
+        return self
+
+    @property
+    def cert_path(self) -> str:
+        """Where the serving processes read the certificate (the operator mounts secretName there)."""
+        return self.cert_file or f"{C.TLS_MOUNT_PATH}/{C.TLS_CERT_FILE}"
+
+    @property
+    def key_path(self) -> str:
+        """Where the serving processes read the private key."""
+        return self.key_file or f"{C.TLS_MOUNT_PATH}/{C.TLS_KEY_FILE}"
 
 
 class ApiSpec(SpecModel):
@@ -176,18 +226,20 @@ class ApiSpec(SpecModel):
     grpc_port: Port = Field(
         9000,
         description="Port of the gRPC endpoint (r1serve.v1.Inference). Must differ from "
-        "httpPort and avoid Ray's ports 6379, 8265 and 10001.",
+        "httpPort and avoid Ray's ports 6379, 8265 and 10001 and 9001 (Serve's own gRPC "
+        "proxy moves there when tls is set).",
     )
     http_port: Port = Field(
         8000,
         description="Port of the OpenAI-compatible HTTP endpoint (/v1/chat/completions, "
-        "/v1/completions). Must differ from grpcPort and avoid Ray's ports.",
+        "/v1/completions). Must differ from grpcPort and avoid the ports grpcPort avoids.",
     )
     auth: ApiAuth | None = Field(
         None, description="Bearer-token authentication. Unset: requests are not authenticated."
     )
     tls: ApiTLS | None = Field(
-        None, description="TLS for both endpoints. Unset: plaintext."
+        None, description="TLS for both endpoints: Serve's HTTP proxy terminates it for HTTP, "
+        "r1serve's gRPC TLS front (one extra local hop) for gRPC. Unset: plaintext."
     )
 
     @model_validator(mode="after")

@@ -125,13 +125,24 @@ def _ingress_deployment() -> dict[str, Any]:
 
 
 def _http_options(deployment: R1Deployment) -> dict[str, Any]:
+    tls = deployment.spec.api.tls
     options: dict[str, Any] = {"host": C.HTTP_HOST, "port": deployment.spec.api.http_port}
-    if deployment.spec.api.tls is not None:
-        # The operator mounts the TLS Secret there; Serve's gRPC options have no TLS settings
-        # in Ray 2.60, so gRPC stays plaintext inside the cluster.
-        options["ssl_certfile"] = f"{C.TLS_MOUNT_PATH}/{C.TLS_CERT_FILE}"
-        options["ssl_keyfile"] = f"{C.TLS_MOUNT_PATH}/{C.TLS_KEY_FILE}"
+    if tls is not None:
+        # Serve's HTTP proxy (uvicorn) terminates TLS itself: the given files, or the Secret
+        # the operator mounts at TLS_MOUNT_PATH.
+        options["ssl_certfile"] = tls.cert_path
+        options["ssl_keyfile"] = tls.key_path
     return options
+
+
+def serve_grpc_port(deployment: R1Deployment) -> int:
+    """Where Serve's own gRPC proxy listens: api.grpcPort, or behind TLS the internal port.
+
+    Ray 2.60's gRPC proxy has no TLS settings, so with api.tls it listens plaintext on
+    GRPC_BACKEND_PORT and r1serve's TLS front (runtime/serve/grpc_tls.py) owns api.grpcPort.
+    """
+    api = deployment.spec.api
+    return C.GRPC_BACKEND_PORT if api.tls is not None else api.grpc_port
 
 
 def app_manifest(deployment: R1Deployment) -> dict[str, Any]:
@@ -165,7 +176,7 @@ def build_serve_config(deployment: R1Deployment) -> dict[str, Any]:
         application["autoscaling_policy"] = ratio
     return {
         "grpc_options": {
-            "port": spec.api.grpc_port,
+            "port": serve_grpc_port(deployment),
             "grpc_servicer_functions": list(C.GRPC_SERVICER_FUNCTIONS),
         },
         "http_options": _http_options(deployment),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 
@@ -32,11 +33,21 @@ def metadata(token: str | None = None) -> tuple[tuple[str, str], ...]:
     return METADATA + ((("authorization", f"Bearer {token}"),) if token else ())
 
 
+def channel(target: str, *, tls: bool = False, ca_file: Path | None = None) -> grpc.Channel:
+    """A channel to `target`: plaintext, or TLS (api.tls) trusting `ca_file` or else the system's roots."""
+    if not tls and ca_file is None:
+        return grpc.insecure_channel(target)
+    roots = Path(ca_file).read_bytes() if ca_file is not None else None
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots))
+
+
 def stream(target: str, request: pb.GenerateRequest, *, timeout_s: float | None = None,
-           token: str | None = None) -> Iterator[pb.GenerateResponse]:
+           token: str | None = None, tls: bool = False,
+           ca_file: Path | None = None) -> Iterator[pb.GenerateResponse]:
     """The Generate stream's messages; raises grpc.RpcError with the server's status on failure."""
-    with grpc.insecure_channel(target) as channel:
-        yield from pb_grpc.InferenceStub(channel).Generate(request, metadata=metadata(token), timeout=timeout_s)
+    with channel(target, tls=tls, ca_file=ca_file) as open_channel:
+        yield from pb_grpc.InferenceStub(open_channel).Generate(request, metadata=metadata(token),
+                                                                timeout=timeout_s)
 
 
 def print_stream(responses: Iterator[pb.GenerateResponse], out) -> None:

@@ -2,7 +2,8 @@
 
 The Serve config deployed is exactly `build_serve_config(deployment)`, the one the operator writes into
 the RayService: Serve is started with its gRPC and HTTP options, then its applications go to the
-controller the way `serve deploy` and KubeRay send them.
+controller the way `serve deploy` and KubeRay send them. With `api.tls`, the gRPC TLS front the
+operator runs as a sidecar runs here in a thread instead.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import copy
 import logging
 import os
 import signal
+import ssl
 import threading
 import time
 import urllib.request
@@ -24,6 +26,7 @@ from r1serve.spec.serve_config import build_serve_config, local_ray_resources
 
 from .app import ARG_ENGINE
 from .checkpoint import CACHE_ENV, cache_root, ensure_checkpoint
+from .grpc_tls import TLSFrontThread
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +100,20 @@ def with_engine(config: Mapping[str, Any], engine: Mapping[str, Any]) -> dict[st
     return patched
 
 
-def wait_for_http(port: int, timeout_s: float, host: str = LOCAL_HOST) -> None:
+def wait_for_http(port: int, timeout_s: float, host: str = LOCAL_HOST, *, tls: bool = False) -> None:
     """Until the HTTP proxy routes to the Ingress (it starts after the application is RUNNING)."""
     deadline = time.monotonic() + timeout_s
+    scheme = "https" if tls else "http"
+    # Polling our own proxy for readiness, not trusting it with anything: the certificate (maybe
+    # self-signed, maybe not for this host name) is not checked here.
+    context = None
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
     while True:
         try:
-            with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=5) as response:
+            with urllib.request.urlopen(f"{scheme}://{host}:{port}/health", timeout=5,
+                                        context=context) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -111,9 +122,42 @@ def wait_for_http(port: int, timeout_s: float, host: str = LOCAL_HOST) -> None:
         time.sleep(POLL_S)
 
 
-def endpoints(config: Mapping[str, Any], host: str = "localhost") -> dict[str, str]:
-    return {"grpc": f"{host}:{config['grpc_options']['port']}",
-            "http": f"http://{host}:{config['http_options']['port']}/v1"}
+def endpoints(deployment: R1Deployment, host: str = "localhost") -> dict[str, str]:
+    """Where clients connect: api.grpcPort (the TLS front when api.tls is set) and the HTTP API."""
+    api = deployment.spec.api
+    scheme = "https" if api.tls is not None else "http"
+    return {"grpc": f"{host}:{api.grpc_port}", "http": f"{scheme}://{host}:{api.http_port}/v1"}
+
+
+def check_tls_files(deployment: R1Deployment) -> None:
+    """Fail before Ray starts when api.tls points at files this machine does not have."""
+    tls = deployment.spec.api.tls
+    if tls is None:
+        return
+    for field, path in (("certFile", tls.cert_path), ("keyFile", tls.key_path)):
+        if not Path(path).is_file():
+            hint = ("; secretName is mounted there only by the operator: set certFile and keyFile "
+                    "to serve TLS locally" if tls.secret_name else "")
+            raise FileNotFoundError(f"spec.api.tls.{field}: no such file {path}{hint}")
+
+
+def start_tls_front(deployment: R1Deployment, host: str = LOCAL_HOST) -> TLSFrontThread | None:
+    """With api.tls: the gRPC TLS front on host:api.grpcPort, forwarding to Serve's gRPC proxy."""
+    tls = deployment.spec.api.tls
+    if tls is None:
+        return None
+    listen = f"{host}:{deployment.spec.api.grpc_port}"
+    front = TLSFrontThread(listen, f"{LOCAL_HOST}:{C.GRPC_BACKEND_PORT}", tls.cert_path, tls.key_path)
+    try:
+        front.start()
+    except RuntimeError as exc:  # grpc could not bind
+        front.stop(0)
+        raise RuntimeError(f"spec.api.grpcPort: the gRPC TLS front cannot listen on {listen}: "
+                           f"{exc}") from exc
+    except BaseException:
+        front.stop(0)
+        raise
+    return front
 
 
 def serve_file(path: Path, *, address: str | None = None, host: str = LOCAL_HOST,
@@ -123,17 +167,23 @@ def serve_file(path: Path, *, address: str | None = None, host: str = LOCAL_HOST
     from ray import serve
 
     deployment = load_r1deployment(path)
+    check_tls_files(deployment)
     checkpoint = ensure_checkpoint(deployment.spec.model)  # once, here, before any replica starts
     print(f"model: {deployment.spec.model.source} -> {checkpoint}", flush=True)
     config = build_serve_config(deployment)
+    tls = deployment.spec.api.tls is not None
+    front = None
     try:
+        front = start_tls_front(deployment, host)  # first: a taken port fails before Ray starts
         init_ray(deployment, address=address)
         start_proxies(config, host)
         deploy_config(config)
-        wait_for_http(config["http_options"]["port"], 60.0, host)
-        urls = endpoints(config, "localhost" if host == LOCAL_HOST else host)
+        wait_for_http(config["http_options"]["port"], 60.0, host, tls=tls)
+        urls = endpoints(deployment, "localhost" if host == LOCAL_HOST else host)
+        grpc_note = (f"over TLS (front -> Serve's plaintext gRPC proxy on :{C.GRPC_BACKEND_PORT})"
+                     if tls else "plaintext")
         print(f"serving {deployment.served_model_name} ({C.SERVE_APP_NAME}):\n"
-              f"  gRPC  {urls['grpc']}  r1serve.v1.Inference (health, reflection)\n"
+              f"  gRPC  {urls['grpc']}  r1serve.v1.Inference (health, reflection), {grpc_note}\n"
               f"  HTTP  {urls['http']}  OpenAI-compatible: /chat/completions, /completions, /models\n"
               "Ctrl-C to stop.", flush=True)
         stop = stop or _interrupt_event()  # after ray.init, which installs handlers of its own
@@ -141,11 +191,15 @@ def serve_file(path: Path, *, address: str | None = None, host: str = LOCAL_HOST
             pass
     finally:
         print("shutting down", flush=True)
-        if ray.is_initialized():
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
+        try:
+            if front is not None:  # first, so its clients see a clean close rather than a dead backend
+                front.stop()
+        finally:
+            if ray.is_initialized():
+                try:
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
     return 0
 
 

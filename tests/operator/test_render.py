@@ -99,8 +99,10 @@ def test_head_declares_ray_and_serve_ports_and_service_exposes_only_serve(deploy
     ports = {p["name"]: p["containerPort"]
              for p in head["template"]["spec"]["containers"][0]["ports"]}
     api = deployment.spec.api
+    # Behind TLS, Serve's gRPC proxy is the sidecar's plaintext backend: never a serve-* port.
+    grpc = {"grpc-backend": 9001} if api.tls else {"serve-grpc": api.grpc_port}
     assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001,
-                     "serve": api.http_port, "serve-grpc": api.grpc_port}
+                     "serve": api.http_port, **grpc}
     [service] = render_services(deployment)
     exposed = {p["port"] for p in service["spec"]["ports"]}
     assert exposed == {api.grpc_port, api.http_port}

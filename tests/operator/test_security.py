@@ -39,11 +39,13 @@ def test_services_never_expose_ray_ports(deployment):
         ports = service["spec"]["ports"]
         assert {p["port"] for p in ports} & RAY_PORTS == set()
         assert {p["targetPort"] for p in ports} & RAY_PORTS == set()
-    # KubeRay's serve Service takes the head ports named serve / serve-*: only the API's.
+    # KubeRay's serve Service takes the head ports named serve / serve-*: only the API's, and
+    # behind TLS not Serve's plaintext gRPC port (the client Service targets the TLS sidecar).
     head = render_rayservice(deployment)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
     serve_ports = [p for p in head["spec"]["containers"][0]["ports"] if p["name"].startswith("serve")]
     api = deployment.spec.api
-    assert sorted(p["containerPort"] for p in serve_ports) == sorted([api.grpc_port, api.http_port])
+    expected = [api.http_port] if api.tls else [api.grpc_port, api.http_port]
+    assert sorted(p["containerPort"] for p in serve_ports) == sorted(expected)
     assert head["spec"]["containers"][0]["ports"] and not ({p["containerPort"] for p in serve_ports} & RAY_PORTS)
 
 

@@ -87,6 +87,15 @@ def test_defaults_of_a_minimal_spec():
     assert d.spec.api.auth is None and d.spec.api.tls is None and d.spec.ratio is None
 
 
+def test_tls_files_resolve_to_the_given_paths_or_the_mounted_secret():
+    from r1serve.spec import ApiTLS
+
+    files = ApiTLS.model_validate({"certFile": "/certs/c.pem", "keyFile": "/certs/k.pem"})
+    assert (files.cert_path, files.key_path) == ("/certs/c.pem", "/certs/k.pem")
+    secret = ApiTLS.model_validate({"secretName": "api-tls"})
+    assert (secret.cert_path, secret.key_path) == ("/etc/r1serve/tls/tls.crt", "/etc/r1serve/tls/tls.key")
+
+
 def test_manifest_is_camel_case_with_defaults_filled():
     manifest = load_r1deployment(MINIMAL).to_manifest()
     assert manifest["apiVersion"] == API_VERSION and manifest["kind"] == KIND
