@@ -303,3 +303,26 @@ def rayservice_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo,
         logger.info("RayService deleted while its R1Deployment exists; re-creating it")
         rayservice = _apply_children(memo, owner, deployment)
     _refresh_status(memo, owner, deployment, rayservice)
+
+
+@kopf.on.event("", "v1", "services", labels={K.LABEL_MANAGED_BY: K.OPERATOR_NAME})
+def service_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo,
+                  logger: Any, **_: Any) -> None:
+    """Re-create a client Service deleted by hand (clients would lose the endpoint until the next
+    reconcile otherwise); its other events change nothing the operator reports."""
+    if event.get("type") != "DELETED":
+        return
+    ref = _controller_of(body)
+    if ref is None:
+        return
+    owner = memo.api.get_r1deployment(body.get("metadata", {}).get("namespace"), ref["name"])
+    owner_meta = (owner or {}).get("metadata") or {}
+    if owner is None or owner_meta.get("uid") != ref.get("uid") \
+            or owner_meta.get("deletionTimestamp"):
+        return  # being garbage-collected with its owner
+    try:
+        deployment = _deployment(owner)
+    except SpecError:
+        return  # reconcile reports it
+    logger.info("Service deleted while its R1Deployment exists; re-creating it")
+    _apply_children(memo, owner, deployment)

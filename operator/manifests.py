@@ -32,7 +32,8 @@ def namespaced_rules() -> list[dict[str, Any]]:
         {"apiGroups": [K.RAY_GROUP], "resources": [K.RAYSERVICES],
          "verbs": ["list", "watch", "create", "patch"]},
         {"apiGroups": [K.RAY_GROUP], "resources": [K.RAYCLUSTERS], "verbs": ["get"]},
-        {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "patch"]},
+        # Watched (by label) to re-create a client Service deleted by hand.
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch", "create", "patch"]},
         # Ready Ray pods per worker group are the pools' ready replicas.
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
         # kopf posts core/v1 events (never patches them, never uses events.k8s.io).

@@ -170,6 +170,18 @@ async def test_rayservice_deleted_by_hand_comes_back(kube, operator_thread, wait
             message="a new RayService")
 
 
+async def test_service_deleted_by_hand_comes_back(kube, operator_thread, wait_for):
+    async with operator_thread():
+        await _create(kube)
+        await _created(kube, wait_for)
+        before = kube.live(SERVICES, "default", "tiny")
+        await kube.delete("/api/v1/namespaces/default/services/tiny")
+        await wait_for(lambda: (kube.live(SERVICES, "default", "tiny") or {}).get(
+            "metadata", {}).get("uid") not in (None, before["metadata"]["uid"]),
+            message="a new Service")
+    assert kube.live(SERVICES, "default", "tiny")["spec"] == before["spec"]
+
+
 async def test_missing_kuberay_gives_a_clear_status_then_recovers(
         kube_without_kuberay, operator_thread, wait_for, monkeypatch):
     kube = kube_without_kuberay

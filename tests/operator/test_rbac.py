@@ -1,7 +1,7 @@
 """The operator's ClusterRole grants what the operator calls, and nothing it never calls.
 
 Every request the operator makes against the in-process API during a full life cycle (create, KubeRay
-status, update, a RayService deleted by hand, restart, delete) is reduced to (group, resource, verb) and
+status, update, a RayService and a Service deleted by hand, restart, delete) is reduced to (group, resource, verb) and
 compared with the generated rules.
 """
 
@@ -75,6 +75,9 @@ async def test_role_matches_the_calls_the_operator_makes(kube, operator_thread, 
         response = await kube.delete(f"{RS_URL}/tiny", headers=TEST_CLIENT)
         assert response.status == 200
         await wait_for(lambda: kube.live(RAYSERVICES, "default", "tiny"), message="the RayService back")
+        response = await kube.delete("/api/v1/namespaces/default/services/tiny", headers=TEST_CLIENT)
+        assert response.status == 200
+        await wait_for(lambda: kube.live(SERVICES, "default", "tiny"), message="the Service back")
 
     async with operator_thread():
         await life_cycle()
