@@ -3,7 +3,9 @@
 Prefill: least queued prompt tokens, where a replica that caches a prefix of the prompt is charged only
 for the tokens it must still compute. Decode: least load (running plus waiting sequences, then KV-cache
 use). Replicas publish their numbers through `record_routing_stats` every second; the router adds what it
-sent since, so a burst of requests does not all land on the replica that looked idle a second ago.
+sent since, so a burst of requests does not all land on the replica that looked idle a second ago. A request
+is charged to its first choice as soon as it is chosen, not when the replica accepts it (Serve reports that
+an RPC later), or a burst routed within that round trip would still pile onto one replica.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class _Tracker:
     prefixes: dict[Any, OrderedDict] = field(default_factory=dict)
 
     def add(self, request_id: str, replica: Any, tokens: int, hashes: list[int]) -> None:
+        """Charge the request to `replica`; charged before (to its first choice), it moves."""
+        self.done(request_id)
         self.inflight[request_id] = (replica, tokens)
         self.tokens[replica] = self.tokens.get(replica, 0) + tokens
         self.requests[replica] = self.requests.get(replica, 0) + 1
@@ -124,16 +128,20 @@ class _PoolRouter(RequestRouter):
                pending: PendingRequest | None) -> list[list[RunningReplica]]:
         if pending is not None:
             pending.routing_context.should_backoff = True  # all full: back off instead of spinning
+            if ordered:
+                self._charge(pending, ordered[0].replica_id, [])
         by_id = {r.replica_id: r for r in replicas}
         return [[by_id[c.replica_id]] for c in ordered]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         prompt = _prompt_of(pending_request)
-        arg = pending_request.args[0] if pending_request.args else None
-        tokens = len(prompt) or int(getattr(arg, "num_prompt_tokens", 0) or 0)
         block_size = self._block_size(replica_id)
-        hashes = prefix_hashes(prompt, block_size) if prompt and block_size else []
-        self._tracker.add(pending_request.metadata.internal_request_id, replica_id, tokens, hashes)
+        self._charge(pending_request, replica_id, prefix_hashes(prompt, block_size) if prompt and block_size else [])
+
+    def _charge(self, pending: PendingRequest, replica_id: ReplicaID, hashes: list[int]) -> None:
+        arg = pending.args[0] if pending.args else None
+        tokens = len(_prompt_of(pending)) or int(getattr(arg, "num_prompt_tokens", 0) or 0)
+        self._tracker.add(pending.metadata.internal_request_id, replica_id, tokens, hashes)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._tracker.done(internal_request_id)

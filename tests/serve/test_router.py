@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
 from r1serve.runtime.engine.block_manager import prefix_hashes
 from r1serve.runtime.serve.router import (
     Candidate,
+    DecodeRouter,
+    PrefillRouter,
     _Tracker,
     decode_order,
     matched_blocks,
@@ -49,3 +56,38 @@ def test_tracker_adds_and_releases_in_flight_work():
     assert tracker.tokens["a"] == 50 and tracker.requests["a"] == 1
     tracker.forget("a")
     assert "a" not in tracker.tokens and not tracker.inflight
+
+
+def _replica(rid: str, **stats):
+    return SimpleNamespace(replica_id=rid, routing_stats=stats)
+
+
+def _pending(request_id: str, prompt: list[int]):
+    return SimpleNamespace(args=[SimpleNamespace(prompt_token_ids=prompt)], kwargs={},
+                           metadata=SimpleNamespace(internal_request_id=request_id),
+                           routing_context=SimpleNamespace(should_backoff=False))
+
+
+def _router(cls):
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    router = cls(DeploymentID(name="pool", app_name="app"), DeploymentHandleSource.UNKNOWN)
+    router.initialize_state()
+    return router
+
+
+@pytest.mark.parametrize("cls", [DecodeRouter, PrefillRouter])
+def test_a_burst_spreads_before_any_replica_accepts(cls):
+    """Serve reports acceptance an RPC after the choice; a burst chosen meanwhile must not pile onto one
+    replica (all published stats still say idle)."""
+    router = _router(cls)
+    replicas = [_replica("a", block_size=16), _replica("b", block_size=16)]
+    chosen = [asyncio.run(router.choose_replicas(replicas, _pending(f"r{i}", list(range(i, i + 40)))))[0][0]
+              for i in range(8)]
+    assert sorted(Counter(r.replica_id for r in chosen).values()) == [4, 4]
+    # Acceptance moves the charge when Serve fell back to another replica; completion releases it.
+    router.on_request_routed(_pending("r0", list(range(40))), "b", None)
+    assert router._tracker.requests == {"a": 3, "b": 5}
+    for i in range(8):
+        router.on_request_completed(chosen[i].replica_id, f"r{i}")
+    assert router._tracker.requests == {"a": 0, "b": 0}
