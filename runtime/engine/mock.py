@@ -12,16 +12,18 @@ from .sampling import SamplingParams
 
 
 class MockEngine:
-    """Deterministic tokens (a function of the prompt and position), optional per-token delay.
+    """Deterministic tokens (a function of the prompt and position), optional per-token and prefill delays.
 
     Tracks running requests and fake KV blocks the way the real engine does, so tests above can check
     that cancellation and errors free what a request held.
     """
 
     def __init__(self, *, role: Role = "both", vocab_size: int = 129280, max_model_len: int = 4096,
-                 token_delay_s: float = 0.0, block_size: int = 16, num_blocks: int = 4096):
+                 token_delay_s: float = 0.0, prefill_delay_s: float = 0.0, block_size: int = 16,
+                 num_blocks: int = 4096):
         self.role, self.vocab_size, self.max_model_len = role, vocab_size, max_model_len
         self.token_delay_s, self.block_size, self.num_blocks = token_delay_s, block_size, num_blocks
+        self.prefill_delay_s = prefill_delay_s
         self.running: dict[str, int] = {}  # request id -> blocks held
         self.finished = 0
         self.healthy = True
@@ -42,7 +44,11 @@ class MockEngine:
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestOutput:
         self._admit(request_id, prompt_token_ids, params)
-        self._release(request_id)
+        try:
+            if self.prefill_delay_s:  # tests: a window in which the request sits in a prefill replica
+                await asyncio.sleep(self.prefill_delay_s)
+        finally:
+            self._release(request_id)
         first = self.token_at(prompt_token_ids, 0, self.vocab_size)
         handoff = KVHandoff(request_id, list(prompt_token_ids), first, params,
                             latents=torch.zeros(1, len(prompt_token_ids), 1))

@@ -99,7 +99,8 @@ def make_mock_client(deployment: R1Deployment, role: EngineRole, options: Mappin
 
     pool = pool_for(deployment, role)
     return MockEngine(role=role, max_model_len=deployment.spec.model.max_model_len,
-                      token_delay_s=float(options.get("token_delay_s", 0.0)), block_size=pool.block_size,
+                      token_delay_s=float(options.get("token_delay_s", 0.0)),
+                      prefill_delay_s=float(options.get("prefill_delay_s", 0.0)), block_size=pool.block_size,
                       num_blocks=kv_cache_blocks(deployment, pool))
 
 

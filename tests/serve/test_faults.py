@@ -1,9 +1,14 @@
-"""Faults on the local graph (mock engine), each bounded in time: a KV hand-off that is lost or times out fails
-its requests cleanly with UNAVAILABLE and both pools free their blocks; a decode replica killed while requests
-stream ends them promptly with UNAVAILABLE, Serve replaces it, and new requests succeed."""
+"""Faults on the local graph, each bounded in time: a KV hand-off that is lost or times out fails its requests
+cleanly with UNAVAILABLE and both pools free their blocks; a decode replica, a prefill replica or one rank of a
+replica's expert-parallel group killed while requests stream: every affected stream ends promptly with
+UNAVAILABLE (or, having produced nothing yet, is retried transparently and completes), unaffected streams
+complete with exactly the tokens of an undisturbed run, Serve replaces the replica, and new requests succeed."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,20 +25,30 @@ REQUESTS = 8
 BOUND_S = 30.0
 
 
-def request(tokens: int = 8) -> pb.GenerateRequest:
-    return pb.GenerateRequest(text="tell me a story", sampling=pb.SamplingParams(max_tokens=tokens, ignore_eos=True))
+def request(tokens: int = 8, text: str = "tell me a story") -> pb.GenerateRequest:
+    return pb.GenerateRequest(text=text, sampling=pb.SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
 
 
-def run(target: str, req: pb.GenerateRequest) -> tuple[str, int, float]:
-    """(final status, tokens received, seconds)."""
-    start, tokens = time.monotonic(), 0
+def run(target: str, req: pb.GenerateRequest, first_token: threading.Event | None = None) -> tuple[str, list[int], float]:
+    """(final status, token ids received, seconds); `first_token` is set when the first token arrives."""
+    start, tokens = time.monotonic(), []
     with grpc.insecure_channel(target) as channel:
         try:
             for response in pb_grpc.InferenceStub(channel).Generate(req, metadata=client.METADATA, timeout=120):
-                tokens += len(response.token_ids)
+                tokens += response.token_ids
+                if first_token is not None and tokens:
+                    first_token.set()
             return "OK", tokens, time.monotonic() - start
         except grpc.RpcError as exc:
             return exc.code().name, tokens, time.monotonic() - start
+
+
+def wait_until(condition, timeout_s: float, message: str):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {message}"
+        time.sleep(0.1)
+    return value
 
 
 def wait_idle(graph, timeout_s: float = BOUND_S) -> float:
@@ -66,13 +81,17 @@ def test_failed_kv_handoff_fails_cleanly_and_frees_both_pools(cluster, docs, mod
     assert all(r[2] < BOUND_S for r in results)
 
 
-def _decode_actor():
-    """(handle, name) of the live decode replica's actor (Serve names replicas after their deployment)."""
+def _replica_actor(deployment: str = C.DECODE_DEPLOYMENT):
+    """(handle, name) of the deployment's one live replica actor (Serve names replicas after their deployment)."""
     import ray
 
     [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-              if a["namespace"] == "serve" and f"#{C.DECODE_DEPLOYMENT}#" in a["name"]]
+              if a["namespace"] == "serve" and f"#{deployment}#" in a["name"]]
     return ray.get_actor(name, namespace="serve"), name
+
+
+def _decode_actor():
+    return _replica_actor(C.DECODE_DEPLOYMENT)
 
 
 def test_killed_decode_replica_ends_streams_with_unavailable_and_is_replaced(cluster, docs, reliability):
@@ -81,10 +100,11 @@ def test_killed_decode_replica_ends_streams_with_unavailable_and_is_replaced(clu
     cluster.deploy(docs.tiny(), {"kind": "mock", "token_delay_s": 0.05})
     assert run(cluster.grpc_target, request(4))[0] == "OK"
     handle, old_id = _decode_actor()
+    started = [threading.Event() for _ in range(REQUESTS)]
     with ThreadPoolExecutor(REQUESTS) as pool:
         submitted = time.monotonic()
-        futures = [pool.submit(run, cluster.grpc_target, request(400)) for _ in range(REQUESTS)]
-        time.sleep(1.0)  # streams past prefill have tokens by now
+        futures = [pool.submit(run, cluster.grpc_target, request(400), event) for event in started]
+        wait_until(lambda: all(e.is_set() for e in started), BOUND_S, "every stream's first token")
         killed_at = time.monotonic()
         ray.kill(handle, no_restart=True)
         results = [f.result(timeout=BOUND_S + 30) for f in futures]
@@ -107,16 +127,13 @@ def test_killed_decode_replica_ends_streams_with_unavailable_and_is_replaced(clu
     recovery = time.monotonic() - killed_at
     reliability("fault-decode-replica-killed", "fault", what=f"decode replica actor killed (ray.kill) while "
                 f"{REQUESTS} streams of 400 tokens were running; then a new request", requests=REQUESTS,
-                failed=sum(1 for status, tokens, _ in results if status == "OK" and tokens != 400),
-                failures=f"{statuses.count('UNAVAILABLE')} streams that had output ended UNAVAILABLE (expected), "
-                f"{statuses.count('OK')} without output yet were retried and completed all 400 tokens; the failed "
-                f"streams ended at most {failed_after:.1f} s after the kill",
-                duration_s=ended_after, recovery_s=recovery)
-    # Streams that had sent output end UNAVAILABLE (never a resumed, corrupt text); any that had not yet
-    # (still in prefill) are retried on the replacement and complete.
-    assert set(statuses) <= {"UNAVAILABLE", "OK"} and "UNAVAILABLE" in statuses, statuses
-    assert all(tokens < 400 for status, tokens, _ in results if status == "UNAVAILABLE")
-    assert all(tokens == 400 for status, tokens, _ in results if status == "OK")
+                failed=sum(1 for status, tokens, _ in results if status == "OK" and len(tokens) != 400),
+                failures=f"{statuses.count('UNAVAILABLE')} streams ended UNAVAILABLE (expected: each had "
+                f"output), at most {failed_after:.1f} s after the kill", duration_s=ended_after, recovery_s=recovery)
+    # Every stream had sent output, so none may be resumed elsewhere (a resumed text could be corrupt):
+    # each ends UNAVAILABLE, part-way.
+    assert statuses == ["UNAVAILABLE"] * REQUESTS, statuses
+    assert all(len(tokens) < 400 for _, tokens, _ in results)
     assert failed_after < BOUND_S and ended_after < BOUND_S + 60  # each had streamed, none completed
     wait_idle(cluster, 60)
 
@@ -139,4 +156,137 @@ def test_requests_sent_as_the_decode_replica_dies_are_retried_transparently(clus
                 failures=", ".join(s for s in statuses if s != "OK") or "none",
                 duration_s=time.monotonic() - start, recovery_s=max(r[2] for r in results))
     assert statuses == ["OK"] * REQUESTS, statuses
-    assert all(r[1] == 8 for r in results)
+    assert all(len(r[1]) == 8 for r in results)
+
+
+def _wait_replaced(cluster, deployment: str, old_name: str, timeout_s: float = 120.0) -> None:
+    """Until Serve runs a replica other than `old_name` and a new request succeeds through it."""
+    def replaced() -> bool:
+        try:
+            _, name = _replica_actor(deployment)
+        except ValueError:  # none, or the old one and its replacement at once
+            return False
+        return name != old_name and run(cluster.grpc_target, request(4))[0] == "OK"
+
+    wait_until(replaced, timeout_s, f"a replacement {deployment} replica that serves")
+
+
+def test_killed_prefill_replica_spares_decoding_streams_and_retries_prefilling_ones(cluster, docs, reliability):
+    """Streams already decoding do not touch the prefill pool again and finish intact; requests sitting in the
+    killed prefill replica have produced nothing, so the Ingress retries them on its replacement."""
+    import ray
+
+    decoding, prefilling = REQUESTS, 4
+    cluster.deploy(docs.tiny(), {"kind": "mock", "token_delay_s": 0.05, "prefill_delay_s": 1.0})
+    wait_idle(cluster, 60)
+    long, short = request(200, "a long story"), request(8, "a short story")
+    expected = {200: run(cluster.grpc_target, long)[1], 8: run(cluster.grpc_target, short)[1]}
+    assert [len(expected[200]), len(expected[8])] == [200, 8]
+    handle, old_name = _replica_actor(C.PREFILL_DEPLOYMENT)
+    started = [threading.Event() for _ in range(decoding)]
+    with ThreadPoolExecutor(decoding + prefilling) as pool:
+        streams = [pool.submit(run, cluster.grpc_target, long, event) for event in started]
+        wait_until(lambda: all(e.is_set() for e in started), BOUND_S, "every long stream's first token")
+        waiting = [pool.submit(run, cluster.grpc_target, short) for _ in range(prefilling)]
+        wait_until(lambda: cluster.stats("prefill")["running"] == prefilling, BOUND_S,
+                   "the short requests inside the prefill replica")
+        killed_at = time.monotonic()
+        ray.kill(handle, no_restart=True)
+        retried = [f.result(timeout=BOUND_S + 60) for f in waiting]
+        retried_after = time.monotonic() - killed_at
+        spared = [f.result(timeout=BOUND_S + 60) for f in streams]
+    _wait_replaced(cluster, C.PREFILL_DEPLOYMENT, old_name)
+    recovery = time.monotonic() - killed_at
+    results = spared + retried
+    wrong = [r for r, n in zip(results, [200] * decoding + [8] * prefilling) if (r[0], r[1]) != ("OK", expected[n])]
+    reliability("fault-prefill-replica-killed", "fault", what=f"prefill replica actor killed (ray.kill) while "
+                f"{decoding} streams of 200 tokens were decoding and {prefilling} requests sat in its prefill; "
+                "then a new request", requests=len(results), failed=len(wrong),
+                failures=f"none: the {decoding} decoding streams completed unchanged, the {prefilling} prefilling "
+                f"requests were retried on the replacement and completed {retried_after:.1f} s after the kill"
+                if not wrong else ", ".join(f"{r[0]} after {len(r[1])} tokens" for r in wrong),
+                duration_s=retried_after, recovery_s=recovery)
+    assert not wrong, [(r[0], len(r[1])) for r in wrong]
+    assert retried_after < BOUND_S + 60
+    wait_idle(cluster, 60)
+
+
+def _running_decode_replicas() -> set[str]:
+    """Names of the decode replica actors Serve reports RUNNING (a replica's actor is named after its id)."""
+    from ray import serve
+
+    app = serve.status().applications[C.SERVE_APP_NAME]
+    if app.deployments[C.DECODE_DEPLOYMENT].replica_states.get("RUNNING", 0) == 0:
+        return set()
+    import ray
+
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and f"#{C.DECODE_DEPLOYMENT}#" in a["name"]}
+    return names if len(names) == app.deployments[C.DECODE_DEPLOYMENT].replica_states.get("RUNNING", 0) else set()
+
+
+def _rank_actors(replica_name: str) -> list[dict]:
+    """The live expert-parallel rank actors a replica started (Ray records each actor's owner's address)."""
+    import ray
+
+    actors = [a for a in ray.state.actors().values() if a["State"] == "ALIVE"]
+    [replica] = [a for a in actors if a["Name"] == replica_name]
+    return [a for a in actors if a["ActorClassName"] == "_RankActor"
+            and a["OwnerAddress"]["Port"] == replica["Address"]["Port"]]
+
+
+def test_killed_expert_parallel_rank_fails_its_replica_streams_and_spares_the_other_replica(
+        cluster, docs, served_checkpoint, reliability):
+    """Real engine, one pool of two replicas, each an EP group of 2 ranks. SIGKILL one rank of one replica: the
+    streams on that replica end UNAVAILABLE within seconds (its other rank never finishes the step, the group
+    watches its ranks), the other replica's streams complete with the reference tokens, Serve's health check
+    replaces the failed replica, and new requests succeed."""
+    import ray
+
+    doc = docs.single_pool()
+    doc["spec"]["decode"].update(replicas={"min": 2, "max": 2}, expertParallel=2)
+    doc["spec"]["decode"]["autoscaling"] = {"targetOngoingRequests": 4}
+    doc["spec"]["workers"] = {"resources": {"cpu": "1", "memory": "1Gi"}}
+    cluster.deploy(doc)
+    tokens = 120
+    story = request(tokens, "the expert-parallel story")
+    reference = run(cluster.grpc_target, story)
+    assert reference[0] == "OK" and len(reference[1]) == tokens
+    replicas = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["namespace"] == "serve" and f"#{C.DECODE_DEPLOYMENT}#" in a["name"])
+    assert len(replicas) == 2
+    victim_replica = replicas[0]
+    victim = wait_until(lambda: _rank_actors(victim_replica), BOUND_S, "the replica's rank actors")
+    assert len(victim) == 2
+    started = [threading.Event() for _ in range(REQUESTS)]
+    with ThreadPoolExecutor(REQUESTS) as pool:
+        submitted = time.monotonic()
+        futures = [pool.submit(run, cluster.grpc_target, story, event) for event in started]
+        wait_until(lambda: all(e.is_set() for e in started), 60, "every stream's first token")
+        killed_at = time.monotonic()
+        os.kill(victim[1]["Pid"], signal.SIGKILL)
+        results = [f.result(timeout=120) for f in futures]
+    # seconds from the kill to the end of the slowest stream that failed
+    failed_after = max((r[2] - (killed_at - submitted) for r in results if r[0] != "OK"), default=0.0)
+    statuses = [r[0] for r in results]
+    wait_until(lambda: len(names := _running_decode_replicas()) == 2 and victim_replica not in names, 180,
+               "Serve to replace the failed replica")
+    recovery = time.monotonic() - killed_at
+    assert run(cluster.grpc_target, story)[1] == reference[1]
+    # The failed replica's surviving rank went with it: no rank actor outlives its replica.
+    states = {a["ActorID"]: a["State"] for a in ray.state.actors().values()}
+    assert {states[rank["ActorID"]] for rank in victim} == {"DEAD"}
+    corrupt = [r for r in results if r[0] == "OK" and r[1] != reference[1]]
+    reliability("fault-ep-rank-killed", "fault", what=f"one of the 2 ranks of one decode replica's expert-parallel "
+                f"group SIGKILLed while {REQUESTS} greedy streams of {tokens} tokens ran on 2 replicas (real tiny "
+                "model); then new requests", requests=REQUESTS,
+                failed=len(corrupt) + sum(1 for s in statuses if s not in ("OK", "UNAVAILABLE")),
+                failures=f"{statuses.count('UNAVAILABLE')} streams on the failed replica ended UNAVAILABLE "
+                f"(expected) at most {failed_after:.1f} s after the kill, {statuses.count('OK')} on the other "
+                f"replica completed equal to the reference", duration_s=max(r[2] for r in results),
+                recovery_s=recovery)
+    # The router spreads the streams over both replicas: some die with the group, the rest are untouched.
+    assert set(statuses) == {"OK", "UNAVAILABLE"}, statuses
+    assert not corrupt
+    assert failed_after < BOUND_S
+    assert all(len(r[1]) < tokens for r in results if r[0] == "UNAVAILABLE")
