@@ -7,8 +7,10 @@ requests; the stream arrives in order with correct usage; the official `openai` 
 from __future__ import annotations
 
 import random
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import httpx
@@ -90,16 +92,45 @@ def test_stream_order_and_usage(stub, reference):
     assert unary.reasoning == "".join(m.reasoning for m in messages)
 
 
+# Ray 2.60's gRPC proxy (proxy.py, send_request_to_replica) catches BaseException around `yield result`:
+# a client cancelling while the proxy sits there has its GeneratorExit swallowed, the proxy logs "async
+# generator ignored GeneratorExit" and the Ingress is never cancelled, so the request runs to its end.
+UPSTREAM_SWALLOWED_CANCEL = "async generator ignored GeneratorExit"
+CANCEL_ATTEMPTS = 3
+
+
+def _proxy_swallowed_cancels() -> int:
+    """How often Serve's proxies logged the upstream bug in this Ray session."""
+    logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
+    return sum(path.read_text(errors="replace").count(UPSTREAM_SWALLOWED_CANCEL)
+               for path in logs.glob("worker-*.err") if ":actor_name:ProxyActor" in path.read_text(errors="replace"))
+
+
+def _busy(graph, pools: list[str]) -> dict | None:
+    stats = {p: graph.stats(p) for p in pools}
+    return stats if any(s["kv_blocks_used"] or s["running"] for s in stats.values()) else None
+
+
 def test_cancel_frees_blocks_in_every_pool(graph, stub):
-    stream = stub.Generate(greedy_request(prompts(1, seed=9)[0], 1000))
-    assert next(stream).token_ids
+    """A cancelled stream frees its blocks in both pools within seconds. An attempt the upstream proxy bug
+    above swallowed (and only such an attempt, recognised by the proxy's own log line) is run again."""
     pools = ["prefill", "decode"] if graph.stats("decode")["role"] == "decode" else ["decode"]
-    assert graph.stats("decode")["kv_blocks_used"] > 0
-    stream.cancel()
-    deadline = time.monotonic() + 30
-    while any(graph.stats(p)["kv_blocks_used"] or graph.stats(p)["running"] for p in pools):
-        assert time.monotonic() < deadline, {p: graph.stats(p) for p in pools}
-        time.sleep(0.05)
+    for _ in range(CANCEL_ATTEMPTS):
+        swallowed = _proxy_swallowed_cancels()
+        stream = stub.Generate(greedy_request(prompts(1, seed=9)[0], 1000))
+        assert next(stream).token_ids
+        assert graph.stats("decode")["kv_blocks_used"] > 0
+        stream.cancel()
+        deadline = time.monotonic() + 30
+        while (busy := _busy(graph, pools)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not busy:
+            return
+        assert _proxy_swallowed_cancels() > swallowed, busy  # our side failed to cancel
+        while _busy(graph, pools):  # the swallowed request runs to its end; then try again
+            assert time.monotonic() < deadline + 300, "a request whose cancel was swallowed never ended"
+            time.sleep(0.5)
+    pytest.fail(f"Ray's gRPC proxy swallowed the cancellation {CANCEL_ATTEMPTS} times in a row")
 
 
 def test_openai_client_chat_and_completions(graph, stub):
