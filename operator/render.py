@@ -122,7 +122,8 @@ def grpc_tls_sidecar(deployment: R1Deployment, image: str, mounts: list) -> dict
         "ports": [{"name": K.GRPC_TLS_PORT_NAME, "containerPort": api.grpc_port}],
         "readinessProbe": {"tcpSocket": {"port": api.grpc_port}, "periodSeconds": 5},
         "resources": {"requests": dict(K.GRPC_TLS_RESOURCES), "limits": dict(K.GRPC_TLS_RESOURCES)},
-        "securityContext": dict(RAY_CONTAINER_SECURITY),
+        # The front writes nothing (no logs to disk, no caches), so unlike Ray its root can be read-only.
+        "securityContext": {**RAY_CONTAINER_SECURITY, "readOnlyRootFilesystem": True},
         "volumeMounts": list(mounts),
     }
 

@@ -44,7 +44,7 @@ def test_every_ray_pod_gets_the_tls_sidecar():
         assert sidecar["ports"] == [{"name": "grpc-tls", "containerPort": 50051}]
         assert sidecar["volumeMounts"] == [{"name": K.TLS_VOLUME, "mountPath": C.TLS_MOUNT_PATH,
                                             "readOnly": True}]
-        assert sidecar["securityContext"] == ray["securityContext"]
+        assert sidecar["securityContext"] == {**ray["securityContext"], "readOnlyRootFilesystem": True}
         assert sidecar["securityContext"]["capabilities"] == {"drop": ["ALL"]}
         # Requests equal limits, so a worker pod keeps guaranteed QoS.
         assert sidecar["resources"]["requests"] == sidecar["resources"]["limits"]
