@@ -86,8 +86,9 @@ def test_a_burst_spreads_before_any_replica_accepts(cls):
               for i in range(8)]
     assert sorted(Counter(r.replica_id for r in chosen).values()) == [4, 4]
     # Acceptance moves the charge when Serve fell back to another replica; completion releases it.
-    router.on_request_routed(_pending("r0", list(range(40))), "b", None)
-    assert router._tracker.requests == {"a": 3, "b": 5}
+    first, other = chosen[0].replica_id, "b" if chosen[0].replica_id == "a" else "a"
+    router.on_request_routed(_pending("r0", list(range(40))), other, None)
+    assert router._tracker.requests == {first: 3, other: 5}
     for i in range(8):
-        router.on_request_completed(chosen[i].replica_id, f"r{i}")
+        router.on_request_completed(other if i == 0 else chosen[i].replica_id, f"r{i}")
     assert router._tracker.requests == {"a": 0, "b": 0}
