@@ -177,7 +177,7 @@ def test_killed_prefill_replica_spares_decoding_streams_and_retries_prefilling_o
     import ray
 
     decoding, prefilling = REQUESTS, 4
-    cluster.deploy(docs.tiny(), {"kind": "mock", "token_delay_s": 0.05, "prefill_delay_s": 1.0})
+    cluster.deploy(docs.tiny(), {"kind": "mock", "token_delay_s": 0.05, "prefill_delay_s": 3.0})
     wait_idle(cluster, 60)
     long, short = request(200, "a long story"), request(8, "a short story")
     expected = {200: run(cluster.grpc_target, long)[1], 8: run(cluster.grpc_target, short)[1]}
