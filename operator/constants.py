@@ -57,6 +57,8 @@ HEAD_CONTAINER = "ray-head"
 WORKER_CONTAINER = "ray-worker"
 SHM_VOLUME = "dshm"
 TLS_VOLUME = "tls"
+# The checkpoint (spec.model.volume), read-only in every Ray pod.
+MODEL_VOLUME = "model"
 # The gRPC TLS front (`r1serve grpc-tls`), a sidecar of every Ray pod with api.tls. Requests equal
 # limits like the Ray container's, so the pod keeps guaranteed QoS; it only copies bytes.
 GRPC_TLS_CONTAINER = "grpc-tls"

@@ -8,6 +8,7 @@ from r1serve.operator.config import OperatorConfig
 
 from r1serve.spec import constants as C
 from r1serve.spec.model import Pool, R1Deployment, Role
+from r1serve.spec.sections import SHM_MOUNT_PATH
 from r1serve.spec.serve_config import (
     nodes_per_replica,
     rank_cpus,
@@ -97,6 +98,26 @@ def _credentials(deployment: R1Deployment) -> tuple[list, list, list]:
     return env, mounts, volumes
 
 
+def _model_volume(deployment: R1Deployment) -> tuple[list, list]:
+    """volumeMounts and volumes that put the checkpoint (spec.model.volume) into a Ray pod: the
+    Ingress on the head reads the tokenizer and config.json, the workers the weights."""
+    volume = deployment.spec.model.volume
+    if volume is None:
+        return [], []
+    mount = {"name": K.MODEL_VOLUME, "mountPath": volume.mount_path, "readOnly": True}
+    if volume.sub_path:
+        mount["subPath"] = volume.sub_path
+    if volume.claim_name:
+        source = {"persistentVolumeClaim": {"claimName": volume.claim_name, "readOnly": True}}
+    elif volume.nfs is not None:
+        source = {"nfs": {"server": volume.nfs.server, "path": volume.nfs.path, "readOnly": True}}
+    else:
+        # Directory, not the default "": a node without the copy fails the pod at start-up
+        # instead of serving from an empty directory the kubelet created.
+        source = {"hostPath": {"path": volume.host_path, "type": "Directory"}}
+    return [mount], [{"name": K.MODEL_VOLUME, **source}]
+
+
 # Ray's images run as user `ray` (uid 1000, group `users` 100). The root filesystem stays writable:
 # Ray writes its session directory, logs and sockets under /tmp/ray and runtime environments and
 # caches under the home directory while it runs, so a read-only root would need every such path
@@ -131,8 +152,9 @@ def grpc_tls_sidecar(deployment: R1Deployment, image: str, mounts: list) -> dict
 def _pod_template(deployment: R1Deployment, *, container: dict[str, Any], shm_size: str,
                   labels: dict[str, str], workers: Workers | None = None) -> dict[str, Any]:
     env, mounts, volumes = _credentials(deployment)
+    model_mounts, model_volumes = _model_volume(deployment)
     container = {**container, "securityContext": dict(RAY_CONTAINER_SECURITY), "volumeMounts": [
-        {"name": K.SHM_VOLUME, "mountPath": "/dev/shm"}, *mounts]}
+        {"name": K.SHM_VOLUME, "mountPath": SHM_MOUNT_PATH}, *mounts, *model_mounts]}
     if env:
         container["env"] = env
     # KubeRay takes the first container as the Ray container: sidecars go after it.
@@ -145,7 +167,7 @@ def _pod_template(deployment: R1Deployment, *, container: dict[str, Any], shm_si
         # Ray's object store and NCCL live in /dev/shm; the container default of 64Mi is far
         # too small, so it is a memory-backed emptyDir of the requested size.
         "volumes": [{"name": K.SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
-                    *volumes],
+                    *volumes, *model_volumes],
     }
     if workers is not None and workers.node_selector:
         spec["nodeSelector"] = dict(workers.node_selector)

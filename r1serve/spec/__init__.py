@@ -32,6 +32,8 @@ from r1serve.spec.sections import (
     Experts,
     KVTransfer,
     ModelSpec,
+    ModelVolume,
+    NfsVolume,
     Ratio,
 )
 from r1serve.spec.workers import WorkerResources, Workers
@@ -55,6 +57,8 @@ __all__ = [
     "KVTransfer",
     "Metadata",
     "ModelSpec",
+    "ModelVolume",
+    "NfsVolume",
     "Pool",
     "PrefillAutoscaling",
     "PrefillPool",

@@ -13,7 +13,13 @@ from r1serve.spec.base import (
     MAX_NAME_LENGTH,
 )
 from r1serve.spec.model import GROUP, KIND, PLURAL, VERSION, R1Deployment
-from r1serve.spec.sections import _PRESET, RESERVED_PORTS, TINY_PREFIX
+from r1serve.spec.sections import (
+    _NORMAL_ABSOLUTE,
+    _PRESET,
+    RESERVED_MOUNT_PATHS,
+    RESERVED_PORTS,
+    TINY_PREFIX,
+)
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 SHORT_NAMES = ["r1d"]
@@ -65,6 +71,17 @@ _TOLERATIONS = {"items": {
     },
 }}
 _POWERS_OF_TWO = [2**n for n in range(4, 11)]
+# The spec's path checks: [.] instead of \\. keeps the regular expressions free of escapes.
+_DOT_SEGMENT, _PARENT_SEGMENT = "(^|/)[.][.]?(/|$)", "(^|/)[.][.](/|$)"
+_NORMAL_PATH = {"pattern": _anchored(_NORMAL_ABSOLUTE.pattern), "x-kubernetes-validations": [
+    _rule(f"!self.matches('{_DOT_SEGMENT}')", "must be an absolute path without '.', '..' or "
+          "empty segments and without a trailing '/'")]}
+_MOUNT_PATH = {**_NORMAL_PATH, "x-kubernetes-validations": [
+    *_NORMAL_PATH["x-kubernetes-validations"],
+    _rule(f"!(self in {sorted(RESERVED_MOUNT_PATHS)})", "must not be where r1serve mounts "
+          + " or ".join(f"{what} ({path})" for path, what in sorted(RESERVED_MOUNT_PATHS.items())))]}
+_RELATIVE_PATH = {"pattern": r"^[^/\s]\S*$", "x-kubernetes-validations": [
+    _rule(f"!self.matches('{_PARENT_SEGMENT}')", "must be a relative path without '..' segments")]}
 
 # (model, field) -> schema keys added to that field.
 FIELD_OVERRIDES: dict[tuple[str | None, str | None], dict[str, Any]] = {
@@ -77,6 +94,12 @@ FIELD_OVERRIDES: dict[tuple[str | None, str | None], dict[str, Any]] = {
     ("ApiTLS", "certFile"): _ABSOLUTE_PATH,
     ("ApiTLS", "keyFile"): _ABSOLUTE_PATH,
     ("ModelSpec", "servedModelName"): _NON_BLANK,
+    ("ModelVolume", "claimName"): _OBJECT_NAME,
+    ("ModelVolume", "hostPath"): _NORMAL_PATH,
+    ("ModelVolume", "mountPath"): _MOUNT_PATH,
+    ("ModelVolume", "subPath"): _RELATIVE_PATH,
+    ("NfsVolume", "server"): _NON_BLANK,
+    ("NfsVolume", "path"): _ABSOLUTE_PATH,
     ("ModelSpec", "source"): {"x-kubernetes-validations": [
         _rule("!self.contains('://')",
               "must be a path on a mounted volume or 'tiny:<preset>'; URLs are not downloaded"),
@@ -112,6 +135,12 @@ def _kv_cache_fits(pool: str) -> dict[str, Any]:
                  "sequence", f".{pool}.kvCacheBlocks")
 
 
+_VOLUME_SOURCES = " + ".join(f"(has(self.{field}) ? 1 : 0)"
+                             for field in ("claimName", "hostPath", "nfs"))
+_UNDER_MOUNT = ("(self.source == self.volume.mountPath || "
+                "self.source.startsWith(self.volume.mountPath + '/')) && "
+                f"!self.source.matches('{_PARENT_SEGMENT}')")
+
 _DECODE_MIN = "double(self.decode.replicas.min > 0 ? self.decode.replicas.min : 1)"
 
 # CRD model name -> CEL rules on that object (self is the object).
@@ -120,6 +149,19 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
         _rule("self.min <= self.max", "replicas.min must be <= replicas.max", ".min"),
         _rule("!has(self.initial) || (self.min <= self.initial && self.initial <= self.max)",
               "replicas.initial must be between replicas.min and replicas.max", ".initial"),
+    ],
+    "ModelSpec": [
+        _rule(f"!has(self.volume) || !self.source.startsWith('{TINY_PREFIX}')",
+              "model.volume must be omitted with a 'tiny:' source: tiny checkpoints are "
+              "generated in the pods, not read from a volume", ".volume"),
+        _rule(f"!has(self.volume) || self.source.startsWith('{TINY_PREFIX}') || ({_UNDER_MOUNT})",
+              "model.source must be an absolute path under model.volume.mountPath when "
+              "model.volume is set", ".source"),
+    ],
+    "ModelVolume": [
+        _rule(f"{_VOLUME_SOURCES} >= 1", "model.volume: set one of claimName, hostPath or nfs"),
+        _rule(f"{_VOLUME_SOURCES} <= 1",
+              "model.volume: set only one of claimName, hostPath or nfs"),
     ],
     "Ratio": [_rule("double(self.min) <= double(self.max)", "ratio.min must be <= ratio.max",
                     ".min")],

@@ -6,7 +6,13 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from r1serve.spec import constants as C
-from r1serve.spec.base import NonBlank, ObjectName, SpecModel, check_env_name
+from r1serve.spec.base import (
+    NonBlank,
+    ObjectName,
+    SpecModel,
+    check_env_name,
+    check_no_whitespace,
+)
 from r1serve.spec.errors import FieldError
 
 TINY_PREFIX = "tiny:"
@@ -30,15 +36,116 @@ Dtype = Literal["auto", "bfloat16", "float32", "float64"]
 Connector = Literal["auto", "object-store", "nccl"]
 
 
+def _absolute(path: str) -> str:
+    # Serve's HTTP proxy and the gRPC front read the file from their own working directories.
+    if not path.startswith("/"):
+        raise ValueError("must be an absolute path")
+    return path
+
+
+AbsolutePath = Annotated[NonBlank, AfterValidator(_absolute)]
+
+# Mount paths are compared as text (model.source must lie under model.volume.mountPath, in
+# pydantic and in CEL alike), so they are kept in one normal form: no '.', '..' or empty
+# segments and no trailing '/'.
+_NORMAL_ABSOLUTE = re.compile(r"(/[^/\s]+)+")
+_DOT_SEGMENT = re.compile(r"(^|/)[.][.]?(/|$)")
+_PARENT_SEGMENT = re.compile(r"(^|/)[.][.](/|$)")
+MAX_PATH_LENGTH = 4096
+SHM_MOUNT_PATH = "/dev/shm"
+# Paths the operator already mounts in the Ray container; Kubernetes refuses a second mount there.
+RESERVED_MOUNT_PATHS: dict[str, str] = {
+    SHM_MOUNT_PATH: "Ray's shared memory",
+    C.TLS_MOUNT_PATH: "the api.tls Secret",
+}
+
+
+def _normal_absolute(path: str) -> str:
+    if not _NORMAL_ABSOLUTE.fullmatch(path) or _DOT_SEGMENT.search(path):
+        raise ValueError("must be an absolute path without '.', '..' or empty segments and "
+                         "without a trailing '/'")
+    return path
+
+
+def _descending(path: str) -> str:
+    if path.startswith("/") or _PARENT_SEGMENT.search(path):
+        raise ValueError("must be a relative path without '..' segments")
+    return path
+
+
+def _not_reserved_mount(path: str) -> str:
+    if path in RESERVED_MOUNT_PATHS:
+        raise ValueError(f"is where r1serve mounts {RESERVED_MOUNT_PATHS[path]}")
+    return path
+
+
+NormalPath = Annotated[str, Field(max_length=MAX_PATH_LENGTH), AfterValidator(_normal_absolute)]
+MountPath = Annotated[NormalPath, AfterValidator(_not_reserved_mount)]
+RelativePath = Annotated[str, Field(max_length=MAX_PATH_LENGTH),
+                         AfterValidator(check_no_whitespace), AfterValidator(_descending)]
+
+
+class NfsVolume(SpecModel):
+    """An NFS export holding the checkpoint."""
+
+    server: NonBlank = Field(description="Host name or IP address of the NFS server.")
+    path: AbsolutePath = Field(description="Exported path on the server, e.g. /exports/models.")
+
+
+class ModelVolume(SpecModel):
+    """Where the checkpoint lives in Kubernetes; set exactly one of claimName, hostPath or nfs."""
+
+    claim_name: ObjectName | None = Field(
+        None,
+        description="PersistentVolumeClaim (in the resource's namespace) holding the "
+        "checkpoint; with several worker nodes it needs access mode ReadOnlyMany (or "
+        "ReadWriteMany). Mounted read-only.",
+    )
+    host_path: NormalPath | None = Field(
+        None,
+        description="Directory on every node that runs a Ray pod, e.g. a node-local NVMe copy "
+        "of the checkpoint; the pods fail to start where it does not exist. Mounted read-only.",
+    )
+    nfs: NfsVolume | None = Field(None, description="NFS export holding the checkpoint. "
+                                  "Mounted read-only.")
+    mount_path: MountPath = Field(
+        "/models",
+        description="Where the volume appears in every Ray pod (head and workers); "
+        "model.source must be this path or lie under it. Absolute, no trailing '/'.",
+    )
+    sub_path: RelativePath | None = Field(
+        None,
+        description="Directory inside the volume to mount instead of its root (relative, "
+        "no '..').",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelVolume":
+        given = [(name, value) for name, value in (("claimName", self.claim_name),
+                                                   ("hostPath", self.host_path), ("nfs", self.nfs))
+                 if value is not None]
+        if not given:
+            raise FieldError("", "set one of claimName, hostPath or nfs")
+        if len(given) > 1:
+            names = " and ".join(name for name, _ in given)
+            raise FieldError(given[1][0], f"set only one of claimName, hostPath or nfs, not "
+                             f"{names}", given[1][1])
+        return self
+
+
 class ModelSpec(SpecModel):
     """Which checkpoint is served and how."""
 
     source: str = Field(
         min_length=1,
+        # Bounded like every path, which also bounds the cost the API server estimates for
+        # the CEL rules that read it.
+        max_length=MAX_PATH_LENGTH,
         description="Where the checkpoint is: a directory on a mounted volume holding the "
         "Hugging Face layout (config.json, *.safetensors, tokenizer), e.g. "
         "/models/DeepSeek-R1, or 'tiny:' / 'tiny:<preset>' for a small random "
-        "DeepSeek-V3-architecture checkpoint generated locally for demos and tests.",
+        "DeepSeek-V3-architecture checkpoint generated locally for demos and tests. With "
+        "volume set, an absolute path under volume.mountPath.",
     )
     max_model_len: int = Field(
         32768,
@@ -65,6 +172,13 @@ class ModelSpec(SpecModel):
         "for DeepSeek-R1). Optional: when set, expert divisibility across expertParallel "
         "ranks is checked when the resource is applied instead of when the model loads.",
     )
+    volume: ModelVolume | None = Field(
+        None,
+        description="The Kubernetes volume holding the checkpoint, mounted read-only into every "
+        "Ray pod (the Ingress on the head reads the tokenizer, the workers the weights). "
+        "Unset: the image or the nodes must already hold source. Not allowed with a 'tiny:' "
+        "source; ignored by the local runner.",
+    )
 
     @field_validator("source")
     @classmethod
@@ -81,6 +195,20 @@ class ModelSpec(SpecModel):
         elif value != value.strip():
             raise ValueError("must not start or end with whitespace")
         return value
+
+    @model_validator(mode="after")
+    def _source_on_volume(self) -> "ModelSpec":
+        if self.volume is None:
+            return self
+        if self.is_tiny:
+            raise FieldError("volume", "must be omitted with a 'tiny:' source: tiny checkpoints "
+                             "are generated in the pods, not read from a volume")
+        mount = self.volume.mount_path
+        under = self.source == mount or self.source.startswith(mount + "/")
+        if not under or _PARENT_SEGMENT.search(self.source):
+            raise FieldError("source", f"must be an absolute path under model.volume.mountPath "
+                             f"({mount}) when model.volume is set", self.source)
+        return self
 
     @property
     def is_tiny(self) -> bool:
@@ -137,16 +265,6 @@ def _not_reserved(port: int) -> int:
         raise ValueError(
             f"port {port} is reserved for {RESERVED_PORTS[port]} (reserved: {reserved})")
     return port
-
-
-def _absolute(path: str) -> str:
-    # Serve's HTTP proxy and the gRPC front read the file from their own working directories.
-    if not path.startswith("/"):
-        raise ValueError("must be an absolute path")
-    return path
-
-
-AbsolutePath = Annotated[NonBlank, AfterValidator(_absolute)]
 
 
 Port = Annotated[int, Field(ge=1, le=65535), AfterValidator(_not_reserved)]

@@ -68,6 +68,44 @@ INVALID = [
      "spec.model.source"),
     ("bad_tiny_preset", changed(("spec.model.source", "tiny:Big Model")), "spec.model.source"),
     ("bad_dtype", changed(("spec.model.dtype", "float16")), "spec.model.dtype"),
+    ("volume_without_source", changed(("spec.model.volume", {"mountPath": "/models"})),
+     "spec.model.volume"),
+    ("volume_with_two_sources", changed(("spec.model.volume", {
+        "claimName": "weights", "nfs": {"server": "nfs.local", "path": "/exports"}})),
+     "spec.model.volume"),
+    ("volume_bad_claim_name", changed(("spec.model.volume", {"claimName": "Weights_1"})),
+     "spec.model.volume.claimName"),
+    ("volume_host_path_dot_dot", changed(("spec.model.volume", {"hostPath": "/nvme/../etc"})),
+     "spec.model.volume.hostPath"),
+    ("volume_mount_path_trailing_slash",
+     changed(("spec.model.volume", {"claimName": "weights", "mountPath": "/models/"})),
+     "spec.model.volume.mountPath"),
+    ("volume_mount_path_over_tls",
+     changed(("spec.model.volume", {"claimName": "weights", "mountPath": "/etc/r1serve/tls"})),
+     "spec.model.volume.mountPath"),
+    ("volume_absolute_sub_path",
+     changed(("spec.model.volume", {"claimName": "weights", "subPath": "/r1"})),
+     "spec.model.volume.subPath"),
+    ("volume_sub_path_escapes",
+     changed(("spec.model.volume", {"claimName": "weights", "subPath": "r1/../.."})),
+     "spec.model.volume.subPath"),
+    ("volume_nfs_without_server",
+     changed(("spec.model.volume", {"nfs": {"path": "/exports"}})), "spec.model.volume.nfs"),
+    ("source_outside_volume",
+     changed(("spec.model.volume", {"claimName": "weights", "mountPath": "/weights"})),
+     "spec.model.source"),
+    ("source_outside_default_mount",
+     changed(("spec.model.source", "/data/r1"), ("spec.model.volume", {"claimName": "weights"})),
+     "spec.model.source"),
+    ("source_prefix_is_not_a_parent",
+     changed(("spec.model.volume", {"claimName": "weights", "mountPath": "/models/Deep"})),
+     "spec.model.source"),
+    ("source_escapes_volume", changed(("spec.model.source", "/models/../etc/r1"),
+                                      ("spec.model.volume", {"claimName": "weights"})),
+     "spec.model.source"),
+    ("volume_with_tiny_source", changed(("spec.model.source", "tiny:"),
+                                        ("spec.model.volume", {"hostPath": "/nvme/models"})),
+     "spec.model.volume"),
     ("kv_usage_above_one", changed(("spec.decode.autoscaling", {"targetKvCacheUsage": 1.5})),
      "spec.decode.autoscaling.targetKvCacheUsage"),
     ("unreachable_decode_target",
@@ -109,6 +147,26 @@ def test_invalid_spec_is_refused_naming_the_field(r1d_validator, doc, field):
     # The same document is refused by the spec model too: the two layers agree.
     with pytest.raises(SpecError):
         load_r1deployment(doc)
+
+
+VALID_VOLUMES = [
+    ("claim", "/models/DeepSeek-R1", {"claimName": "weights"}),
+    ("host_path", "/models/DeepSeek-R1", {"hostPath": "/nvme/models"}),
+    ("nfs", "/models/DeepSeek-R1", {"nfs": {"server": "10.0.0.5", "path": "/"}}),
+    ("source_is_the_mount", "/weights/r1", {"claimName": "weights", "mountPath": "/weights/r1",
+                                            "subPath": "checkpoints/DeepSeek-R1"}),
+    ("nested_mount", "/opt/models/r1/v3", {"hostPath": "/nvme/r1", "mountPath": "/opt/models/r1"}),
+]
+
+
+@pytest.mark.parametrize("source, volume", [c[1:] for c in VALID_VOLUMES],
+                         ids=[c[0] for c in VALID_VOLUMES])
+def test_valid_model_volumes_are_accepted_by_both_layers(r1d_validator, source, volume):
+    doc = changed(("spec.model.source", source), ("spec.model.volume", volume))
+    assert r1d_validator.errors(doc) == []
+    loaded = load_r1deployment(doc)
+    assert r1d_validator.defaulted(doc)["spec"] == loaded.to_manifest()["spec"]
+    assert loaded.spec.model.volume.mount_path == volume.get("mountPath", "/models")
 
 
 def test_the_table_is_big_enough():

@@ -44,7 +44,9 @@ def _clock():
 PATHS = [p for p in _paths(EXAMPLE) if p]
 EXTRA = [("spec", "api", "auth"), ("spec", "api", "tls"), ("spec", "api", "auth", "tokenEnv"),
          ("spec", "experts", "redundant"), ("spec", "disaggregation"), ("spec", "kvTransfer", "timeoutSeconds"),
-         ("spec", "decode", "blockSize"), ("spec", "prefill", "replicas", "initial")]
+         ("spec", "decode", "blockSize"), ("spec", "prefill", "replicas", "initial"),
+         ("spec", "model", "volume"), ("spec", "model", "volume", "claimName"),
+         ("spec", "model", "volume", "mountPath"), ("spec", "api", "tls", "certFile")]
 
 
 @st.composite

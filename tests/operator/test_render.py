@@ -45,6 +45,13 @@ VARIANTS = {
                                         "auth": {"secretName": "tok"}, "tls": {"secretName": "t"}}),
     "pool-overrides": _variant(PROD, workers={"image": "img:2", "shmSize": "1Gi",
                                               "resources": {"cpu": "500m"}}),
+    "host-path-weights": _variant(PROD, model={
+        "source": "/opt/r1/DeepSeek-R1", "numRoutedExperts": 256,
+        "volume": {"hostPath": "/mnt/nvme/models", "mountPath": "/opt/r1"}}),
+    "nfs-weights": _variant(PROD, model={
+        "source": "/models", "numRoutedExperts": 256,
+        "volume": {"nfs": {"server": "nfs.storage.svc", "path": "/exports"},
+                   "subPath": "DeepSeek-R1"}}),
 }
 
 
@@ -172,6 +179,42 @@ def test_credentials_reach_every_ray_pod():
             container["volumeMounts"]
     assert endpoints(deployment) == {"grpc": "tiny.default.svc:50051",
                                      "http": "https://tiny.default.svc:8080"}
+
+
+def _ray_pod_specs(deployment) -> list[dict]:
+    cluster = render_rayservice(deployment)["spec"]["rayClusterConfig"]
+    return [group["template"]["spec"]
+            for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+
+
+@pytest.mark.parametrize("variant, mount, volume", [
+    ("production", {"mountPath": "/models"},
+     {"persistentVolumeClaim": {"claimName": "deepseek-r1-weights", "readOnly": True}}),
+    ("host-path-weights", {"mountPath": "/opt/r1"},
+     {"hostPath": {"path": "/mnt/nvme/models", "type": "Directory"}}),
+    ("nfs-weights", {"mountPath": "/models", "subPath": "DeepSeek-R1"},
+     {"nfs": {"server": "nfs.storage.svc", "path": "/exports", "readOnly": True}}),
+])
+def test_model_volume_is_mounted_read_only_in_every_ray_pod(variant, mount, volume):
+    deployment = load_r1deployment(copy.deepcopy(VARIANTS[variant]))
+    specs = _ray_pod_specs(deployment)
+    assert len(specs) == 3  # the head (Ingress: tokenizer, config.json), prefill and decode
+    for spec in specs:
+        ray, *sidecars = spec["containers"]
+        assert {"name": K.MODEL_VOLUME, **mount, "readOnly": True} in ray["volumeMounts"]
+        assert {"name": K.MODEL_VOLUME, **volume} in spec["volumes"]
+        assert [v["name"] for v in spec["volumes"]].count(K.MODEL_VOLUME) == 1
+        # The gRPC TLS front never reads the checkpoint.
+        assert all(m["name"] != K.MODEL_VOLUME for c in sidecars for m in c["volumeMounts"])
+        assert deployment.spec.model.source.startswith(mount["mountPath"])
+
+
+@pytest.mark.parametrize("variant", ["tiny", "gpu-defaults", "auth-and-tls"])
+def test_no_model_volume_is_rendered_without_spec_model_volume(variant):
+    for spec in _ray_pod_specs(load_r1deployment(copy.deepcopy(VARIANTS[variant]))):
+        assert all(v["name"] != K.MODEL_VOLUME for v in spec["volumes"])
+        assert all(m["name"] != K.MODEL_VOLUME
+                   for c in spec["containers"] for m in c["volumeMounts"])
 
 
 def test_labels_and_generation_do_not_touch_the_serve_config():

@@ -63,6 +63,18 @@ def test_production_example_splits_experts_evenly():
     assert prod.spec.model.tiny_preset is None
 
 
+def test_model_volume_of_the_production_example_and_its_defaults():
+    prod = load_r1deployment(EXAMPLES / "r1-production.yaml").spec.model
+    assert (prod.volume.claim_name, prod.volume.mount_path) == ("deepseek-r1-weights", "/models")
+    assert prod.source.startswith(prod.volume.mount_path + "/")
+    host = ModelSpec.model_validate({"source": "/models", "volume": {
+        "hostPath": "/mnt/nvme/models", "subPath": "DeepSeek-R1"}})
+    assert (host.volume.mount_path, host.volume.sub_path, host.volume.claim_name) == (
+        "/models", "DeepSeek-R1", None)
+    assert load_r1deployment(MINIMAL).spec.model.volume is None
+    assert load_r1deployment(EXAMPLES / "tiny.yaml").spec.model.volume is None
+
+
 def test_defaults_of_a_minimal_spec():
     d = load_r1deployment(MINIMAL)
     assert d.metadata.namespace == "default"
