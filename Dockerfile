@@ -2,7 +2,7 @@
 # One image runs the operator (the chart's `image`, manifests/operator.yaml) and the Ray head and
 # workers (the chart's `rayPods.defaultImage`, or spec.workers.image).
 #
-#   CPU: docker build -t ghcr.io/r1serve/r1serve:0.1.0-cpu .
+#   CPU: docker build -t ghcr.io/r1serve/r1serve:0.1.0 .
 #   GPU: docker build --build-arg BASE=rayproject/ray:2.60.0-py311-gpu \
 #          --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
 #          -t ghcr.io/r1serve/r1serve:0.1.0-gpu .

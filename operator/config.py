@@ -11,7 +11,7 @@ from r1serve.spec.base import check_quantity
 class OperatorConfig:
     """Defaults the operator fills in where an R1Deployment leaves a field unset."""
 
-    default_image: str | None = None   # None: rayproject/ray per pool kind (cpu or gpu)
+    default_image: str | None = None   # None: the r1serve image per pool kind (cpu or gpu)
     rank_memory: str = "8Gi"           # per expert-parallel rank without workers.resources.memory
     shm_size: str = "8Gi"              # /dev/shm of each Ray pod without workers.shmSize
     head_cpu: str = "4"                # the head runs the Serve controller, proxies and Ingress

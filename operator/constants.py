@@ -1,5 +1,6 @@
 """Names, labels, annotations, ports and API coordinates used by the operator's rendering and handlers."""
 
+from r1serve import __version__
 from r1serve.spec import constants as spec_constants
 from r1serve.spec.model import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
@@ -66,9 +67,15 @@ GRPC_TLS_RESOURCES = {"cpu": "500m", "memory": "256Mi"}
 GPU_RESOURCE = "nvidia.com/gpu"
 
 RAY_VERSION_STRING = spec_constants.RAY_VERSION
+# Ray's own images, the bases the Dockerfile installs r1serve on.
+RAY_CPU_IMAGE = f"rayproject/ray:{RAY_VERSION_STRING}-py311-cpu"
+RAY_GPU_IMAGE = f"rayproject/ray:{RAY_VERSION_STRING}-py311-gpu"
+# The image the Dockerfile builds: the operator's, and the Ray pods' unless a resource or the
+# operator's settings name another (the pods run r1serve, so Ray's own image cannot serve).
 # Never `latest`: a moving tag would change the cluster under a running deployment.
-DEFAULT_CPU_IMAGE = f"rayproject/ray:{RAY_VERSION_STRING}-py311-cpu"
-DEFAULT_GPU_IMAGE = f"rayproject/ray:{RAY_VERSION_STRING}-py311-gpu"
+IMAGE_REPOSITORY = "ghcr.io/r1serve/r1serve"
+DEFAULT_CPU_IMAGE = f"{IMAGE_REPOSITORY}:{__version__}"
+DEFAULT_GPU_IMAGE = f"{IMAGE_REPOSITORY}:{__version__}-gpu"
 
 LIVENESS_PORT = 8080
 LIVENESS_PATH = "/healthz"

@@ -19,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="watch every namespace (the default)")
     parser.add_argument("--default-image", metavar="IMAGE",
                         help="Ray pod image when an R1Deployment sets none "
-                        "(env R1SERVE_DEFAULT_IMAGE; default rayproject/ray:<ray>-py311-cpu|gpu)")
+                        "(env R1SERVE_DEFAULT_IMAGE; default ghcr.io/r1serve/r1serve:<version>[-gpu], "
+                        "which the Dockerfile builds)")
     parser.add_argument("--liveness", metavar="URL",
                         default=f"http://0.0.0.0:{K.LIVENESS_PORT}{K.LIVENESS_PATH}",
                         help="kopf health endpoint for liveness/readiness probes ('' disables)")

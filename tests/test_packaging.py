@@ -52,6 +52,6 @@ def test_dockerfile_builds_on_the_pinned_ray_and_torch():
     args = _dockerfile_args()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     [ray_pin] = [d for d in project["dependencies"] if d.startswith("ray[")]
-    assert args["BASE"] == K.DEFAULT_CPU_IMAGE
+    assert args["BASE"] == K.RAY_CPU_IMAGE
     assert re.search(r":(\d+\.\d+\.\d+)-", args["BASE"]).group(1) == ray_pin.split("==")[1]
     assert f"torch=={args['TORCH_VERSION']}" == bootstrap.TORCH

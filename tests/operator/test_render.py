@@ -6,6 +6,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from r1serve import __version__
 from r1serve.operator import constants as K
 from r1serve.operator.config import OperatorConfig
 from r1serve.operator.render import (
@@ -154,11 +155,11 @@ def test_production_pools_are_sized_in_whole_nodes():
 def test_image_choice():
     tiny = load_r1deployment(copy.deepcopy(TINY))
     head = render_rayservice(tiny)["spec"]["rayClusterConfig"]["headGroupSpec"]
-    assert head["template"]["spec"]["containers"][0]["image"] == "rayproject/ray:2.60.0-py311-cpu"
+    assert head["template"]["spec"]["containers"][0]["image"] == f"ghcr.io/r1serve/r1serve:{__version__}"
     gpu = load_r1deployment(copy.deepcopy(VARIANTS["gpu-defaults"]))
     groups = render_rayservice(gpu)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert {g["template"]["spec"]["containers"][0]["image"] for g in groups} == {
-        "rayproject/ray:2.60.0-py311-gpu"}
+        f"ghcr.io/r1serve/r1serve:{__version__}-gpu"}
     configured = render_rayservice(tiny, config=OperatorConfig(default_image="my/ray:1"))
     images = {g["template"]["spec"]["containers"][0]["image"]
               for g in configured["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
