@@ -66,9 +66,9 @@ INGRESS_MAX_ONGOING_REQUESTS = 4096
 INGRESS_TARGET_ONGOING_REQUESTS = 2048
 INGRESS_MAX_REPLICAS = 4
 
-# Node shape assumed when sizing an expert-parallel group: GPU nodes carry 8 GPUs (H100/H200
-# HGX), and CPU ranks are grouped at most 8 to a node. The operator sizes worker pods and the
-# Serve config picks the placement strategy from the same number.
+# Node shape when sizing an expert-parallel group: GPU nodes carry gpusPerNode GPUs (default 8,
+# H100/H200 HGX), and CPU ranks are grouped at most 8 to a node. The operator sizes worker pods
+# and the Serve config picks the placement strategy from the same number.
 GPUS_PER_NODE = 8
 MAX_CPU_RANKS_PER_NODE = 8
 

@@ -143,6 +143,8 @@ _UNDER_MOUNT = ("(self.source == self.volume.mountPath || "
 
 _DECODE_MIN = "double(self.decode.replicas.min > 0 ? self.decode.replicas.min : 1)"
 
+_GPUS_FILL_A_NODE = _rule("self.gpusPerRank == 0 || self.gpusPerNode % self.gpusPerRank == 0",
+                          "gpusPerNode must be a multiple of gpusPerRank", ".gpusPerNode")
 # CRD model name -> CEL rules on that object (self is the object).
 MODEL_RULES: dict[str, list[dict[str, Any]]] = {
     "Replicas": [
@@ -179,7 +181,8 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
         _rule("has(self.keyFile) || !has(self.certFile)", "api.tls.keyFile is required with "
               "certFile", ".keyFile", "FieldValueRequired"),
     ],
-    "DecodePool": [_rule(
+    "PrefillPool": [_GPUS_FILL_A_NODE],
+    "DecodePool": [_GPUS_FILL_A_NODE, _rule(
         "self.autoscaling.targetOngoingRequests <= self.maxRunningRequests + "
         "self.maxQueuedRequests",
         "decode.autoscaling.targetOngoingRequests must be <= maxRunningRequests + "

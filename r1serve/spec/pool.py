@@ -3,6 +3,7 @@
 
 from pydantic import Field, field_validator, model_validator
 
+from r1serve.spec import constants as C
 from r1serve.spec.base import SpecModel
 from r1serve.spec.errors import FieldError, raise_all
 from r1serve.spec.workers import Workers
@@ -113,6 +114,14 @@ class _Pool(SpecModel):
         le=16,
         description="GPUs per rank. 0 runs the rank on CPU (demos and tests).",
     )
+    gpus_per_node: int = Field(
+        C.GPUS_PER_NODE,
+        ge=1,
+        le=16,
+        description="GPUs of one node of this pool: 8 on HGX H100/H200/H800 nodes, 4 on "
+        "GB200 and some cloud shapes. A replica's ranks fill whole nodes, one worker pod per "
+        "node, so this sizes the worker pods. Must be a multiple of gpusPerRank.",
+    )
     max_batch_tokens: int = Field(
         8192,
         gt=0,
@@ -155,6 +164,14 @@ class _Pool(SpecModel):
         if value & (value - 1):
             raise ValueError("must be a power of two from 16 to 1024")
         return value
+
+    @model_validator(mode="after")
+    def _ranks_fit_a_node(self) -> "_Pool":
+        # A rank's GPUs share one node (NVLink); whole ranks must fill the node.
+        if self.gpus_per_rank and self.gpus_per_node % self.gpus_per_rank:
+            raise FieldError("gpusPerNode", f"must be a multiple of gpusPerRank ({self.gpus_per_rank})",
+                             self.gpus_per_node)
+        return self
 
 
 class PrefillPool(_Pool):

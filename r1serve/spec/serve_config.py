@@ -35,7 +35,7 @@ def ranks_per_node(pool: Pool) -> int:
     The largest divisor of expertParallel whose GPUs fit one node, so every node of a
     replica holds the same number of ranks and no node is left half used.
     """
-    per_node = (C.GPUS_PER_NODE // pool.gpus_per_rank if pool.gpus_per_rank
+    per_node = (pool.gpus_per_node // pool.gpus_per_rank if pool.gpus_per_rank
                 else C.MAX_CPU_RANKS_PER_NODE)
     per_node = max(1, min(per_node, pool.expert_parallel))
     while pool.expert_parallel % per_node:

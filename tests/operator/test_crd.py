@@ -47,6 +47,8 @@ INVALID = [
     ("initial_outside_bounds", changed(("spec.decode.replicas", {"min": 1, "max": 2, "initial": 5})),
      "spec.decode.replicas.initial"),
     ("negative_redundant", changed(("spec.experts.redundant", -1)), "spec.experts.redundant"),
+    ("gpus_per_node_not_a_multiple", changed(("spec.decode.gpusPerRank", 3), ("spec.decode.gpusPerNode", 8)),
+     "spec.decode.gpusPerNode"),
     ("experts_not_divisible_prefill", changed(("spec.experts.redundant", 30)),
      "spec.prefill.expertParallel"),
     ("experts_not_divisible_decode", changed(("spec.decode.expertParallel", 20)),

@@ -233,3 +233,16 @@ def test_labels_and_generation_do_not_touch_the_serve_config():
     ("64Gi", 4, "256Gi"), ("1.5G", 3, "4.5G"), ("8", 2, "16"), ("200Gi", 8, "1600Gi")])
 def test_scale_quantity(quantity, factor, expected):
     assert scale_quantity(quantity, factor) == expected
+
+
+def test_four_gpu_nodes_get_four_gpu_worker_pods():
+    """gpusPerNode sizes the worker pods: 8 ranks of 1 GPU on 4-GPU nodes are 2 pods of 4 GPUs per replica."""
+    doc = copy.deepcopy(VARIANTS["gpu-defaults"])
+    doc["spec"]["decode"].update(expertParallel=8, gpusPerRank=1, gpusPerNode=4, replicas={"min": 1, "max": 3})
+    deployment = load_r1deployment(doc)
+    [decode] = [g for g in render_rayservice(deployment)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+                if g["groupName"] == "decode"]
+    limits = decode["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits[K.GPU_RESOURCE] == "4"
+    assert (decode["minReplicas"], decode["maxReplicas"]) == (2, 6)
+    assert decode["resources"] == {"r1serve_decode_rank": "4"}

@@ -224,13 +224,14 @@ def test_rayservice_deploys_exactly_the_local_config(path):
     assert yaml.safe_load(rayservice["spec"]["serveConfigV2"]) == build_serve_config(deployment)
 
 
-@pytest.mark.parametrize("ep, gpus, expected", [
-    (32, 1, (8, 4)), (144, 1, (8, 18)), (12, 1, (6, 2)), (4, 2, (4, 1)), (2, 0, (2, 1)),
-    (7, 1, (7, 1)), (9, 1, (3, 3)), (16, 16, (1, 16)), (1, 1, (1, 1)),
+@pytest.mark.parametrize("ep, gpus, node, expected", [
+    (32, 1, 8, (8, 4)), (144, 1, 8, (8, 18)), (12, 1, 8, (6, 2)), (4, 2, 8, (4, 1)), (2, 0, 8, (2, 1)),
+    (7, 1, 8, (7, 1)), (9, 1, 8, (3, 3)), (16, 16, 16, (1, 16)), (1, 1, 8, (1, 1)),
+    (32, 1, 4, (4, 8)), (8, 2, 4, (2, 4)), (6, 1, 4, (3, 2)),
 ])
-def test_ranks_are_spread_evenly_over_nodes(ep, gpus, expected):
+def test_ranks_are_spread_evenly_over_nodes(ep, gpus, node, expected):
     doc = copy.deepcopy(TINY)
-    doc["spec"]["decode"].update(expertParallel=ep, gpusPerRank=gpus)
+    doc["spec"]["decode"].update(expertParallel=ep, gpusPerRank=gpus, gpusPerNode=node)
     pool = load_r1deployment(doc).spec.decode
     assert (ranks_per_node(pool), nodes_per_replica(pool)) == expected
 

@@ -52,6 +52,8 @@ CASES = [
      ["spec.prefill.replicas.min", "max (2)", "(got 3)"]),
     ("negative_redundant", changed(spec__experts__redundant=-1),
      ["spec.experts.redundant", "(got -1)"]),
+    ("gpus_per_node_not_a_multiple", changed(spec__prefill__gpusPerRank=3, spec__prefill__gpusPerNode=8),
+     ["spec.prefill.gpusPerNode", "multiple of gpusPerRank (3)", "(got 8)"]),
     ("duplicate_ports", changed(spec__api={"grpcPort": 8000, "httpPort": 8000}),
      ["spec.api.httpPort", "grpcPort", "(got 8000)"]),
     ("reserved_port", changed(spec__api={"grpcPort": 6379}),
