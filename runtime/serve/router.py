@@ -11,6 +11,7 @@ an RPC later), or a burst routed within that round trip would still pile onto on
 from __future__ import annotations
 
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ from ray.serve.request_router import (
 
 # Prefix hashes remembered per replica from requests this router sent (stats lag by up to a period).
 RECENT_PREFIXES_PER_REPLICA = 4096
+# A charge made when a replica is chosen lapses unless Serve reports it accepted within this long: a
+# request cancelled or refused before being sent gets no completion callback. Choosing again (Serve
+# does on every retry) charges it afresh; an accepted one is by then in the replica's own stats.
+TENTATIVE_CHARGE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -71,10 +76,15 @@ class _Tracker:
     tokens: dict[Any, int] = field(default_factory=dict)
     requests: dict[Any, int] = field(default_factory=dict)
     prefixes: dict[Any, OrderedDict] = field(default_factory=dict)
+    tentative: dict[str, float] = field(default_factory=dict)  # internal id -> when the charge lapses
 
-    def add(self, request_id: str, replica: Any, tokens: int, hashes: list[int]) -> None:
-        """Charge the request to `replica`; charged before (to its first choice), it moves."""
+    def add(self, request_id: str, replica: Any, tokens: int, hashes: list[int], *,
+            lapses_at: float | None = None) -> None:
+        """Charge the request to `replica`; charged before (to its first choice), it moves. A charge
+        with `lapses_at` is tentative: `expire` drops it after that time unless added again firmly."""
         self.done(request_id)
+        if lapses_at is not None:
+            self.tentative[request_id] = lapses_at
         self.inflight[request_id] = (replica, tokens)
         self.tokens[replica] = self.tokens.get(replica, 0) + tokens
         self.requests[replica] = self.requests.get(replica, 0) + 1
@@ -85,7 +95,12 @@ class _Tracker:
         while len(recent) > RECENT_PREFIXES_PER_REPLICA:
             recent.popitem(last=False)
 
+    def expire(self, now: float) -> None:
+        for request_id in [r for r, t in self.tentative.items() if t <= now]:
+            self.done(request_id)
+
     def done(self, request_id: str) -> None:
+        self.tentative.pop(request_id, None)
         entry = self.inflight.pop(request_id, None)
         if entry is not None:
             replica, tokens = entry
@@ -129,7 +144,7 @@ class _PoolRouter(RequestRouter):
         if pending is not None:
             pending.routing_context.should_backoff = True  # all full: back off instead of spinning
             if ordered:
-                self._charge(pending, ordered[0].replica_id, [])
+                self._charge(pending, ordered[0].replica_id, [], tentative=True)
         by_id = {r.replica_id: r for r in replicas}
         return [[by_id[c.replica_id]] for c in ordered]
 
@@ -138,10 +153,12 @@ class _PoolRouter(RequestRouter):
         block_size = self._block_size(replica_id)
         self._charge(pending_request, replica_id, prefix_hashes(prompt, block_size) if prompt and block_size else [])
 
-    def _charge(self, pending: PendingRequest, replica_id: ReplicaID, hashes: list[int]) -> None:
+    def _charge(self, pending: PendingRequest, replica_id: ReplicaID, hashes: list[int], *,
+                tentative: bool = False) -> None:
         arg = pending.args[0] if pending.args else None
         tokens = len(_prompt_of(pending)) or int(getattr(arg, "num_prompt_tokens", 0) or 0)
-        self._tracker.add(pending.metadata.internal_request_id, replica_id, tokens, hashes)
+        lapses_at = time.monotonic() + TENTATIVE_CHARGE_S if tentative else None
+        self._tracker.add(pending.metadata.internal_request_id, replica_id, tokens, hashes, lapses_at=lapses_at)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._tracker.done(internal_request_id)
@@ -162,6 +179,7 @@ class PrefillRouter(_PoolRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        self._tracker.expire(time.monotonic())
         prompt = _prompt_of(pending_request)
         block_size = max((int((r.routing_stats or {}).get("block_size", 0)) for r in candidate_replicas), default=0)
         hashes = prefix_hashes(prompt[:-1], block_size) if prompt and block_size else []
@@ -177,5 +195,6 @@ class DecodeRouter(_PoolRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        self._tracker.expire(time.monotonic())
         candidates = [self._candidate(r, []) for r in candidate_replicas]
         return self._ranks(decode_order(candidates), candidate_replicas, pending_request)

@@ -102,32 +102,47 @@ def test_back_pressure_refuses_instead_of_queueing(graph, channel):
         with lock:
             codes.append(code)
 
-    start(2)
-    # Stats calls take a replica slot too: look while one is still free, then flood.
-    wait_until(lambda: graph.stats("decode")["running"] == 2, what="two running")
+    # One at a time, each seen running: stats calls take a replica slot too, so two streams sent at
+    # once could meet a stats call and one of them be refused before the pool is even full.
+    for running in (1, 2):
+        start(1)
+        wait_until(lambda n=running: graph.stats("decode")["running"] == n, what=f"{running} running")
     start(4)
     wait_until(lambda: codes.count("RESOURCE_EXHAUSTED") >= 2, what="refusals")
-    assert http_refusal(graph) == 429
+    statuses, refusals, probes = http_probes(graph)
+    wait_until(lambda: 429 in statuses, what="an HTTP refusal")
+    error = refusals[0].json()["error"]
+    assert error["type"] == "rate_limit_error" and refusals[0].headers["retry-after"] == "1"
     for s in streams:
         s.cancel()
-    for t in threads:
+    for t in threads + probes:
         t.join(timeout=30)
     assert sorted(codes).count("CANCELLED") >= 2 and set(codes) <= {"CANCELLED", "RESOURCE_EXHAUSTED"}
 
 
-def http_refusal(graph, attempts: int = 10) -> int:
-    """The first status that is not a client timeout (a request that got the free queue slot waits)."""
+def http_probes(graph, concurrent: int = 3) -> tuple[list, list[httpx.Response], list[threading.Thread]]:
+    """A few HTTP requests sent at once while the pool is full, the lists their statuses and refusals land
+    in, and their threads: one
+    that finds a free queue slot (Serve may refuse a gRPC stream early and leave one) waits in it, the
+    others are refused."""
     body = {"prompt": "hi", "max_tokens": 5}
-    for _ in range(attempts):
+    statuses: list = []
+    refusals: list[httpx.Response] = []
+
+    def post() -> None:
         try:
-            response = httpx.post(f"{graph.http_url}/v1/completions", json=body, timeout=2)
-        except httpx.TimeoutException:
-            continue
+            response = httpx.post(f"{graph.http_url}/v1/completions", json=body, timeout=60)
+        except httpx.HTTPError as exc:
+            statuses.append(type(exc).__name__)
+            return
+        statuses.append(response.status_code)
         if response.status_code == 429:
-            error = response.json()["error"]
-            assert error["type"] == "rate_limit_error" and response.headers["retry-after"] == "1"
-        return response.status_code
-    return 0
+            refusals.append(response)
+
+    probes = [threading.Thread(target=post) for _ in range(concurrent)]
+    for probe in probes:
+        probe.start()
+    return statuses, refusals, probes
 
 
 def test_health_and_reflection_for_generic_tools(graph, channel):

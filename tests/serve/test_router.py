@@ -92,3 +92,16 @@ def test_a_burst_spreads_before_any_replica_accepts(cls):
     for i in range(8):
         router.on_request_completed(other if i == 0 else chosen[i].replica_id, f"r{i}")
     assert router._tracker.requests == {"a": 0, "b": 0}
+
+
+def test_a_charge_made_when_choosing_lapses_unless_the_replica_accepts():
+    """A request cancelled or refused before it is sent gets no completion callback: its tentative charge
+    must not skew routing for ever, while an accepted request stays charged until it completes."""
+    tracker = _Tracker()
+    tracker.add("never-sent", "a", 10, [], lapses_at=100.0)
+    tracker.add("accepted", "a", 20, [], lapses_at=100.0)
+    tracker.add("accepted", "a", 20, [1])  # Serve reported it routed: a firm charge
+    tracker.expire(99.0)
+    assert tracker.requests["a"] == 2
+    tracker.expire(100.0)
+    assert tracker.requests["a"] == 1 and tracker.tokens["a"] == 20 and set(tracker.inflight) == {"accepted"}
