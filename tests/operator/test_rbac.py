@@ -59,7 +59,7 @@ def used(kube) -> set[tuple[str, str, str]]:
     return calls
 
 
-async def test_role_matches_the_calls_the_operator_makes(kube, operator_thread, wait_for):
+async def test_role_matches_the_calls_the_operator_makes(kube, operator_thread, wait_for, reliability):
     async def life_cycle():
         response = await kube.post(R1D_URL, json=copy.deepcopy(TINY), headers=TEST_CLIENT)
         assert response.status in (200, 201)
@@ -88,5 +88,13 @@ async def test_role_matches_the_calls_the_operator_makes(kube, operator_thread, 
         await wait_for(lambda: kube.live(R1D, "default", "tiny") is None, message="the R1Deployment gone")
 
     calls, rules = used(kube), granted()
+    missing, unused = calls - rules, rules - calls - MAY_BE_UNUSED
+    reliability("access-operator-rbac", "access", what="every API request the operator made over a life cycle "
+                "(create, status, update, RayService and Service deleted by hand, restart, delete), as "
+                f"(group, resource, verb), against its ClusterRole's {len(rules)} grants", requests=len(calls),
+                failed=len(missing) + len(unused),
+                failures=f"missing {sorted(missing)}, unused {sorted(unused)}" if missing or unused else
+                f"none: {len(calls)} distinct calls, all granted; {len(rules - calls)} grants unused by design "
+                "(discovery and first-apply create)")
     assert calls - rules == set(), "the operator calls what its role does not grant"
     assert rules - calls - MAY_BE_UNUSED == set(), "the role grants what the operator never calls"

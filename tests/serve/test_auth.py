@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,8 @@ from r1serve.spec.sections import ApiAuth
 
 TOKEN = "s3cret-token"
 MOCK = {"kind": "mock", "token_delay_s": 0.0}
+# Answers the graph gave to calls without a valid token, by API, for docs/RELIABILITY.md.
+REFUSED: Counter = Counter()
 
 
 # -- token sources ---------------------------------------------------------------------------------
@@ -135,6 +138,7 @@ def test_grpc_refuses_without_the_token(secured, metadata, problem):
             with pytest.raises(grpc.RpcError) as info:
                 call()
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    REFUSED[f"gRPC {problem} token"] += 3
 
 
 @pytest.mark.slow
@@ -163,6 +167,7 @@ def test_http_refuses_without_the_token(secured, headers, problem):
         assert response.headers["www-authenticate"] == "Bearer"
         error = response.json()["error"]
         assert error["code"] == "invalid_api_key" and problem in error["message"]
+        REFUSED[f"HTTP {problem} token"] += 1
 
 
 @pytest.mark.slow
@@ -213,3 +218,16 @@ def test_prompts_and_outputs_are_not_logged(secured, reliability):
                 "generated text and the bearer token", requests=2, failed=len(leaked),
                 failures=", ".join(f"{name}: {needle!r}" for name, needle in leaked) or "none found")
     assert not leaked
+
+
+@pytest.mark.slow
+def test_record_access_figures(secured, reliability):
+    """The refusals counted above (this runs after them, in file order); then a valid token still passes."""
+    assert _generate(secured.grpc_target, client.metadata(TOKEN))[-1].finished
+    if not REFUSED:
+        pytest.skip("the refusal tests above did not run in this session: no figures to record")
+    reliability("access-bearer-token", "access", what="calls with a missing, wrong or malformed bearer token "
+                "(gRPC Generate, GenerateUnary, GetModelInfo; HTTP completions, streamed chat, models): "
+                + ", ".join(f"{k}×{n}" for k, n in sorted(REFUSED.items())) + "; then a valid token passes",
+                requests=sum(REFUSED.values()), failed=0,
+                failures="none: each refused with UNAUTHENTICATED / 401 naming the problem")
