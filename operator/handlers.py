@@ -4,6 +4,7 @@ import datetime
 import json
 import logging
 import os
+import ssl
 import threading
 import urllib.request
 from collections.abc import Mapping
@@ -155,6 +156,13 @@ def _refresh_status(memo: kopf.Memo, owner: Mapping[str, Any], deployment: R1Dep
         previous=live.get("status"), now=_now()))
 
 
+# With api.tls the endpoint serves the resource's own certificate, which the operator has no CA for (it
+# never reads Secrets). The status document is public, read-only scaling data, so it is read over TLS
+# without verifying the peer rather than not at all.
+_STATUS_TLS = ssl.create_default_context()
+_STATUS_TLS.check_hostname, _STATUS_TLS.verify_mode = False, ssl.CERT_NONE
+
+
 def _scaling_status(deployment: R1Deployment, rayservice: Mapping[str, Any] | None) -> dict | None:
     """The Serve application's scaling status (the pool policies' decisions), or None.
 
@@ -165,7 +173,7 @@ def _scaling_status(deployment: R1Deployment, rayservice: Mapping[str, Any] | No
         return None
     url = render.endpoints(deployment)["http"] + C.SCALING_STATUS_ROUTE
     try:
-        with urllib.request.urlopen(url, timeout=SCALING_STATUS_TIMEOUT_S) as response:
+        with urllib.request.urlopen(url, timeout=SCALING_STATUS_TIMEOUT_S, context=_STATUS_TLS) as response:
             return json.loads(response.read())
     except (OSError, ValueError):
         log.debug("could not read %s", url, exc_info=True)

@@ -194,7 +194,7 @@ def test_the_operator_reads_the_scaling_status_only_from_a_running_application(t
 
     asked = []
 
-    def urlopen(url, timeout):
+    def urlopen(url, timeout, context=None):
         asked.append((url, timeout))
         return io.BytesIO(json.dumps({"pools": {}}).encode())
 
@@ -205,8 +205,60 @@ def test_the_operator_reads_the_scaling_status_only_from_a_running_application(t
     assert handlers._scaling_status(tiny, _rayservice(kuberay_world.status("DEPLOYING", pending=True))) is None
     assert handlers._scaling_status(tiny, None) is None and len(asked) == 1
 
-    def unreachable(url, timeout):
+    def unreachable(url, timeout, context=None):
         raise OSError("connection refused")
 
     monkeypatch.setattr(handlers.urllib.request, "urlopen", unreachable)
     assert handlers._scaling_status(tiny, running) is None
+
+
+def test_the_scaling_status_is_read_over_https_with_the_resources_own_certificate(tiny, kuberay_world, tmp_path,
+                                                                                  monkeypatch):
+    """With api.tls the Service answers with the resource's certificate, which the operator cannot verify (it
+    reads no Secrets); it still gets the status document."""
+    import datetime
+    import http.server
+    import json
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from r1serve.operator import handlers
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tiny.default.svc")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(hours=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+
+    class Status(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"pools": {"decode": {"running": 1}}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Status)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(handlers.render, "endpoints",
+                        lambda deployment: {"http": f"https://127.0.0.1:{server.server_port}"})
+    try:
+        running = _rayservice(kuberay_world.status("RUNNING"))
+        assert handlers._scaling_status(tiny, running) == {"pools": {"decode": {"running": 1}}}
+    finally:
+        server.shutdown()
