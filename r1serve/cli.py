@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="per pool: current and desired replicas, last scaling decision")
     status.add_argument("--url", default="http://127.0.0.1:8000", help="the deployment's HTTP endpoint")
     status.add_argument("--json", action="store_true", help="print the raw status document")
+    status.add_argument("--ca-file", type=Path, default=None,
+                        help="with an https URL (spec.api.tls): trust this PEM CA, e.g. a self-signed certificate")
     status.set_defaults(run=_status)
 
     spec = sub.add_parser("spec", help="work with R1Deployment files").add_subparsers(title="spec")
@@ -104,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _status(args) -> int:
     import json
+    import ssl
     import urllib.error
     import urllib.request
 
@@ -111,7 +114,12 @@ def _status(args) -> int:
 
     url = args.url.rstrip("/") + STATUS_ROUTE
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else None
+    except (OSError, ssl.SSLError) as exc:
+        print(f"r1serve: error: --ca-file {args.ca_file}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with urllib.request.urlopen(url, timeout=10, context=context) as response:
             status = json.loads(response.read())
     except (urllib.error.URLError, OSError) as exc:
         print(f"r1serve: error: cannot read {url}: {exc}", file=sys.stderr)

@@ -86,3 +86,5 @@ def test_status_prints_each_pool_with_its_last_decision(capsys):
     assert "decode: 1 replicas, desired 2" in out
     assert "running + waiting sequences 20 in the pool vs target 8 per replica" in out
     assert main(["status", "--url", "http://127.0.0.1:1"]) == 1
+    assert main(["status", "--url", "https://127.0.0.1:1", "--ca-file", "/nonexistent/ca.pem"]) == 2
+    assert "--ca-file /nonexistent/ca.pem" in capsys.readouterr().err
