@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,6 +89,16 @@ def _signature(*paths: Path) -> tuple:
     return tuple((st.st_ino, st.st_mtime_ns, st.st_size) for st in (path.stat() for path in paths))
 
 
+def check_pair(cert: Path, key: Path) -> None:
+    """Raise ValueError naming the files unless they hold a PEM certificate chain and its private key
+    (grpc would only report that it failed to bind the port)."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ValueError(f"TLS files {cert} and {key}: not a PEM certificate chain with its private key "
+                         f"({exc.reason or exc})") from None
+
+
 def server_credentials(cert_file: str | Path, key_file: str | Path) -> grpc.ServerCredentials:
     """TLS server credentials from PEM files (the certificate may hold the whole chain), re-read
     when the files change: a renewed certificate (cert-manager updating the Secret) is served to
@@ -95,6 +106,7 @@ def server_credentials(cert_file: str | Path, key_file: str | Path) -> grpc.Serv
     cert, key = Path(cert_file), Path(key_file)
 
     def load() -> grpc.ServerCertificateConfiguration:
+        check_pair(cert, key)
         return grpc.ssl_server_certificate_configuration([(key.read_bytes(), cert.read_bytes())])
 
     state = {"signature": _signature(cert, key)}
@@ -107,7 +119,7 @@ def server_credentials(cert_file: str | Path, key_file: str | Path) -> grpc.Serv
             if signature == state["signature"]:
                 return None
             config = load()
-        except OSError as exc:  # mid-update or removed: keep serving the last good pair
+        except (OSError, ValueError) as exc:  # mid-update, removed or bad: keep serving the last good pair
             log.warning("cannot re-read TLS files %s, %s: %s", cert, key, exc)
             return None
         state["signature"] = signature

@@ -284,6 +284,19 @@ def test_unreadable_key_fails_before_serving(tls_files, tmp_path):
         TLSFront("127.0.0.1:0", "127.0.0.1:1", cert, tmp_path / "missing.key")
 
 
+def test_files_that_are_not_a_matching_pem_pair_are_refused_by_name(tls_files, tmp_path):
+    cert, key, _ = tls_files
+    other = tmp_path / "other"
+    other.mkdir()
+    write_cert(other)  # a second, unrelated key pair
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    for cert_file, key_file in ((garbage, key), (cert, garbage), (cert, other / "tls.key")):
+        with pytest.raises(ValueError, match="not a PEM certificate chain with its private key") as info:
+            TLSFront("127.0.0.1:0", "127.0.0.1:1", cert_file, key_file)
+        assert str(cert_file) in str(info.value) and str(key_file) in str(info.value)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
