@@ -212,17 +212,16 @@ def test_killed_prefill_replica_spares_decoding_streams_and_retries_prefilling_o
 
 
 def _running_decode_replicas() -> set[str]:
-    """Names of the decode replica actors Serve reports RUNNING (a replica's actor is named after its id)."""
+    """Names of the decode replica actors, once every one of them is RUNNING in Serve's eyes (empty while a
+    replica is starting or stopping: its actor exists but it does not serve)."""
+    import ray
     from ray import serve
 
-    app = serve.status().applications[C.SERVE_APP_NAME]
-    if app.deployments[C.DECODE_DEPLOYMENT].replica_states.get("RUNNING", 0) == 0:
-        return set()
-    import ray
-
+    running = serve.status().applications[C.SERVE_APP_NAME].deployments[C.DECODE_DEPLOYMENT].replica_states.get(
+        "RUNNING", 0)
     names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["namespace"] == "serve" and f"#{C.DECODE_DEPLOYMENT}#" in a["name"]}
-    return names if len(names) == app.deployments[C.DECODE_DEPLOYMENT].replica_states.get("RUNNING", 0) else set()
+    return names if len(names) == running else set()
 
 
 def _rank_actors(replica_name: str) -> list[dict]:
