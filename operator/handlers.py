@@ -289,23 +289,33 @@ def _controller_of(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+def _live_owner(memo: kopf.Memo, child: Mapping[str, Any]) -> tuple[dict[str, Any], R1Deployment] | None:
+    """The R1Deployment that controls `child` and its spec, or None when there is none to act for:
+    no controller, an owner gone or being deleted (the garbage collector takes the child), or an
+    invalid spec (reconcile reports it)."""
+    ref = _controller_of(child)
+    if ref is None:
+        return None
+    owner = memo.api.get_r1deployment(child.get("metadata", {}).get("namespace"), ref["name"])
+    owner_meta = (owner or {}).get("metadata") or {}
+    if owner is None or owner_meta.get("uid") != ref.get("uid") \
+            or owner_meta.get("deletionTimestamp"):
+        return None
+    try:
+        return owner, _deployment(owner)
+    except SpecError:
+        return None
+
+
 @kopf.on.event(K.RAY_GROUP, K.RAY_VERSION, K.RAYSERVICES,
                labels={K.LABEL_MANAGED_BY: K.OPERATOR_NAME})
 def rayservice_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo,
                      logger: Any, **_: Any) -> None:
     """Follow KubeRay's status into the owner's status; re-create a RayService deleted by hand."""
-    ref = _controller_of(body)
-    if ref is None:
+    live = _live_owner(memo, body)
+    if live is None:
         return
-    owner = memo.api.get_r1deployment(body.get("metadata", {}).get("namespace"), ref["name"])
-    owner_meta = (owner or {}).get("metadata") or {}
-    if owner is None or owner_meta.get("uid") != ref.get("uid") \
-            or owner_meta.get("deletionTimestamp"):
-        return  # being garbage-collected with its owner
-    try:
-        deployment = _deployment(owner)
-    except SpecError:
-        return  # reconcile reports it
+    owner, deployment = live
     rayservice: Mapping[str, Any] | None = _plain(body)
     if event.get("type") == "DELETED":
         logger.info("RayService deleted while its R1Deployment exists; re-creating it")
@@ -320,17 +330,9 @@ def service_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo,
     reconcile otherwise); its other events change nothing the operator reports."""
     if event.get("type") != "DELETED":
         return
-    ref = _controller_of(body)
-    if ref is None:
+    live = _live_owner(memo, body)
+    if live is None:
         return
-    owner = memo.api.get_r1deployment(body.get("metadata", {}).get("namespace"), ref["name"])
-    owner_meta = (owner or {}).get("metadata") or {}
-    if owner is None or owner_meta.get("uid") != ref.get("uid") \
-            or owner_meta.get("deletionTimestamp"):
-        return  # being garbage-collected with its owner
-    try:
-        deployment = _deployment(owner)
-    except SpecError:
-        return  # reconcile reports it
+    owner, deployment = live
     logger.info("Service deleted while its R1Deployment exists; re-creating it")
     _apply_children(memo, owner, deployment)
