@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import ipaddress
 import multiprocessing as mp
 import statistics
 import sys
@@ -39,9 +37,11 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, record
 from r1serve.runtime.serve.grpc_tls import TLSFront
+from r1serve.runtime.serve.self_signed import write_self_signed
 
 from r1serve.protos.r1serve.v1 import inference_pb2 as pb
 from r1serve.protos.r1serve.v1 import inference_pb2_grpc as pb_grpc
+from r1serve.spec.constants import TLS_CERT_FILE, TLS_KEY_FILE
 
 HOST = "127.0.0.1"
 UNARY_TOKENS = 16  # tokens in a unary answer
@@ -52,30 +52,6 @@ WARMUP = 50
 DECODE_STEP_MS = (4, 29)
 ENGINE_TOKENS_PER_S = 2000
 PROXY_CPU_US = 460
-
-
-def write_cert(folder: Path) -> tuple[Path, Path, bytes]:
-    """A self-signed certificate for 127.0.0.1 as folder/tls.crt and tls.key; returns both paths and the PEM."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    (folder / "tls.crt").write_bytes(cert_pem)
-    (folder / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    return folder / "tls.crt", folder / "tls.key", cert_pem
 
 
 def piece(i: int) -> str:
@@ -268,7 +244,8 @@ def analysis(results: dict[str, dict], rounds: dict[str, list[dict]], args) -> s
 
 def measure_all(folder: Path, args) -> dict[str, list[dict]]:
     """Start the backend and the front, measure every route, stop them."""
-    cert, key, cert_pem = write_cert(folder)
+    cert_pem = write_self_signed(folder, ("localhost", HOST))
+    cert, key = folder / TLS_CERT_FILE, folder / TLS_KEY_FILE
     backend, (plain_port, secure_port) = spawn(_serve_backend, str(cert), str(key))
     front, front_port = spawn(_serve_front, f"{HOST}:{plain_port}", str(cert), str(key))
     try:

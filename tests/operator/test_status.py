@@ -216,28 +216,15 @@ def test_the_scaling_status_is_read_over_https_with_the_resources_own_certificat
                                                                                   monkeypatch):
     """With api.tls the Service answers with the resource's certificate, which the operator cannot verify (it
     reads no Secrets); it still gets the status document."""
-    import datetime
     import http.server
     import json
     import ssl
     import threading
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
     from r1serve.operator import handlers
+    from r1serve.runtime.serve.self_signed import write_self_signed
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tiny.default.svc")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(hours=1))
-            .sign(key, hashes.SHA256()))
-    (tmp_path / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                         serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
+    write_self_signed(tmp_path, ("tiny.default.svc",))  # the Service's name, not the address dialled
 
     class Status(http.server.BaseHTTPRequestHandler):
         def do_GET(self):

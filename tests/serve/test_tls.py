@@ -5,9 +5,6 @@ the real local Serve graph."""
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
-import os
 import signal
 import socket
 import subprocess
@@ -18,13 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from r1serve.runtime.serve import client, local
 from r1serve.runtime.serve.grpc_tls import TLSFront, TLSFrontThread, forwardable
+from r1serve.runtime.serve.self_signed import write_self_signed
 
 from r1serve.protos.r1serve.v1 import inference_pb2 as pb
 from r1serve.protos.r1serve.v1 import inference_pb2_grpc as pb_grpc
@@ -35,35 +29,11 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
 WAIT_S = 10.0
 
 
-def write_cert(folder: Path) -> bytes:
-    """A fresh self-signed certificate for localhost and 127.0.0.1 as folder/tls.crt and tls.key
-    (each swapped in whole, as the kubelet updates a Secret volume); returns the certificate PEM."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    for name, data in (("tls.key", key_pem), ("tls.crt", cert_pem)):
-        (folder / f"{name}.new").write_bytes(data)
-        os.replace(folder / f"{name}.new", folder / name)
-    return cert_pem
-
-
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory):
     """A self-signed certificate for localhost and 127.0.0.1: (cert path, key path, cert PEM)."""
     folder = tmp_path_factory.mktemp("tls")
-    cert_pem = write_cert(folder)
+    cert_pem = write_self_signed(folder)
     return folder / "tls.crt", folder / "tls.key", cert_pem
 
 
@@ -255,7 +225,7 @@ def test_thread_front_starts_and_stops(tls_files):
 
 def test_a_renewed_certificate_is_served_to_new_connections(front, tmp_path):
     backend = front[0]
-    old_pem = write_cert(tmp_path)
+    old_pem = write_self_signed(tmp_path)
     tls = TLSFrontThread("127.0.0.1:0", backend.target, tmp_path / "tls.crt", tmp_path / "tls.key")
     target = f"127.0.0.1:{tls.start()}"
 
@@ -271,7 +241,7 @@ def test_a_renewed_certificate_is_served_to_new_connections(front, tmp_path):
 
     try:
         assert call(old_pem) == grpc.StatusCode.OK
-        new_pem = write_cert(tmp_path)  # cert-manager renewed the Secret
+        new_pem = write_self_signed(tmp_path)  # cert-manager renewed the Secret
         assert call(new_pem) == grpc.StatusCode.OK
         assert call(old_pem) == grpc.StatusCode.UNAVAILABLE
     finally:
@@ -288,7 +258,7 @@ def test_files_that_are_not_a_matching_pem_pair_are_refused_by_name(tls_files, t
     cert, key, _ = tls_files
     other = tmp_path / "other"
     other.mkdir()
-    write_cert(other)  # a second, unrelated key pair
+    write_self_signed(other)  # a second, unrelated key pair
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate")
     for cert_file, key_file in ((garbage, key), (cert, garbage), (cert, other / "tls.key")):
