@@ -125,6 +125,10 @@ class _PoolRouter(RequestRouter):
     def initialize_state(self, **kwargs) -> None:
         self._tracker = _Tracker()
 
+    def _candidates(self, replicas: list[RunningReplica], hashes: list[int]) -> list[Candidate]:
+        self._tracker.expire(time.monotonic())  # charges of requests never sent weigh on no choice
+        return [self._candidate(r, hashes) for r in replicas]
+
     def _candidate(self, replica: RunningReplica, hashes: list[int]) -> Candidate:
         stats = replica.routing_stats or {}
         rid = replica.replica_id
@@ -179,11 +183,10 @@ class PrefillRouter(_PoolRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        self._tracker.expire(time.monotonic())
         prompt = _prompt_of(pending_request)
         block_size = max((int((r.routing_stats or {}).get("block_size", 0)) for r in candidate_replicas), default=0)
         hashes = prefix_hashes(prompt[:-1], block_size) if prompt and block_size else []
-        candidates = [self._candidate(r, hashes) for r in candidate_replicas]
+        candidates = self._candidates(candidate_replicas, hashes)
         ordered = prefill_order(candidates, len(prompt), block_size or 1)
         return self._ranks(ordered, candidate_replicas, pending_request)
 
@@ -195,6 +198,5 @@ class DecodeRouter(_PoolRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        self._tracker.expire(time.monotonic())
-        candidates = [self._candidate(r, []) for r in candidate_replicas]
+        candidates = self._candidates(candidate_replicas, [])
         return self._ranks(decode_order(candidates), candidate_replicas, pending_request)
