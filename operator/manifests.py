@@ -55,10 +55,22 @@ def _labels() -> dict[str, str]:
     return {K.LABEL_NAME: K.OPERATOR_NAME, K.LABEL_PART_OF: K.APP_NAME}
 
 
+def namespace_object(namespace: str = NAMESPACE) -> dict[str, Any]:
+    """The operator's namespace; its pod meets Pod Security "restricted", which is enforced."""
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": namespace, "labels": {**_labels(), **{
+            f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn")}}}}
+
+
 def build_rbac(namespace: str = NAMESPACE) -> list[dict[str, Any]]:
-    """ServiceAccount, ClusterRole and ClusterRoleBinding of a cluster-wide operator."""
+    """The namespace, ServiceAccount, ClusterRole and ClusterRoleBinding of a cluster-wide operator.
+
+    The Namespace opens rbac.yaml and operator.yaml alike: `kubectl apply` creates objects in the
+    order it reads them, so each file must work whichever is applied first.
+    """
     meta = {"name": K.OPERATOR_NAME, "labels": _labels()}
     return [
+        namespace_object(namespace),
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {**meta, "namespace": namespace}},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": meta,
          "rules": namespaced_rules() + cluster_rules()},
@@ -101,10 +113,10 @@ def operator_container(image: str = IMAGE) -> dict[str, Any]:
 
 
 def build_operator(namespace: str = NAMESPACE, image: str = IMAGE) -> list[dict[str, Any]]:
-    """The namespace and a single-replica Deployment of the operator."""
+    """The namespace (as in rbac.yaml) and a single-replica Deployment of the operator."""
     labels = _labels()
     return [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        namespace_object(namespace),
         {"apiVersion": "apps/v1", "kind": "Deployment",
          "metadata": {"name": K.OPERATOR_NAME, "namespace": namespace, "labels": labels},
          "spec": {

@@ -215,13 +215,15 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
     ],
 }
 
+# No fieldPath: it must resolve inside the schema, and the root's `metadata` declares no
+# properties there (the server refuses ".metadata.name"). The messages name the field instead.
 ROOT_RULES = [
     _rule(f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
           f"metadata.name must be at most {MAX_NAME_LENGTH} characters so derived object names "
-          "fit Kubernetes limits", ".metadata.name"),
+          "fit Kubernetes limits"),
     _rule(f"self.metadata.name.matches('{_anchored(_DNS_1035_LABEL.pattern)}')",
           "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting "
-          "with a letter)", ".metadata.name"),
+          "with a letter)"),
 ]
 
 
@@ -258,6 +260,11 @@ def _exclusive_bounds(node: dict[str, Any], out: dict[str, Any]) -> None:
             out[bound] = True
 
 
+def _object_default(node: dict[str, Any]) -> dict[str, Any]:
+    """The object the API server builds from its properties' defaults (each already filled in)."""
+    return {name: prop["default"] for name, prop in node["properties"].items() if "default" in prop}
+
+
 def _convert(node: dict[str, Any], defs: dict[str, Any], owner: str | None,
              field: str | None) -> dict[str, Any]:
     node, ref_name = _resolve(node, defs)
@@ -276,11 +283,12 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], owner: str | None,
             name: _convert(prop, defs, model, name) for name, prop in node["properties"].items()
         }
         for name, prop in out["properties"].items():
-            # A sub-object built by a default_factory: `default: {}` lets the API server fill
-            # its own defaults in, exactly like the pydantic model does.
+            # A sub-object built by a default_factory gets its nested defaults written out: the
+            # API server checks the CEL rules against a `default` exactly as written, so a bare
+            # `{}` would fail a rule such as `self.min <= self.max` ("no such key: min").
             if name not in node.get("required", []) and "default" not in prop \
                     and "properties" in prop and not prop.get("nullable"):
-                prop["default"] = {}
+                prop["default"] = _object_default(prop)
         if node.get("required"):
             out["required"] = list(node["required"])
     elif isinstance(node.get("additionalProperties"), dict):
