@@ -1,0 +1,193 @@
+"""The operator as a real process on a real API server, signed in as the ServiceAccount of manifests/rbac.yaml:
+owned children that KubeRay's CRDs accept, updates followed, deleted children re-created, SIGKILL survived,
+nothing left after deletion."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from r1serve.operator.manifests import NAMESPACE
+
+from .conftest import ROOT, eventually
+from .control_plane import SERVICE_ACCOUNT_ISSUER
+
+R1D = ("r1serve.io", "v1alpha1")
+RAY = ("ray.io", "v1")
+MANAGED = "app.kubernetes.io/managed-by=r1serve-operator"
+
+
+class Operator:
+    """`python -m r1serve.operator` in a child process, with a kubeconfig holding only a token."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path) -> None:
+        self.kubeconfig, self.workdir = kubeconfig, workdir
+        self.log = workdir / "operator.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Operator":
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONSAFEPATH": "1"}
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        with self.log.open("a") as log:
+            # cwd away from the repository, whose operator/ folder would shadow the stdlib module
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "r1serve.operator", "--all-namespaces", "--liveness", ""],
+                env=env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL)
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def tail(self, lines: int = 40) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def operator_token(cluster, operator_install) -> str:
+    """A token of the operator's ServiceAccount, as the kubelet would mount it into its pod."""
+    request = {"spec": {"audiences": [SERVICE_ACCOUNT_ISSUER], "expirationSeconds": 3600}}
+    answer = cluster.core.create_namespaced_service_account_token(
+        "r1serve-operator", NAMESPACE, request)
+    return answer.status.token
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, operator_token, kuberay_installed, tmp_path_factory) -> Iterator[Operator]:
+    workdir = tmp_path_factory.mktemp("operator")
+    kubeconfig = cluster.plane.token_kubeconfig(workdir / "kubeconfig", operator_token)
+    process = Operator(kubeconfig, workdir).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def namespace(cluster) -> str:
+    return cluster.new_namespace("op")
+
+
+def _tiny(namespace: str, name: str) -> dict:
+    doc = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    doc["metadata"] = {"name": name, "namespace": namespace}
+    return doc
+
+
+def _get(cluster, group_version, namespace, plural, name):
+    try:
+        return cluster.custom.get_namespaced_custom_object(*group_version, namespace, plural, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def _children(cluster, namespace: str) -> tuple[list, list]:
+    rayservices = cluster.custom.list_namespaced_custom_object(
+        *RAY, namespace, "rayservices", label_selector=MANAGED)["items"]
+    services = cluster.core.list_namespaced_service(namespace, label_selector=MANAGED).items
+    return rayservices, services
+
+
+def _wait_for_rayservice(cluster, operator, namespace, name, check=lambda rs: True, what="") -> dict:
+    def ready():
+        assert operator.alive(), f"the operator exited:\n{operator.tail()}"
+        rayservice = _get(cluster, RAY, namespace, "rayservices", name)
+        return rayservice if rayservice is not None and check(rayservice) else None
+    return eventually(ready, timeout=60, message=f"RayService {name} {what}")
+
+
+def _worker_group(rayservice: dict, role: str) -> dict:
+    groups = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return next(group for group in groups if group["groupName"] == role)
+
+
+def test_the_operator_creates_owned_children_that_kuberay_accepts(cluster, operator, namespace):
+    owner = cluster.custom.create_namespaced_custom_object(
+        *R1D, namespace, "r1deployments", _tiny(namespace, "tiny"))
+    rayservice = _wait_for_rayservice(cluster, operator, namespace, "tiny", what="to be created")
+    [reference] = rayservice["metadata"]["ownerReferences"]
+    assert (reference["kind"], reference["uid"], reference["controller"]) == (
+        "R1Deployment", owner["metadata"]["uid"], True)
+    service = eventually(lambda: _children(cluster, namespace)[1], message="the client Service")
+    assert service[0].metadata.owner_references[0].uid == owner["metadata"]["uid"]
+    # No KubeRay controller runs: the status says the cluster is pending, written by the operator.
+    status = eventually(lambda: (_get(cluster, R1D, namespace, "r1deployments", "tiny") or {})
+                        .get("status"), message="the R1Deployment status")
+    assert status["phase"] in ("Pending", "Progressing") and status["rayService"] == "tiny"
+
+
+def test_the_operator_follows_an_update(cluster, operator, namespace):
+    live = _get(cluster, R1D, namespace, "r1deployments", "tiny")
+    live["spec"]["decode"]["replicas"] = {"min": 1, "max": 3}
+    cluster.custom.replace_namespaced_custom_object(*R1D, namespace, "r1deployments", "tiny", live)
+    _wait_for_rayservice(cluster, operator, namespace, "tiny",
+                         lambda rs: _worker_group(rs, "decode")["maxReplicas"] ==
+                         3 * _worker_group(rs, "decode")["minReplicas"],
+                         what="to follow decode.replicas.max")
+
+
+@pytest.mark.parametrize("kind", ["rayservice", "service"])
+def test_a_child_deleted_by_hand_is_recreated(cluster, operator, namespace, kind):
+    if kind == "rayservice":
+        old = _get(cluster, RAY, namespace, "rayservices", "tiny")["metadata"]["uid"]
+        cluster.custom.delete_namespaced_custom_object(*RAY, namespace, "rayservices", "tiny")
+        _wait_for_rayservice(cluster, operator, namespace, "tiny",
+                             lambda rs: rs["metadata"]["uid"] != old, what="to be re-created")
+    else:
+        old = cluster.core.read_namespaced_service("tiny", namespace).metadata.uid
+        cluster.core.delete_namespaced_service("tiny", namespace)
+        eventually(lambda: [s for s in _children(cluster, namespace)[1] if s.metadata.uid != old],
+                   timeout=60, message="the client Service to be re-created")
+
+
+def test_the_operator_survives_sigkill_and_catches_up(cluster, operator, namespace):
+    operator.kill()
+    live = _get(cluster, R1D, namespace, "r1deployments", "tiny")
+    live["spec"]["decode"]["replicas"] = {"min": 1, "max": 4}
+    cluster.custom.replace_namespaced_custom_object(*R1D, namespace, "r1deployments", "tiny", live)
+    operator.start()
+    _wait_for_rayservice(cluster, operator, namespace, "tiny",
+                         lambda rs: _worker_group(rs, "decode")["maxReplicas"] ==
+                         4 * _worker_group(rs, "decode")["minReplicas"],
+                         what="to follow the edit made while the operator was down")
+    rayservices, services = _children(cluster, namespace)
+    assert len(rayservices) == 1 and len(services) == 1
+
+
+def test_deleting_the_resource_leaves_nothing(cluster, operator, namespace):
+    if not cluster.has_controller_manager:
+        pytest.skip("garbage collection needs kube-controller-manager in $KUBEBUILDER_ASSETS")
+    cluster.custom.delete_namespaced_custom_object(*R1D, namespace, "r1deployments", "tiny")
+    eventually(lambda: _get(cluster, R1D, namespace, "r1deployments", "tiny") is None,
+               message="the R1Deployment to be deleted")
+    eventually(lambda: _children(cluster, namespace) == ([], []), timeout=30,
+               message="the garbage collector to delete the RayService and the Service")
+    assert operator.alive(), operator.tail()
+
+
+def test_the_operator_made_no_call_its_role_forbids(operator):
+    # Every call went through the ServiceAccount's role; a 403 would show in the operator's log.
+    assert "403" not in operator.log.read_text(errors="replace"), operator.tail()
