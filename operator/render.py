@@ -248,6 +248,22 @@ def _head_group(deployment: R1Deployment, config: OperatorConfig) -> dict[str, A
     }
 
 
+def upgrade_strategy(deployment: R1Deployment) -> dict[str, Any]:
+    """spec.upgrade as KubeRay's upgradeStrategy; the incremental one also needs the in-tree
+    autoscaler, which every r1serve cluster runs."""
+    upgrade = deployment.spec.upgrade
+    strategy: dict[str, Any] = {"type": upgrade.strategy}
+    options = upgrade.cluster_upgrade_options
+    if options is not None:
+        strategy["clusterUpgradeOptions"] = {
+            "gatewayClassName": options.gateway_class_name,
+            "maxSurgePercent": options.max_surge_percent,
+            "stepSizePercent": options.step_size_percent,
+            "intervalSeconds": options.interval_seconds,
+        }
+    return strategy
+
+
 def render_rayservice(deployment: R1Deployment, *, config: OperatorConfig | None = None,
                       owner_uid: str | None = None, generation: int | None = None) -> dict[str, Any]:
     """The KubeRay RayService that runs `deployment` (no API calls; same input, same bytes)."""
@@ -262,9 +278,8 @@ def render_rayservice(deployment: R1Deployment, *, config: OperatorConfig | None
         "spec": {
             # The same function the local runner deploys; any byte change redeploys the app.
             "serveConfigV2": serve_config_yaml(deployment),
-            # Serve-config-only changes update in place; cluster changes (image, resources)
-            # bring up a new cluster and switch traffic once it serves: no downtime.
-            "upgradeStrategy": {"type": "NewCluster"},
+            # Read by KubeRay only when the cluster must change (r1serve.operator.rollout).
+            "upgradeStrategy": upgrade_strategy(deployment),
             "rayClusterConfig": {
                 "rayVersion": K.RAY_VERSION_STRING,
                 "enableInTreeAutoscaling": True,

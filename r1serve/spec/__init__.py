@@ -36,6 +36,7 @@ from r1serve.spec.sections import (
     NfsVolume,
     Ratio,
 )
+from r1serve.spec.upgrade import ClusterUpgradeOptions, Upgrade
 from r1serve.spec.workers import WorkerResources, Workers
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "ApiAuth",
     "ApiSpec",
     "ApiTLS",
+    "ClusterUpgradeOptions",
     "DecodeAutoscaling",
     "DecodePool",
     "Experts",
@@ -68,6 +70,7 @@ __all__ = [
     "Replicas",
     "Role",
     "SpecError",
+    "Upgrade",
     "WorkerResources",
     "Workers",
     "load_r1deployment",

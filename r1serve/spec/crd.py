@@ -20,6 +20,7 @@ from r1serve.spec.sections import (
     RESERVED_PORTS,
     TINY_PREFIX,
 )
+from r1serve.spec.upgrade import INCREMENTAL
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 SHORT_NAMES = ["r1d"]
@@ -116,6 +117,7 @@ FIELD_OVERRIDES: dict[tuple[str | None, str | None], dict[str, Any]] = {
     ("Workers", "shmSize"): _QUANTITY_FIELD,
     ("Workers", "image"): _NON_BLANK,
     ("Workers", "tolerations"): _TOLERATIONS,
+    ("ClusterUpgradeOptions", "gatewayClassName"): _OBJECT_NAME,
 }
 
 
@@ -181,6 +183,19 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
         _rule("has(self.keyFile) || !has(self.certFile)", "api.tls.keyFile is required with "
               "certFile", ".keyFile", "FieldValueRequired"),
     ],
+    "Upgrade": [
+        _rule(f"self.strategy != '{INCREMENTAL}' || has(self.clusterUpgradeOptions)",
+              f"upgrade.clusterUpgradeOptions is required when upgrade.strategy is {INCREMENTAL} "
+              "(gatewayClassName, stepSizePercent, intervalSeconds)", ".clusterUpgradeOptions",
+              "FieldValueRequired"),
+        _rule(f"self.strategy == '{INCREMENTAL}' || !has(self.clusterUpgradeOptions)",
+              f"upgrade.clusterUpgradeOptions is only allowed with upgrade.strategy {INCREMENTAL}",
+              ".clusterUpgradeOptions"),
+    ],
+    "ClusterUpgradeOptions": [
+        _rule("self.stepSizePercent <= self.maxSurgePercent",
+              "upgrade.clusterUpgradeOptions.stepSizePercent must be <= maxSurgePercent",
+              ".stepSizePercent")],
     "PrefillPool": [_GPUS_FILL_A_NODE],
     "DecodePool": [_GPUS_FILL_A_NODE, _rule(
         "self.autoscaling.targetOngoingRequests <= self.maxRunningRequests + "
@@ -212,6 +227,10 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
               "double(self.prefill.replicas.min) / double(self.decode.replicas.max)",
               "ratio.max is below the lowest reachable ratio prefill.replicas.min / "
               "decode.replicas.max", ".ratio.max"),
+        _rule(f"self.upgrade.strategy != '{INCREMENTAL}' || !has(self.api.tls)",
+              f"upgrade.strategy {INCREMENTAL} cannot be combined with api.tls: the Gateway "
+              "KubeRay creates for it speaks plaintext HTTP to Serve's HTTP port, which api.tls "
+              "makes TLS-only", ".upgrade.strategy"),
     ],
 }
 

@@ -9,6 +9,7 @@ from r1serve.spec.base import SpecModel, check_dns_1035_label, check_dns_1123_la
 from r1serve.spec.errors import FieldError, raise_all
 from r1serve.spec.pool import DecodePool, PrefillPool
 from r1serve.spec.sections import ApiSpec, Experts, KVTransfer, ModelSpec, Ratio
+from r1serve.spec.upgrade import INCREMENTAL, Upgrade
 from r1serve.spec.workers import Workers
 
 GROUP = "r1serve.io"
@@ -131,6 +132,16 @@ def _check_connector(spec: "R1DeploymentSpec") -> list[FieldError]:
     return []
 
 
+def _check_upgrade(spec: "R1DeploymentSpec") -> list[FieldError]:
+    # The Gateway KubeRay builds for an incremental upgrade sends plaintext HTTP to Serve's
+    # HTTP port, which api.tls turns into a TLS-only port: every request through it would fail.
+    if spec.upgrade.strategy == INCREMENTAL and spec.api.tls is not None:
+        return [FieldError("upgrade.strategy", "cannot be combined with api.tls: the Gateway "
+                           "KubeRay creates for it speaks plaintext HTTP to Serve's HTTP port, "
+                           "which api.tls makes TLS-only", spec.upgrade.strategy)]
+    return []
+
+
 class R1DeploymentSpec(SpecModel):
     """Desired state of one DeepSeek-R1-class serving deployment."""
 
@@ -168,11 +179,17 @@ class R1DeploymentSpec(SpecModel):
         default_factory=Workers,
         description="Worker pod settings shared by both pools; each pool may override them.",
     )
+    upgrade: Upgrade = Field(
+        default_factory=Upgrade,
+        description="How KubeRay rolls out a change of the Ray cluster (image, resources, "
+        "volumes, ...): a full new cluster (default), an incremental one, or none.",
+    )
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> "R1DeploymentSpec":
         errors = _check_pools(self)
-        for check in (_check_ratio, _check_divisibility, _check_kv_cache, _check_connector):
+        for check in (_check_ratio, _check_divisibility, _check_kv_cache, _check_connector,
+                      _check_upgrade):
             errors += check(self)
         raise_all(errors)
         return self

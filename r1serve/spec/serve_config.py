@@ -150,8 +150,10 @@ def app_manifest(deployment: R1Deployment) -> dict[str, Any]:
 
     Labels and annotations do not change serving, and KubeRay redeploys the application on
     any byte change of its config, so they stay out (`kubectl label` must not restart it).
+    The upgrade section only tells KubeRay how to replace the cluster: it stays out too.
     """
     manifest = deployment.to_manifest()
+    manifest["spec"].pop("upgrade", None)
     manifest["metadata"] = {
         "name": deployment.metadata.name, "namespace": deployment.metadata.namespace}
     return manifest

@@ -128,6 +128,44 @@ INVALID = [
     ("empty_auth", changed(("spec.api", {"auth": {}})), "spec.api.auth"),
     ("bad_secret_name", changed(("spec.api", {"tls": {"secretName": "My Secret"}})),
      "spec.api.tls.secretName"),
+    ("upgrade_bad_strategy", changed(("spec.upgrade", {"strategy": "Recreate"})),
+     "spec.upgrade.strategy"),
+    ("upgrade_incremental_without_options",
+     changed(("spec.upgrade", {"strategy": "NewClusterWithIncrementalUpgrade"})),
+     "spec.upgrade.clusterUpgradeOptions"),
+    ("upgrade_options_without_incremental", changed(("spec.upgrade", {"clusterUpgradeOptions": {
+        "gatewayClassName": "istio", "stepSizePercent": 5, "intervalSeconds": 30}})),
+     "spec.upgrade.clusterUpgradeOptions"),
+    ("upgrade_missing_gateway_class", changed(("spec.upgrade", {
+        "strategy": "NewClusterWithIncrementalUpgrade",
+        "clusterUpgradeOptions": {"stepSizePercent": 5, "intervalSeconds": 30}})),
+     "spec.upgrade.clusterUpgradeOptions"),
+    ("upgrade_bad_gateway_class", changed(("spec.upgrade", {
+        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "Istio Gateway", "stepSizePercent": 5, "intervalSeconds": 30}})),
+     "spec.upgrade.clusterUpgradeOptions.gatewayClassName"),
+    ("upgrade_zero_step", changed(("spec.upgrade", {
+        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 0, "intervalSeconds": 30}})),
+     "spec.upgrade.clusterUpgradeOptions.stepSizePercent"),
+    ("upgrade_surge_above_100", changed(("spec.upgrade", {
+        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 5, "intervalSeconds": 30,
+            "maxSurgePercent": 150}})),
+     "spec.upgrade.clusterUpgradeOptions.maxSurgePercent"),
+    ("upgrade_step_above_surge", changed(("spec.upgrade", {
+        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 50, "intervalSeconds": 30,
+            "maxSurgePercent": 20}})),
+     "spec.upgrade.clusterUpgradeOptions.stepSizePercent"),
+    ("upgrade_zero_interval", changed(("spec.upgrade", {
+        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 5, "intervalSeconds": 0}})),
+     "spec.upgrade.clusterUpgradeOptions.intervalSeconds"),
+    ("upgrade_incremental_with_tls", changed(("spec.api", {"tls": {"secretName": "t"}}), (
+        "spec.upgrade", {"strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 5, "intervalSeconds": 30}})),
+     "spec.upgrade.strategy"),
     ("name_too_long", changed(("metadata.name", "r" * 41)), "metadata.name"),
     ("bad_name", changed(("metadata.name", "My_Deploy")), "metadata.name"),
     ("missing_source", changed(("spec.model.source", None)), "spec.model"),
@@ -169,6 +207,17 @@ def test_valid_model_volumes_are_accepted_by_both_layers(r1d_validator, source, 
     loaded = load_r1deployment(doc)
     assert r1d_validator.defaulted(doc)["spec"] == loaded.to_manifest()["spec"]
     assert loaded.spec.model.volume.mount_path == volume.get("mountPath", "/models")
+
+
+def test_incremental_upgrade_is_accepted_and_defaulted_alike_by_both_layers(r1d_validator):
+    doc = changed(("spec.upgrade", {"strategy": "NewClusterWithIncrementalUpgrade",
+                                    "clusterUpgradeOptions": {"gatewayClassName": "istio",
+                                                              "stepSizePercent": 5,
+                                                              "intervalSeconds": 30}}))
+    assert r1d_validator.errors(doc) == []
+    defaulted = r1d_validator.defaulted(doc)["spec"]
+    assert defaulted == load_r1deployment(doc).to_manifest()["spec"]
+    assert defaulted["upgrade"]["clusterUpgradeOptions"]["maxSurgePercent"] == 100
 
 
 def test_the_table_is_big_enough():

@@ -178,6 +178,47 @@ CASES = [
      ["spec.api.tls.keyFile", "absolute path", "(got 'k.pem')"]),
     ("internal_grpc_port", changed(spec__api={"httpPort": 9001}),
      ["spec.api.httpPort", "plaintext gRPC proxy behind the TLS front", "(got 9001)"]),
+    ("upgrade_bad_strategy", changed(spec__upgrade={"strategy": "Recreate"}),
+     ["spec.upgrade.strategy", "'NewClusterWithIncrementalUpgrade'", "(got 'Recreate')"]),
+    ("upgrade_incremental_without_options",
+     changed(spec__upgrade={"strategy": "NewClusterWithIncrementalUpgrade"}),
+     ["spec.upgrade.clusterUpgradeOptions: required when strategy is "
+      "NewClusterWithIncrementalUpgrade"]),
+    ("upgrade_options_without_incremental", changed(spec__upgrade={"clusterUpgradeOptions": {
+        "gatewayClassName": "istio", "stepSizePercent": 5, "intervalSeconds": 30}}),
+     ["spec.upgrade.clusterUpgradeOptions", "only allowed with strategy "
+      "NewClusterWithIncrementalUpgrade (strategy is NewCluster)", "(got {'gatewayClassName'"]),
+    ("upgrade_missing_gateway_class", changed(spec__upgrade={
+        "strategy": "NewClusterWithIncrementalUpgrade",
+        "clusterUpgradeOptions": {"stepSizePercent": 5, "intervalSeconds": 30}}),
+     ["spec.upgrade.clusterUpgradeOptions.gatewayClassName: required field is missing"]),
+    ("upgrade_bad_gateway_class", changed(spec__upgrade={
+        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "Istio Gateway", "stepSizePercent": 5, "intervalSeconds": 30}}),
+     ["spec.upgrade.clusterUpgradeOptions.gatewayClassName", "(got 'Istio Gateway')"]),
+    ("upgrade_zero_step", changed(spec__upgrade={
+        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 0, "intervalSeconds": 30}}),
+     ["spec.upgrade.clusterUpgradeOptions.stepSizePercent", "(got 0)"]),
+    ("upgrade_surge_above_100", changed(spec__upgrade={
+        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 5, "intervalSeconds": 30,
+            "maxSurgePercent": 150}}),
+     ["spec.upgrade.clusterUpgradeOptions.maxSurgePercent", "(got 150)"]),
+    ("upgrade_step_above_surge", changed(spec__upgrade={
+        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 50, "intervalSeconds": 30,
+            "maxSurgePercent": 20}}),
+     ["spec.upgrade.clusterUpgradeOptions.stepSizePercent", "maxSurgePercent (20)",
+      "(got 50)"]),
+    ("upgrade_zero_interval", changed(spec__upgrade={
+        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 5, "intervalSeconds": 0}}),
+     ["spec.upgrade.clusterUpgradeOptions.intervalSeconds", "(got 0)"]),
+    ("upgrade_incremental_with_tls", changed(spec__api={"tls": {"secretName": "t"}}, spec__upgrade={
+        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
+            "gatewayClassName": "istio", "stepSizePercent": 5, "intervalSeconds": 30}}),
+     ["spec.upgrade.strategy", "api.tls", "(got 'NewClusterWithIncrementalUpgrade')"]),
     ("snake_case_input_reported_in_camel_case", changed(spec__prefill__max_batch_tokens=0),
      ["spec.prefill.maxBatchTokens", "(got 0)"]),
     ("missing_metadata", changed(metadata=DELETE), ["metadata: required field is missing"]),

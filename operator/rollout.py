@@ -1,0 +1,65 @@
+"""What KubeRay 1.7 does when a rendered RayService changes: nothing, a Serve update, a scale or a new cluster."""
+
+import copy
+from typing import Any, Literal
+
+Effect = Literal["nothing", "serve-config", "scale", "new-cluster", "ignored"]
+
+# KubeRay 1.7's RayService controller, as read in rayservice_controller.go:
+#
+# - Each RayCluster it creates carries a hash of `rayClusterConfig` in which every worker
+#   group's replicas, minReplicas, maxReplicas and scaleStrategy.workersToDelete are blanked
+#   (the Ray autoscaler owns those), and the number of worker groups.
+# - Same hash: the RayCluster is left as it is. Changed replica bounds are therefore *not*
+#   copied into the running RayCluster; they reach pods only with the next new cluster.
+# - Same hash once the worker groups appended at the end are dropped: the RayCluster is
+#   updated in place (every group, bounds included).
+# - Any other difference: a new RayCluster (upgradeStrategy NewCluster, or
+#   NewClusterWithIncrementalUpgrade with its feature gate on), or nothing at all (None).
+# - Independently, serveConfigV2 is resubmitted to the serving cluster whenever its text
+#   differs from what was last submitted: an in-place Serve update.
+#
+# Nothing else in the RayService (its metadata, upgradeStrategy itself) touches the cluster
+# or the application.
+_BOUNDS = ("replicas", "minReplicas", "maxReplicas")
+
+
+def _hashed(cluster: dict[str, Any], groups: int | None = None) -> dict[str, Any]:
+    """The part of rayClusterConfig KubeRay hashes, optionally only its first `groups` groups."""
+    cluster = copy.deepcopy(cluster)
+    workers = cluster.get("workerGroupSpecs", [])[:groups]
+    for group in workers:
+        for key in _BOUNDS:
+            group.pop(key, None)
+        group.get("scaleStrategy", {}).pop("workersToDelete", None)
+    cluster["workerGroupSpecs"] = workers
+    return cluster
+
+
+def _cluster_kept(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """True when KubeRay keeps the running cluster: only bounds changed or groups appended."""
+    if _hashed(before) == _hashed(after):
+        return True
+    count = len(before.get("workerGroupSpecs", []))
+    return (len(after.get("workerGroupSpecs", [])) > count
+            and _hashed(after, count) == _hashed(before))
+
+
+def rollout_effect(before: dict[str, Any], after: dict[str, Any]) -> Effect:
+    """What KubeRay 1.7 does when RayService `before` is replaced by `after` (both rendered).
+
+    nothing: neither the cluster nor the Serve config changed. serve-config: only the Serve
+    config changed; it is resubmitted to the running cluster. scale: the cluster is kept and
+    only its worker groups' replica bounds changed or groups were appended (plus, usually, the
+    Serve config). new-cluster: KubeRay builds a new Ray cluster and moves traffic to it.
+    ignored: a new cluster would be needed, but upgradeStrategy None keeps the old one as it is.
+    """
+    old, new = before["spec"], after["spec"]
+    if old["rayClusterConfig"] != new["rayClusterConfig"]:
+        if not _cluster_kept(old["rayClusterConfig"], new["rayClusterConfig"]):
+            strategy = new.get("upgradeStrategy", {}).get("type")
+            return "ignored" if strategy == "None" else "new-cluster"
+        return "scale"
+    if old["serveConfigV2"] != new["serveConfigV2"]:
+        return "serve-config"
+    return "nothing"
