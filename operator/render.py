@@ -39,9 +39,14 @@ def cpu_quantity(cores: float) -> str:
 
 
 def labels_for(deployment: R1Deployment, component: str) -> dict[str, str]:
-    """The resource's own labels plus ours; ours win so selectors cannot be hijacked."""
+    """r1serve's labels of a child object or Ray pod.
+
+    The resource's own metadata.labels are copied nowhere. On a pod template a `kubectl label`
+    would change rayClusterConfig, and KubeRay answers that with a whole second Ray cluster; on
+    the RayService and Service alone they would be harmless, but one rule for every object is
+    easier to trust than two. Pod labels come from spec.workers.podLabels.
+    """
     return {
-        **deployment.metadata.labels,
         K.LABEL_NAME: K.APP_NAME,
         K.LABEL_INSTANCE: deployment.metadata.name,
         K.LABEL_COMPONENT: component,
@@ -49,6 +54,16 @@ def labels_for(deployment: R1Deployment, component: str) -> dict[str, str]:
         K.LABEL_PART_OF: K.APP_NAME,
         K.LABEL_DEPLOYMENT: deployment.metadata.name,
     }
+
+
+def pod_labels(deployment: R1Deployment, role: Role | None) -> dict[str, str]:
+    """Labels of the head (role None) or a pool's worker pods: spec.workers.podLabels, a pool's
+    own merged over them, then r1serve's. The spec refuses r1serve's keys in podLabels; ours still
+    come last, so the Service's selector never depends on that check."""
+    if role is None:
+        return {**(deployment.spec.workers.pod_labels or {}), **labels_for(deployment, "head")}
+    return {**(deployment.spec.workers_for(role).pod_labels or {}),
+            **labels_for(deployment, f"{role}-worker"), K.LABEL_POOL: role}
 
 
 def owner_reference(deployment: R1Deployment, uid: str) -> dict[str, Any]:
@@ -200,7 +215,6 @@ def _worker_group(deployment: R1Deployment, role: Role, config: OperatorConfig) 
         "image": image_for(deployment, role, config),
         "resources": _worker_resources(pool, workers, config),
     }
-    labels = {**labels_for(deployment, f"{role}-worker"), K.LABEL_POOL: role}
     return {
         "groupName": role,
         # One replica of the pool (an expert-parallel group) spans `pods` worker pods; the Ray
@@ -211,7 +225,8 @@ def _worker_group(deployment: R1Deployment, role: Role, config: OperatorConfig) 
         "numOfHosts": 1,
         "rayStartParams": {},
         "resources": {C.POOL_RAY_RESOURCES[role]: str(ranks_per_node(pool))},
-        "template": _pod_template(deployment, container=container, labels=labels,
+        "template": _pod_template(deployment, container=container,
+                                  labels=pod_labels(deployment, role),
                                   shm_size=workers.shm_size or config.shm_size, workers=workers),
     }
 
@@ -243,8 +258,8 @@ def _head_group(deployment: R1Deployment, config: OperatorConfig) -> dict[str, A
     return {
         "rayStartParams": {"dashboard-host": "0.0.0.0"},
         "serviceType": "ClusterIP",
-        "template": _pod_template(deployment, container=container, labels=labels_for(
-            deployment, "head"), shm_size=deployment.spec.workers.shm_size or config.shm_size),
+        "template": _pod_template(deployment, container=container, labels=pod_labels(
+            deployment, None), shm_size=deployment.spec.workers.shm_size or config.shm_size),
     }
 
 

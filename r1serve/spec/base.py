@@ -31,6 +31,19 @@ _DNS_1123_SUBDOMAIN = re.compile(
 # Kubernetes resource.Quantity, minus signs and exotic forms nobody uses for cpu/memory/shm.
 _QUANTITY = re.compile(r"(\d+(\.\d+)?|\.\d+)([eE][+-]?\d+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Kubernetes label keys and values (apimachinery's IsQualifiedName and IsValidLabelValue): a key is
+# an optional DNS-subdomain prefix and '/', then a name of at most 63 characters; a value is empty
+# or such a name. [.] instead of \. keeps them embeddable in the CRD's CEL string literals.
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        + _LABEL_NAME)
+_LABEL_PREFIX_LENGTH = re.compile(r"([^/]{1,253}/)?[^/]*")
+_LABEL_VALUE = re.compile(f"({_LABEL_NAME})?")
+LABEL_KEY_RULE = ("must be a Kubernetes label key: an optional DNS subdomain prefix of at most 253 "
+                  "characters and '/', then at most 63 letters, digits, '-', '_' or '.', starting "
+                  "and ending with a letter or digit")
+LABEL_VALUE_RULE = ("must be a Kubernetes label value: empty or at most 63 letters, digits, '-', "
+                    "'_' or '.', starting and ending with a letter or digit")
 
 # Derived objects append suffixes such as "-prefill-worker-abcde" and must stay within
 # Kubernetes' 63-character label limit, so the resource name itself is kept shorter.
@@ -65,6 +78,14 @@ def check_dns_1123_subdomain(value: str) -> str:
             "digits, '-' and '.', starting and ending with a letter or digit"
         )
     return value
+
+
+def is_label_key(value: str) -> bool:
+    return bool(_LABEL_KEY.fullmatch(value) and _LABEL_PREFIX_LENGTH.fullmatch(value))
+
+
+def is_label_value(value: str) -> bool:
+    return bool(_LABEL_VALUE.fullmatch(value))
 
 
 def check_env_name(value: str) -> str:

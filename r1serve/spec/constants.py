@@ -78,6 +78,14 @@ API_TOKEN_SECRET_KEY = "token"
 TLS_MOUNT_PATH = "/etc/r1serve/tls"
 TLS_CERT_FILE, TLS_KEY_FILE = "tls.crt", "tls.key"  # keys of a kubernetes.io/tls Secret
 
+# Pod labels spec.workers.podLabels may not set: the ones the operator puts on every Ray pod (its
+# client Service and status select pods by them) and the prefixes of r1serve and of KubeRay, whose
+# controller labels the pods it creates under ray.io/.
+RESERVED_POD_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance",
+                       "app.kubernetes.io/component", "app.kubernetes.io/managed-by",
+                       "app.kubernetes.io/part-of")
+RESERVED_POD_LABEL_PREFIXES = ("r1serve.io/", "ray.io/")
+
 # With spec.api.tls, Serve's own gRPC proxy (which Ray 2.60 can only run plaintext) moves to this
 # port and r1serve's TLS front (runtime/serve/grpc_tls.py) takes api.grpcPort, forwarding to it
 # over loopback. The spec refuses it as an api port. Outside Ray's worker port range (10002+).

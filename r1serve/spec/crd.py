@@ -5,11 +5,16 @@ from typing import Any
 
 import yaml
 
+from r1serve.spec import constants as C
 from r1serve.spec.base import (
     _DNS_1035_LABEL,
     _DNS_1123_SUBDOMAIN,
     _ENV_NAME,
+    _LABEL_KEY,
+    _LABEL_PREFIX_LENGTH,
+    _LABEL_VALUE,
     _QUANTITY,
+    LABEL_KEY_RULE,
     MAX_NAME_LENGTH,
 )
 from r1serve.spec.model import GROUP, KIND, PLURAL, VERSION, R1Deployment
@@ -21,6 +26,7 @@ from r1serve.spec.sections import (
     TINY_PREFIX,
 )
 from r1serve.spec.upgrade import INCREMENTAL
+from r1serve.spec.workers import RESERVED_LABELS
 
 CRD_NAME = f"{PLURAL}.{GROUP}"
 SHORT_NAMES = ["r1d"]
@@ -29,7 +35,7 @@ CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
 
 # Keys of pydantic's JSON schema that mean the same in a Kubernetes structural schema.
 _KEPT = ("type", "description", "default", "minimum", "maximum", "enum", "pattern",
-         "maxLength", "minLength", "maxItems", "minItems", "format")
+         "maxLength", "minLength", "maxItems", "minItems", "maxProperties", "format")
 
 
 # --- Validation the API server runs: patterns and CEL rules mirroring the pydantic validators.
@@ -57,19 +63,73 @@ _RESERVED = ", ".join(f"{port} ({what})" for port, what in sorted(RESERVED_PORTS
 _PORT_RULES = [_rule(f"!(self in {sorted(RESERVED_PORTS)})",
                      f"must not be one of the reserved ports: {_RESERVED}")]
 _ABSOLUTE_PATH = {"pattern": r"^/\S*$"}
+
+
+def _is_label_key(var: str) -> str:
+    return (f"{var}.matches('{_anchored(_LABEL_KEY.pattern)}') && "
+            f"{var}.matches('{_anchored(_LABEL_PREFIX_LENGTH.pattern)}')")
+
+
+# Longest key the label-key rule allows: it bounds the CEL cost of matching a toleration key.
+_MAX_LABEL_KEY_LENGTH = 253 + 1 + 63
+_LABEL_VALUE_FIELD = {"type": "string", "maxLength": 63,
+                      "pattern": _anchored(_LABEL_VALUE.pattern)}
+
+
+def _got(rule: dict[str, Any], value: str) -> dict[str, Any]:
+    """The rule with a message expression that appends the offending value, as the spec's errors
+    do (the server's message for a failing rule names the field but not its value)."""
+    return {**rule, "messageExpression": f'"{rule["message"]} (got " + {value} + ")"'}
+
+
+def _quoted(value: str) -> str:
+    return f"\"'\" + {value} + \"'\""
+
+
+def _no_key(broken: str, rule: str, problem: str) -> dict[str, Any]:
+    """A rule no key of a map may break, its message naming the first key that does."""
+    return {**_got(_rule(f"!self.exists(k, {broken})", f"key {problem}"),
+                   _quoted(f"self.filter(k, {broken})[0]")), "message": f"every key {rule}"}
+
+
+_LABEL_KEYS_RULE = _no_key(f"!({_is_label_key('k')})", LABEL_KEY_RULE, LABEL_KEY_RULE)
+_LABEL_MAP = {"additionalProperties": _LABEL_VALUE_FIELD,
+              "x-kubernetes-validations": [_LABEL_KEYS_RULE]}
+_RESERVED_KEY = " || ".join([f"k in {list(C.RESERVED_POD_LABELS)}", *(
+    f"k.startsWith('{prefix}')" for prefix in C.RESERVED_POD_LABEL_PREFIXES)])
+_POD_LABELS = {**_LABEL_MAP, "x-kubernetes-validations": [_LABEL_KEYS_RULE, _no_key(
+    _RESERVED_KEY, f"must not be reserved for r1serve and KubeRay ({RESERVED_LABELS})",
+    f"is reserved for r1serve and KubeRay ({RESERVED_LABELS})")]}
 _TOLERATIONS = {"items": {
     "type": "object",
     "description": "A Kubernetes toleration.",
     "properties": {
-        "key": {"type": "string", "description": "Taint key; empty with Exists matches all."},
+        "key": {"type": "string", "maxLength": _MAX_LABEL_KEY_LENGTH,
+                "description": "Taint key; empty with Exists matches all."},
         "operator": {"type": "string", "enum": ["Exists", "Equal"],
                      "description": "Exists or Equal (default)."},
-        "value": {"type": "string", "description": "Taint value for Equal."},
+        "value": {**_LABEL_VALUE_FIELD, "description": "Taint value for Equal."},
         "effect": {"type": "string", "enum": ["NoSchedule", "PreferNoSchedule", "NoExecute"],
                    "description": "Taint effect to tolerate; empty matches all."},
         "tolerationSeconds": {"type": "integer", "format": "int64",
                               "description": "How long a NoExecute taint is tolerated."},
     },
+    # Kubernetes checks these only when it creates a pod, long after the resource was accepted.
+    "x-kubernetes-validations": [
+        _got(_rule(f"!has(self.key) || self.key == '' || ({_is_label_key('self.key')})",
+                   f"tolerations: key {LABEL_KEY_RULE}", ".key"), _quoted("self.key")),
+        _rule("(has(self.key) && self.key != '') || "
+              "(has(self.operator) && self.operator == 'Exists')",
+              "tolerations: key is required unless operator is Exists (an empty key with Exists "
+              "tolerates every taint)", ".key"),
+        _got(_rule("!has(self.value) || self.value == '' || !has(self.operator) || "
+                   "self.operator != 'Exists'",
+                   "tolerations: value must be empty when operator is Exists", ".value"),
+             _quoted("self.value")),
+        _rule("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+              "tolerations: tolerationSeconds needs effect: NoExecute (only a NoExecute taint "
+              "evicts a pod, after this many seconds)", ".tolerationSeconds"),
+    ],
 }}
 _POWERS_OF_TWO = [2**n for n in range(4, 11)]
 # The spec's path checks: [.] instead of \\. keeps the regular expressions free of escapes.
@@ -118,6 +178,8 @@ FIELD_OVERRIDES: dict[tuple[str | None, str | None], dict[str, Any]] = {
     ("Workers", "image"): _NON_BLANK,
     ("Workers", "tolerations"): _TOLERATIONS,
     ("ClusterUpgradeOptions", "gatewayClassName"): _OBJECT_NAME,
+    ("Workers", "nodeSelector"): _LABEL_MAP,
+    ("Workers", "podLabels"): _POD_LABELS,
 }
 
 

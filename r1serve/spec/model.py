@@ -40,7 +40,8 @@ class Metadata(SpecModel):
         "default", description="Namespace of the resource and of everything it creates."
     )
     labels: dict[str, str] = Field(
-        default_factory=dict, description="Labels, copied onto the objects the operator creates."
+        default_factory=dict, description="Labels of the resource itself; the operator copies "
+        "them nowhere (spec.workers.podLabels labels the Ray pods)."
     )
     annotations: dict[str, str] = Field(
         default_factory=dict, description="Annotations of the resource."

@@ -125,6 +125,44 @@ INVALID = [
     ("bad_toleration_effect",
      changed(("spec.workers", {"tolerations": [{"key": "gpu", "effect": "NoScedule"}]})),
      "spec.workers.tolerations.0.effect"),
+    ("toleration_exists_with_value", changed(("spec.workers", {"tolerations": [
+        {"key": "gpu", "operator": "Exists", "value": "yes"}]})),
+     "spec.workers.tolerations.0.value"),
+    ("toleration_equal_without_key", changed(("spec.workers", {"tolerations": [
+        {"operator": "Equal", "value": "x"}]})), "spec.workers.tolerations.0.key"),
+    ("toleration_empty_key_default_operator", changed(("spec.prefill.workers", {"tolerations": [
+        {"key": "", "effect": "NoSchedule"}]})), "spec.prefill.workers.tolerations.0.key"),
+    ("toleration_bad_key", changed(("spec.workers", {"tolerations": [
+        {"key": "has space", "operator": "Exists"}]})), "spec.workers.tolerations.0.key"),
+    ("toleration_bad_value", changed(("spec.workers", {"tolerations": [
+        {"key": "gpu", "value": "a b"}]})), "spec.workers.tolerations.0.value"),
+    ("toleration_seconds_without_no_execute", changed(("spec.workers", {"tolerations": [
+        {"key": "gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 5}]})),
+     "spec.workers.tolerations.0.tolerationSeconds"),
+    ("tolerations_too_many", changed(("spec.workers", {"tolerations": [
+        {"operator": "Exists"}] * 33})), "spec.workers.tolerations"),
+    ("node_selector_bad_key", changed(("spec.workers", {"nodeSelector": {
+        "nvidia.com/gpu/product": "H100"}})), "spec.workers.nodeSelector"),
+    ("node_selector_prefix_too_long", changed(("spec.workers", {"nodeSelector": {
+        "a" * 254 + "/gpu": "x"}})), "spec.workers.nodeSelector"),
+    ("node_selector_bad_value", changed(("spec.prefill.workers", {"nodeSelector": {
+        "gpu": "H100 80GB"}})), "spec.prefill.workers.nodeSelector.gpu"),
+    ("node_selector_too_many", changed(("spec.workers", {"nodeSelector": {
+        f"k{i}": "v" for i in range(65)}})), "spec.workers.nodeSelector"),
+    ("pod_labels_kuberay_key", changed(("spec.workers", {"podLabels": {
+        "ray.io/cluster": "other"}})), "spec.workers.podLabels"),
+    ("pod_labels_operator_key", changed(("spec.decode.workers", {"podLabels": {
+        "app.kubernetes.io/component": "x"}})), "spec.decode.workers.podLabels"),
+    ("pod_labels_r1serve_prefix", changed(("spec.workers", {"podLabels": {
+        "r1serve.io/pool": "decode"}})), "spec.workers.podLabels"),
+    ("pod_labels_bad_key", changed(("spec.workers", {"podLabels": {"cost center": "ml"}})),
+     "spec.workers.podLabels"),
+    ("pod_labels_bad_value", changed(("spec.workers", {"podLabels": {"team": "-ml"}})),
+     "spec.workers.podLabels.team"),
+    ("pod_labels_value_too_long", changed(("spec.workers", {"podLabels": {"team": "m" * 64}})),
+     "spec.workers.podLabels.team"),
+    ("pod_labels_too_many", changed(("spec.workers", {"podLabels": {
+        f"k{i}": "v" for i in range(65)}})), "spec.workers.podLabels"),
     ("empty_auth", changed(("spec.api", {"auth": {}})), "spec.api.auth"),
     ("bad_secret_name", changed(("spec.api", {"tls": {"secretName": "My Secret"}})),
      "spec.api.tls.secretName"),
@@ -220,6 +258,28 @@ def test_incremental_upgrade_is_accepted_and_defaulted_alike_by_both_layers(r1d_
     assert defaulted["upgrade"]["clusterUpgradeOptions"]["maxSurgePercent"] == 100
 
 
+VALID_PLACEMENT = [
+    ("match_every_taint", {"tolerations": [{"operator": "Exists"}]}),
+    ("equal_with_empty_value", {"tolerations": [{"key": "dedicated", "value": ""}]}),
+    ("no_execute_for_a_while", {"tolerations": [{
+        "key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+        "tolerationSeconds": 300}]}),
+    ("prefixed_selector", {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                                            "pool": ""}}),
+    ("pod_labels", {"podLabels": {"team": "ml", "example.com/cost-center": "a_1.B",
+                                  "app.kubernetes.io/version": "0.1.0"}}),
+    ("longest_key_and_value", {"podLabels": {"a" * 253 + "/" + "b" * 63: "c" * 63}}),
+]
+
+
+@pytest.mark.parametrize("workers", [c[1] for c in VALID_PLACEMENT],
+                         ids=[c[0] for c in VALID_PLACEMENT])
+def test_valid_placement_and_pod_labels_are_accepted_by_both_layers(r1d_validator, workers):
+    doc = changed(("spec.workers", workers), ("spec.decode.workers", workers))
+    assert r1d_validator.errors(doc) == []
+    assert r1d_validator.defaulted(doc)["spec"] == load_r1deployment(doc).to_manifest()["spec"]
+
+
 def test_the_table_is_big_enough():
     assert len(INVALID) >= 10
 
@@ -270,6 +330,8 @@ def test_cel_rules_compile_and_name_fields(r1d_crd):
     for rule in rules:
         env.compile(rule["rule"])
         assert rule["message"]
+        if "messageExpression" in rule:
+            env.compile(rule["messageExpression"])
 
 
 def test_names_status_and_printer_columns(r1d_crd):

@@ -10,6 +10,7 @@ from r1serve.operator import constants as K
 from r1serve.operator.config import OperatorConfig
 from r1serve.operator.render import (
     endpoints,
+    pod_labels,
     render_children,
     render_rayservice,
     render_services,
@@ -17,7 +18,7 @@ from r1serve.operator.render import (
 )
 
 from r1serve import __version__
-from r1serve.spec import load_r1deployment
+from r1serve.spec import SpecError, load_r1deployment
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = yaml.safe_load((EXAMPLES / "tiny.yaml").read_text())
@@ -218,15 +219,52 @@ def test_no_model_volume_is_rendered_without_spec_model_volume(variant):
                    for c in spec["containers"] for m in c["volumeMounts"])
 
 
-def test_labels_and_generation_do_not_touch_the_serve_config():
-    plain = load_r1deployment(copy.deepcopy(TINY))
-    labelled = copy.deepcopy(TINY)
-    labelled["metadata"]["labels"] = {"team": "a"}
-    a = render_rayservice(plain, generation=1)
-    b = render_rayservice(load_r1deployment(labelled), generation=2)
-    assert a["spec"]["serveConfigV2"] == b["spec"]["serveConfigV2"]
-    assert b["metadata"]["labels"]["team"] == "a"
-    assert b["metadata"]["annotations"] == {K.ANNOTATION_SOURCE_GENERATION: "2"}
+@pytest.mark.parametrize("variant", ["tiny", "production"])
+def test_a_label_edit_of_the_resource_changes_no_child(variant):
+    """`kubectl label` on the resource must not reach rayClusterConfig (a second Ray cluster)."""
+    plain = copy.deepcopy(VARIANTS[variant])
+    plain["metadata"]["labels"] = {"team": "a"}
+    relabelled = copy.deepcopy(plain)
+    relabelled["metadata"]["labels"] = {"team": "b", "cost-center": "ml"}
+    a = render_children(load_r1deployment(plain), owner_uid="u", generation=1)
+    b = render_children(load_r1deployment(relabelled), owner_uid="u", generation=2)
+    assert yaml.safe_dump(a[0]["spec"]) == yaml.safe_dump(b[0]["spec"])
+    assert [yaml.safe_dump(child) for child in a[1:]] == [yaml.safe_dump(child) for child in b[1:]]
+    for child in b:
+        assert not {"team", "cost-center"} & set(child["metadata"]["labels"])
+    assert b[0]["metadata"]["annotations"] == {K.ANNOTATION_SOURCE_GENERATION: "2"}
+
+
+def test_pod_labels_reach_every_pod_template_and_a_pool_merges_its_own():
+    doc = copy.deepcopy(PROD)
+    doc["spec"]["workers"]["podLabels"] = {"team": "ml", "tier": "serve"}
+    doc["spec"]["decode"]["workers"]["podLabels"] = {"tier": "decode", "example.com/gpu": "h100"}
+    rayservice = render_rayservice(load_r1deployment(doc))
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    groups = {g["groupName"]: g["template"]["metadata"]["labels"]
+              for g in cluster["workerGroupSpecs"]}
+    expected = {"head": {"team": "ml", "tier": "serve"},
+                "prefill": {"team": "ml", "tier": "serve"},
+                "decode": {"team": "ml", "tier": "decode", "example.com/gpu": "h100"}}
+    for name, labels in {"head": cluster["headGroupSpec"]["template"]["metadata"]["labels"],
+                         **groups}.items():
+        assert {k: v for k, v in labels.items() if k in expected[name]} == expected[name], name
+        assert labels[K.LABEL_DEPLOYMENT] == "deepseek-r1" and labels[K.LABEL_NAME] == "r1serve"
+    assert groups["decode"][K.LABEL_POOL] == "decode"
+    # Pod labels are the pods': not on the RayService or the client Service.
+    for child in render_children(load_r1deployment(doc)):
+        assert "team" not in child["metadata"]["labels"]
+
+
+def test_every_label_r1serve_puts_on_a_pod_is_refused_as_a_pod_label():
+    deployment = load_r1deployment(copy.deepcopy(PROD))
+    ours = {key for role in (None, "prefill", "decode") for key in pod_labels(deployment, role)}
+    assert K.LABEL_POOL in ours
+    for key in sorted(ours | {K.KUBERAY_CLUSTER_LABEL, K.KUBERAY_SERVE_LABEL}):
+        doc = copy.deepcopy(PROD)
+        doc["spec"]["workers"]["podLabels"] = {key: "x"}
+        with pytest.raises(SpecError, match="reserved for r1serve and KubeRay"):
+            load_r1deployment(doc)
 
 
 @pytest.mark.parametrize("quantity, factor, expected", [

@@ -33,6 +33,7 @@ CHANGES = [
     ("`spec.model.volume: {hostPath: /mnt/nvme/models}`", "new-cluster"),
     ("`spec.workers.nodeSelector: {nvidia.com/gpu.product: NVIDIA-H200}`", "new-cluster"),
     ("`spec.api.grpcPort: 50051`", "new-cluster"),
+    ("`spec.workers.podLabels: {team: search}`", "new-cluster"),
     ("`metadata.labels: {team: search}`", "nothing"),
     ("`metadata.annotations: {owner: search}`", "nothing"),
     ("`spec.upgrade.strategy: None`", "nothing"),

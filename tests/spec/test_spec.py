@@ -191,21 +191,33 @@ def test_pool_workers_override_shared_workers():
     doc = copy.deepcopy(MINIMAL)
     doc["spec"]["workers"] = {
         "image": "img:1", "nodeSelector": {"pool": "gpu", "zone": "a"},
+        "podLabels": {"team": "ml", "tier": "serve"},
         "tolerations": [{"key": "gpu", "operator": "Exists"}],
         "resources": {"cpu": 8, "memory": "64Gi"}, "shmSize": "16Gi",
     }
     doc["spec"]["decode"] = {"workers": {
-        "nodeSelector": {"zone": "b"}, "tolerations": [], "resources": {"cpu": "16"}}}
+        "nodeSelector": {"zone": "b"}, "podLabels": {"tier": "decode"}, "tolerations": [],
+        "resources": {"cpu": "16"}}}
     d = load_r1deployment(doc)
     decode = d.spec.workers_for("decode")
     assert decode.image == "img:1" and decode.shm_size == "16Gi"
     assert decode.node_selector == {"pool": "gpu", "zone": "b"}
+    assert decode.pod_labels == {"team": "ml", "tier": "decode"}
     assert decode.tolerations == []
     assert (decode.resources.cpu, decode.resources.memory) == ("16", "64Gi")
     prefill = d.spec.workers_for("prefill")
     assert prefill.node_selector == {"pool": "gpu", "zone": "a"}
+    assert prefill.pod_labels == {"team": "ml", "tier": "serve"}
     assert prefill.resources.cpu == "8"  # YAML ints become Kubernetes quantity strings
     assert prefill.tolerations == [{"key": "gpu", "operator": "Exists"}]
+
+
+def test_merged_labels_may_exceed_the_bound_on_each_map():
+    # The bound on each map only caps the cost of the CRD's rules; a pool adds to the shared ones.
+    doc = copy.deepcopy(MINIMAL)
+    doc["spec"]["workers"] = {"podLabels": {f"shared-{i}": "x" for i in range(40)}}
+    doc["spec"]["decode"] = {"workers": {"podLabels": {f"decode-{i}": "x" for i in range(40)}}}
+    assert len(load_r1deployment(doc).spec.workers_for("decode").pod_labels) == 80
 
 
 def _walk_properties(schema, node, where):
