@@ -133,13 +133,36 @@ def _model_volume(deployment: R1Deployment) -> tuple[list, list]:
     return [mount], [{"name": K.MODEL_VOLUME, **source}]
 
 
+def pod_security_level(deployment: R1Deployment) -> str:
+    """The strictest Pod Security Standard the Ray pods meet, for the namespace's
+    pod-security.kubernetes.io/enforce label: "restricted", "baseline" or "privileged".
+
+    Only the model volume decides: everything else the pods run with meets "restricted".
+    "restricted" allows PVCs but no nfs volume; "baseline" allows nfs but no hostPath.
+    """
+    volume = deployment.spec.model.volume
+    if volume is None or volume.claim_name:
+        return "restricted"
+    return "baseline" if volume.nfs is not None else "privileged"
+
+
 # Ray's images run as user `ray` (uid 1000, group `users` 100). The root filesystem stays writable:
 # Ray writes its session directory, logs and sockets under /tmp/ray and runtime environments and
 # caches under the home directory while it runs, so a read-only root would need every such path
 # remounted; non-root, no privilege escalation and no capabilities hold regardless.
-RAY_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100}
+# The seccomp profile is the pod's, so it also covers the containers KubeRay adds (the autoscaler
+# sidecar, the wait-gcs-ready init container): Pod Security "restricted" asks for one.
+RAY_POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
+                    "seccompProfile": {"type": "RuntimeDefault"}}
 RAY_CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                           "readOnlyRootFilesystem": False}
+# KubeRay builds the head's autoscaler sidecar itself and takes only this context from us; it
+# runs Ray's image too, and writes its logs to the /tmp/ray volume it shares with the head, so
+# like Ray's container its root stays writable. The seccomp profile repeats the pod's so the
+# context passes "restricted" on its own.
+AUTOSCALER_SECURITY = {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                       "capabilities": {"drop": ["ALL"]},
+                       "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def grpc_tls_sidecar(deployment: R1Deployment, image: str, mounts: list) -> dict[str, Any]:
@@ -298,7 +321,8 @@ def render_rayservice(deployment: R1Deployment, *, config: OperatorConfig | None
             "rayClusterConfig": {
                 "rayVersion": K.RAY_VERSION_STRING,
                 "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {"version": "v2", "upscalingMode": "Default"},
+                "autoscalerOptions": {"version": "v2", "upscalingMode": "Default",
+                                      "securityContext": dict(AUTOSCALER_SECURITY)},
                 # Omitted means no token auth on KubeRay; Ray 2.60 expects it on.
                 "authOptions": {"mode": "token"},
                 "headGroupSpec": _head_group(deployment, config),

@@ -11,6 +11,7 @@ from r1serve.operator.config import OperatorConfig
 from r1serve.operator.render import (
     endpoints,
     pod_labels,
+    pod_security_level,
     render_children,
     render_rayservice,
     render_services,
@@ -265,6 +266,13 @@ def test_every_label_r1serve_puts_on_a_pod_is_refused_as_a_pod_label():
         doc["spec"]["workers"]["podLabels"] = {key: "x"}
         with pytest.raises(SpecError, match="reserved for r1serve and KubeRay"):
             load_r1deployment(doc)
+
+
+@pytest.mark.parametrize("variant, level", [
+    ("tiny", "restricted"), ("production", "restricted"), ("nfs-weights", "baseline"),
+    ("host-path-weights", "privileged")])
+def test_pod_security_level_follows_the_model_volume(variant, level):
+    assert pod_security_level(load_r1deployment(copy.deepcopy(VARIANTS[variant]))) == level
 
 
 @pytest.mark.parametrize("quantity, factor, expected", [
