@@ -17,6 +17,9 @@ from r1serve.spec.serve_config import nodes_per_replica
 _SERVING_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
 _BROKEN_STATES = {"UNHEALTHY", "DEPLOY_FAILED"}
 _WARNING_PHASES = {"Degraded", "Failed"}
+# Phases whose desired replicas are no count of a running cluster (Failed writes 0, Pending shows
+# the spec's or a cluster still coming up): the first count after them is no scale decision.
+_UNCOUNTED_PHASES = {"Pending", "Failed"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,13 +197,16 @@ def _conditions(verdict: _Verdict, generation: int | None, previous: Mapping[str
     ]
 
 
-def _scaling(pools: dict[str, dict], previous: Mapping[str, Any], now: str
-             ) -> tuple[dict[str, Any] | None, list[Event]]:
+def _scaling(pools: dict[str, dict], counted: frozenset[str], previous: Mapping[str, Any],
+             now: str) -> tuple[dict[str, Any] | None, list[Event]]:
+    """Only a change between two counts read from the RayCluster scaled anything."""
     decision, events = previous.get("lastScaleDecision"), []
+    if previous.get("phase") in _UNCOUNTED_PHASES:
+        return decision, events
     for role, current in pools.items():
         before = (previous.get(role) or {}).get("desiredReplicas")
         after = current["desiredReplicas"]
-        if before is not None and before != after:
+        if role in counted and before is not None and before != after:
             decision = {"pool": role, "fromReplicas": before, "toReplicas": after, "time": now}
             why = (current.get("lastScaleDecision") or {}).get("reason")
             events.append(Event("Normal", "Scaled", f"{role}: {before} -> {after} replicas"
@@ -216,7 +222,7 @@ def _generation(rayservice: Mapping[str, Any] | None, fallback: int | None) -> i
 
 def _finish(deployment: R1Deployment | None, verdict: _Verdict, pools: dict[str, dict],
             generation: int | None, previous: Mapping[str, Any], now: str,
-            extra_events: list[Event]) -> StatusUpdate:
+            extra_events: list[Event], counted: frozenset[str] = frozenset()) -> StatusUpdate:
     status: dict[str, Any] = {"phase": verdict.phase}
     if generation is not None:
         status["observedGeneration"] = generation
@@ -225,7 +231,7 @@ def _finish(deployment: R1Deployment | None, verdict: _Verdict, pools: dict[str,
     if deployment is not None:
         status["endpoints"] = endpoints(deployment)
         status["rayService"] = rayservice_name(deployment)
-    decision, events = _scaling(pools, previous, now)
+    decision, events = _scaling(pools, counted, previous, now)
     if decision is not None:
         status["lastScaleDecision"] = decision
     if previous.get("phase") != verdict.phase:
@@ -248,10 +254,12 @@ def aggregate(deployment: R1Deployment, observed: Observed, *, generation: int |
     previous = previous or {}
     verdict = _assess(observed.rayservice)
     _, app = active_application(observed.rayservice) if observed.rayservice else (None, {})
-    pools = {role: pool_status(role, pool, observed, app)
-             for role, pool in deployment.spec.active_pools().items()}
+    active = deployment.spec.active_pools()
+    pools = {role: pool_status(role, pool, observed, app) for role, pool in active.items()}
+    counted = frozenset(role for role in active
+                        if _desired_pods(observed.raycluster, role) is not None)
     return _finish(deployment, verdict, pools, _generation(observed.rayservice, generation),
-                   previous, now, [])
+                   previous, now, [], counted)
 
 
 def failure(deployment: R1Deployment, *, reason: str, message: str, generation: int | None,

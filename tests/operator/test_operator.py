@@ -198,7 +198,10 @@ async def test_missing_kuberay_gives_a_clear_status_then_recovers(
         kube.install_kuberay()
         await wait_for(lambda: kube.live(RAYSERVICES, "default", "tiny"), message="the RayService")
         await wait_for(lambda: _phase(kube) == "Pending", message="recovery to Pending")
+        # Desired replicas went from unknown to known: nothing scaled.
+        assert "lastScaleDecision" not in _r1d(kube)["status"]
     assert _reasons(kube).count("KubeRayNotInstalled") == 1
+    assert "Scaled" not in _reasons(kube)
 
 
 async def test_invalid_spec_past_the_crd_is_reported(kube, operator_thread, wait_for):

@@ -249,3 +249,38 @@ def test_the_scaling_status_is_read_over_https_with_the_resources_own_certificat
         assert handlers._scaling_status(tiny, running) == {"pools": {"decode": {"running": 1}}}
     finally:
         server.shutdown()
+
+
+def test_recovering_from_failed_is_not_a_scale_decision(tiny, kuberay_world):
+    failed = failure(tiny, reason="KubeRayNotInstalled", message=kuberay_missing_message(60),
+                     generation=1, previous=None, now=NOW)
+    rs = _rayservice(kuberay_world.status("RUNNING"))
+    recovered = aggregate(tiny, Observed(rs, _cluster(1, 2)), generation=1,
+                          previous=failed.status, now=LATER)
+    assert recovered.status["decode"]["desiredReplicas"] == 2
+    assert "lastScaleDecision" not in recovered.status
+    assert "Scaled" not in [e.reason for e in recovered.events]
+
+
+def test_the_first_count_after_pending_is_not_a_scale_decision(tiny, kuberay_world):
+    pending = aggregate(tiny, Observed(_rayservice(kuberay_world.status(None))), generation=1,
+                        previous=None, now=NOW)
+    rs = _rayservice(kuberay_world.status("RUNNING"))
+    running = aggregate(tiny, Observed(rs, _cluster(1, 2)), generation=1,
+                        previous=pending.status, now=LATER)
+    assert "lastScaleDecision" not in running.status
+    assert "Scaled" not in [e.reason for e in running.events]
+    # From there on a change is one.
+    scaled = aggregate(tiny, Observed(rs, _cluster(1, 3)), generation=1,
+                       previous=running.status, now=LATER)
+    assert scaled.status["lastScaleDecision"]["fromReplicas"] == 2
+    assert [e.reason for e in scaled.events] == ["Scaled"]
+
+
+def test_a_count_not_read_from_the_raycluster_is_not_a_scale_decision(tiny, kuberay_world):
+    rs = _rayservice(kuberay_world.status("RUNNING"))
+    before = aggregate(tiny, Observed(rs, _cluster(1, 2)), generation=1, previous=None, now=NOW)
+    # The RayCluster could not be read: the count falls back to the spec's initial replicas.
+    after = aggregate(tiny, Observed(rs), generation=1, previous=before.status, now=LATER)
+    assert "lastScaleDecision" not in after.status and after.events == ()
+
