@@ -266,7 +266,8 @@ def close(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(K.R1D_GROUP, K.R1D_VERSION, K.R1D_PLURAL)
 @kopf.on.create(K.R1D_GROUP, K.R1D_VERSION, K.R1D_PLURAL)
 @kopf.on.update(K.R1D_GROUP, K.R1D_VERSION, K.R1D_PLURAL)
-def reconcile(body: kopf.Body, reason: kopf.Reason, memo: kopf.Memo, **_: Any) -> None:
+def reconcile(body: kopf.Body, reason: kopf.Reason, memo: kopf.Memo, old: Any = None,
+              new: Any = None, **_: Any) -> None:
     """Render the children, apply them (idempotently) and recompute the status."""
     owner = _plain(body)
     deployment = _load(memo, owner)
@@ -276,9 +277,18 @@ def reconcile(body: kopf.Body, reason: kopf.Reason, memo: kopf.Memo, **_: Any) -
         kopf.event(owner, type="Normal", reason="Created",
                    message=f"applied RayService {rayservice['metadata']['name']} and Service "
                    f"{render.service_name(deployment)}")
-    elif reason == kopf.Reason.UPDATE:
+    elif reason == kopf.Reason.UPDATE and _spec_of(old) != _spec_of(new):
         kopf.event(owner, type="Normal", reason="Updated", message=(
             f"applied generation {owner['metadata'].get('generation')}; KubeRay rolls it out"))
+    elif reason == kopf.Reason.UPDATE:
+        log.debug("%s/%s: a metadata edit, nothing new to apply",
+                  owner["metadata"].get("namespace"), owner["metadata"].get("name"))
+
+
+def _spec_of(essence: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The children are rendered from the spec alone: kopf also reconciles an edit of labels or
+    annotations, which re-applies the same objects and changes nothing."""
+    return (essence or {}).get("spec") or {}
 
 
 def _controller_of(body: Mapping[str, Any]) -> Mapping[str, Any] | None:

@@ -93,6 +93,30 @@ async def test_update_patches_children_in_place(kube, operator_thread, wait_for)
     assert kube.calls(RAYSERVICES, "POST") == []
 
 
+async def test_metadata_edit_applies_nothing_new_and_announces_nothing(kube, operator_thread,
+                                                                       wait_for):
+    async with operator_thread():
+        await _create(kube)
+        await _created(kube, wait_for)
+        versions = {key: kube.live(key, "default", "tiny")["metadata"]["resourceVersion"]
+                    for key in (RAYSERVICES, SERVICES)}
+        applies = len(kube.calls(RAYSERVICES, "PATCH"))
+        edit = {"metadata": {"annotations": {"foo": "bar"}, "labels": {"team": "search"}}}
+        await kube.patch(f"{R1D_URL}/tiny", json=edit,
+                         headers={"Content-Type": "application/merge-patch+json"})
+        # kopf reconciles a metadata edit too; re-applying the children changes nothing.
+        await wait_for(lambda: len(kube.calls(RAYSERVICES, "PATCH")) > applies,
+                       message="the reconcile of the metadata edit")
+        assert {key: kube.live(key, "default", "tiny")["metadata"]["resourceVersion"]
+                for key in versions} == versions
+        # Events are posted in order: once the spec change's event is there, the edit's would be.
+        await kube.patch(f"{R1D_URL}/tiny", json={"spec": {"decode": {"replicas": {"max": 3}}}},
+                         headers={"Content-Type": "application/merge-patch+json"})
+        await wait_for(lambda: "Updated" in _reasons(kube), message="the spec change's event")
+    assert [e["message"] for e in kube.events_for("tiny") if e["reason"] == "Updated"] == [
+        "applied generation 2; KubeRay rolls it out"]
+
+
 async def test_rayservice_status_drives_r1deployment_status(kube, operator_thread, wait_for,
                                                           kuberay_world):
     async with operator_thread():
