@@ -296,15 +296,15 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
     ],
 }
 
-# No fieldPath: it must resolve inside the schema, and the root's `metadata` declares no
-# properties there (the server refuses ".metadata.name"). The messages name the field instead.
+# A fieldPath must resolve inside the schema: the root `metadata` declares its `name` for that
+# (the server refuses ".metadata.name" on a bare `metadata: {type: object}`).
 ROOT_RULES = [
     _rule(f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
           f"metadata.name must be at most {MAX_NAME_LENGTH} characters so derived object names "
-          "fit Kubernetes limits"),
+          "fit Kubernetes limits", ".metadata.name"),
     _rule(f"self.metadata.name.matches('{_anchored(_DNS_1035_LABEL.pattern)}')",
           "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting "
-          "with a letter)"),
+          "with a letter)", ".metadata.name"),
 ]
 
 
@@ -501,7 +501,7 @@ def build_crd() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "Always r1serve.io/v1alpha1."},
             "kind": {"type": "string", "description": "Always R1Deployment."},
-            "metadata": {"type": "object"},
+            "metadata": {"type": "object", "properties": {"name": {"type": "string"}}},
             "spec": spec_schema(),
             "status": status_schema(),
         },

@@ -173,7 +173,11 @@ class CustomResourceValidator:
 
         [served] = [v for v in crd["spec"]["versions"] if v["name"] == version]
         self.schema = served["schema"]["openAPIV3Schema"]
-        self.validator = jsonschema.Draft202012Validator(openapi_to_jsonschema(self.schema))
+        converted = openapi_to_jsonschema(self.schema)
+        # The root metadata is an ObjectMeta whatever the CRD declares of it (a CRD may only
+        # constrain name and generateName): its other fields are never unknown.
+        converted.get("properties", {}).get("metadata", {}).pop("additionalProperties", None)
+        self.validator = jsonschema.Draft202012Validator(converted)
 
     def schema_errors(self, obj: dict) -> list[str]:
         return [f"{'.'.join(str(p) for p in error.absolute_path)}: {error.message}"
