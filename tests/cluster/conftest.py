@@ -100,6 +100,13 @@ class Cluster:
         self._namespaces += 1
         name = f"{prefix}-{self._namespaces}"
         self.core.create_namespace({"metadata": {"name": name, "labels": labels or {}}})
+        # Pods name the namespace's "default" ServiceAccount, which the controller manager creates
+        # a moment later (or never, without it): create it now, whoever wins.
+        try:
+            self.core.create_namespaced_service_account(name, {"metadata": {"name": "default"}})
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
         return name
 
 
