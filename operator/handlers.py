@@ -1,5 +1,6 @@
 """kopf handlers: reconcile R1Deployments into KubeRay objects; the only module that calls the Kubernetes API."""
 
+import contextvars
 import datetime
 import json
 import logging
@@ -75,6 +76,15 @@ class KubeApi:
 
     def get_r1deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get(K.R1D_GROUP, K.R1D_VERSION, namespace, K.R1D_PLURAL, name)
+
+    def find_rayservice(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The RayService called `name`, by list: the role grants no get on RayServices (their
+        watch brings every change)."""
+        found = self.custom.list_namespaced_custom_object(
+            K.RAY_GROUP, K.RAY_VERSION, namespace, K.RAYSERVICES,
+            field_selector=f"metadata.name={name}")
+        return next((item for item in found.get("items") or []
+                     if (item.get("metadata") or {}).get("name") == name), None)
 
     def get_raycluster(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get(K.RAY_GROUP, K.RAY_VERSION, namespace, K.RAYCLUSTERS, name)
@@ -153,7 +163,45 @@ def _refresh_status(memo: kopf.Memo, owner: Mapping[str, Any], deployment: R1Dep
     )
     _publish(memo, namespace, name, lambda live: S.aggregate(
         deployment, observed, generation=live["metadata"].get("generation"),
-        previous=live.get("status"), now=_now()))
+        previous=live.get("status"), now=_now(), silence_s=S.RAYSERVICE_SILENCE_S))
+    if rayservice is not None:
+        _look_again_if_silent(memo, rayservice)
+
+
+def _look_again_if_silent(memo: kopf.Memo, rayservice: Mapping[str, Any]) -> None:
+    """A RayService that KubeRay never answers brings no further event: look at it again once its
+    silence would name KubeRay in the status."""
+    left = S.status_silence_left(rayservice, _now(), S.RAYSERVICE_SILENCE_S)
+    meta = rayservice.get("metadata") or {}
+    uid = meta.get("uid")
+    if left is None or left <= 0 or not uid:
+        return
+    with memo.silence_lock:
+        if uid in memo.silence_timers:
+            return
+        # One second more: both timestamps are whole seconds. kopf.event reads kopf's context
+        # variables, which only the handler's thread carries.
+        timer = threading.Timer(left + 1, contextvars.copy_context().run, (
+            _look_again, memo, meta.get("namespace"), meta.get("name"), uid))
+        timer.daemon = True
+        memo.silence_timers[uid] = timer
+    timer.start()
+
+
+def _look_again(memo: kopf.Memo, namespace: str, name: str, uid: str) -> None:
+    """The timer's second look: refresh the status of a RayService still without one."""
+    with memo.silence_lock:
+        memo.silence_timers.pop(uid, None)
+    try:
+        rayservice = memo.api.find_rayservice(namespace, name)
+        if rayservice is None or rayservice["metadata"].get("uid") != uid \
+                or rayservice.get("status"):
+            return  # gone, replaced or answered: its own events refresh the status
+        live = _live_owner(memo, rayservice)
+        if live is not None:
+            _refresh_status(memo, live[0], live[1], rayservice)
+    except Exception:  # nothing retries a timer; the RayService's next event refreshes anyway
+        log.exception("could not look again at RayService %s/%s", namespace, name)
 
 
 # With api.tls the endpoint serves the resource's own certificate, which the operator has no CA for (it
@@ -254,11 +302,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     if "api" not in memo:
         memo.api = KubeApi.from_environment()
     memo.status_locks = {}
+    memo.silence_lock, memo.silence_timers = threading.Lock(), {}
 
 
 @kopf.on.cleanup()
 def close(memo: kopf.Memo, **_: Any) -> None:
-    """Close the API client's connection pool."""
+    """Stop the pending second looks and close the API client's connection pool."""
+    for timer in list(memo.get("silence_timers", {}).values()):
+        timer.cancel()
     if "api" in memo:
         memo.api.close()
 

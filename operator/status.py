@@ -20,6 +20,10 @@ _WARNING_PHASES = {"Degraded", "Failed"}
 # Phases whose desired replicas are no count of a running cluster (Failed writes 0, Pending shows
 # the spec's or a cluster still coming up): the first count after them is no scale decision.
 _UNCOUNTED_PHASES = {"Pending", "Failed"}
+# KubeRay writes a RayService's status within seconds; none for this long means that no KubeRay
+# controller acts on it (its CRDs can be installed while the operator is not running).
+RAYSERVICE_SILENCE_S = 120.0
+NO_STATUS_REASON = "KubeRayNotResponding"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +95,37 @@ def _broken_deployments(app: Mapping[str, Any]) -> list[str]:
             for name, info in sorted(statuses.items()) if info.get("status") in _BROKEN_STATES]
 
 
-def _assess(rayservice: Mapping[str, Any] | None) -> _Verdict:
+def _parse_time(value: Any) -> datetime.datetime | None:
+    try:
+        parsed = datetime.datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
+
+
+def status_silence_left(rayservice: Mapping[str, Any], now: str,
+                        silence_s: float = RAYSERVICE_SILENCE_S) -> float | None:
+    """Seconds until a RayService still without status counts as unattended by KubeRay (<= 0:
+    it does now); None once it has a status, or without a creation time to measure from."""
+    if rayservice.get("status"):
+        return None
+    created = _parse_time((rayservice.get("metadata") or {}).get("creationTimestamp"))
+    current = _parse_time(now)
+    if created is None or current is None:
+        return None
+    return silence_s - (current - created).total_seconds()
+
+
+def _assess(rayservice: Mapping[str, Any] | None, now: str, silence_s: float) -> _Verdict:
     if rayservice is None:
         return _Verdict("Pending", "RayServiceMissing", "the RayService is not created yet", False)
     where, app = active_application(rayservice)
     state = app.get("status")
     if where is None or not state:
+        left = status_silence_left(rayservice, now, silence_s)
+        if left is not None and left <= 0:
+            return _Verdict("Pending", NO_STATUS_REASON, f"the RayService has had no status for "
+                            f"{silence_s:g} s: is the KubeRay operator running?", False)
         return _Verdict("Pending", "WaitingForRayCluster",
                         "KubeRay is starting the Ray cluster and the Serve application", False)
     serving = where == "activeServiceStatus" and state == "RUNNING"
@@ -235,7 +264,7 @@ def _finish(deployment: R1Deployment | None, verdict: _Verdict, pools: dict[str,
     if decision is not None:
         status["lastScaleDecision"] = decision
     if previous.get("phase") != verdict.phase:
-        warning = verdict.phase in _WARNING_PHASES
+        warning = verdict.phase in _WARNING_PHASES or verdict.reason == NO_STATUS_REASON
         events.insert(0, Event("Warning" if warning else "Normal",
                                verdict.reason if warning else verdict.phase, verdict.message))
     events += extra_events
@@ -245,21 +274,27 @@ def _finish(deployment: R1Deployment | None, verdict: _Verdict, pools: dict[str,
 
 
 def aggregate(deployment: R1Deployment, observed: Observed, *, generation: int | None,
-              previous: Mapping[str, Any] | None, now: str) -> StatusUpdate:
+              previous: Mapping[str, Any] | None, now: str,
+              silence_s: float = RAYSERVICE_SILENCE_S) -> StatusUpdate:
     """The R1Deployment status that the observed children imply.
 
     `generation` is the R1Deployment generation used when the RayService carries no
-    source-generation annotation; `previous` is the current status (None when unset).
+    source-generation annotation; `previous` is the current status (None when unset); `silence_s`
+    is how long a RayService may go without status before KubeRay is named as the likely cause.
     """
     previous = previous or {}
-    verdict = _assess(observed.rayservice)
+    verdict = _assess(observed.rayservice, now, silence_s)
     _, app = active_application(observed.rayservice) if observed.rayservice else (None, {})
     active = deployment.spec.active_pools()
     pools = {role: pool_status(role, pool, observed, app) for role, pool in active.items()}
     counted = frozenset(role for role in active
                         if _desired_pods(observed.raycluster, role) is not None)
+    # Pending is not a warning phase, so a change of reason under it posts no phase event.
+    extra = ([Event("Warning", verdict.reason, verdict.message)]
+             if verdict.reason == NO_STATUS_REASON and previous.get("phase") == verdict.phase
+             and _reason_of(previous) != verdict.reason else [])
     return _finish(deployment, verdict, pools, _generation(observed.rayservice, generation),
-                   previous, now, [], counted)
+                   previous, now, extra, counted)
 
 
 def failure(deployment: R1Deployment, *, reason: str, message: str, generation: int | None,

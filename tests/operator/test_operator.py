@@ -117,6 +117,25 @@ async def test_metadata_edit_applies_nothing_new_and_announces_nothing(kube, ope
         "applied generation 2; KubeRay rolls it out"]
 
 
+async def test_a_rayservice_nobody_answers_names_kuberay(kube, operator_thread, wait_for,
+                                                        monkeypatch):
+    from r1serve.operator import status
+
+    # The RayService CRD is there but no KubeRay controller writes its status.
+    monkeypatch.setattr(status, "RAYSERVICE_SILENCE_S", 2.0)
+    async with operator_thread():
+        await _create(kube)
+        await _created(kube, wait_for)
+        # No event arrives after the RayService's creation: the operator must look again itself.
+        await wait_for(lambda: "KubeRayNotResponding" in _reasons(kube), timeout=20,
+                       message="the warning naming KubeRay")
+    [ready] = [c for c in _r1d(kube)["status"]["conditions"] if c["type"] == "Ready"]
+    assert (ready["reason"], ready["message"]) == (
+        "KubeRayNotResponding",
+        "the RayService has had no status for 2 s: is the KubeRay operator running?")
+    assert _phase(kube) == "Pending"
+
+
 async def test_rayservice_status_drives_r1deployment_status(kube, operator_thread, wait_for,
                                                           kuberay_world):
     async with operator_thread():

@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 import yaml
 from r1serve.operator.status import (
+    RAYSERVICE_SILENCE_S,
     Observed,
     aggregate,
     failure,
     invalid_spec,
     kuberay_missing_message,
+    status_silence_left,
 )
 
 from r1serve.spec import load_r1deployment
@@ -284,3 +286,49 @@ def test_a_count_not_read_from_the_raycluster_is_not_a_scale_decision(tiny, kube
     after = aggregate(tiny, Observed(rs), generation=1, previous=before.status, now=LATER)
     assert "lastScaleDecision" not in after.status and after.events == ()
 
+
+def _silent_rayservice(created: str = NOW) -> dict:
+    return {"apiVersion": "ray.io/v1", "kind": "RayService",
+            "metadata": {"name": "tiny", "namespace": "default", "generation": 1,
+                         "creationTimestamp": created,
+                         "annotations": {"r1serve.io/source-generation": "1"}}}
+
+
+def test_a_rayservice_without_status_for_long_names_kuberay(tiny):
+    rs = _silent_rayservice()
+    waiting = aggregate(tiny, Observed(rs), generation=1, previous=None,
+                        now="2026-01-01T00:01:59Z")
+    assert _conditions(waiting.status)["Ready"] == ("False", "WaitingForRayCluster")
+    assert status_silence_left(rs, "2026-01-01T00:01:59Z") == 1
+    silent = aggregate(tiny, Observed(rs), generation=1, previous=waiting.status,
+                       now="2026-01-01T00:02:00Z")
+    assert silent.changed and silent.status["phase"] == "Pending"
+    assert _conditions(silent.status)["Ready"] == ("False", "KubeRayNotResponding")
+    [condition] = [c for c in silent.status["conditions"] if c["type"] == "Ready"]
+    assert condition["message"] == (f"the RayService has had no status for "
+                                    f"{RAYSERVICE_SILENCE_S:g} s: is the KubeRay operator running?")
+    [event] = silent.events
+    assert (event.type, event.reason) == ("Warning", "KubeRayNotResponding")
+    again = aggregate(tiny, Observed(rs), generation=1, previous=silent.status, now=LATER)
+    assert not again.changed and again.events == ()
+
+
+def test_the_silence_threshold_is_a_parameter(tiny):
+    rs = _silent_rayservice()
+    update = aggregate(tiny, Observed(rs), generation=1, previous=None,
+                       now="2026-01-01T00:00:05Z", silence_s=5)
+    assert _conditions(update.status)["Ready"] == ("False", "KubeRayNotResponding")
+    assert "no status for 5 s" in update.events[0].message
+    assert update.events[0].type == "Warning"
+    assert status_silence_left(rs, "2026-01-01T00:00:02Z", silence_s=5) == 3
+
+
+def test_silence_ends_with_the_first_status(tiny, kuberay_world):
+    rs = _silent_rayservice()
+    silent = aggregate(tiny, Observed(rs), generation=1, previous=None, now=LATER)
+    answered = {**rs, "status": kuberay_world.status("DEPLOYING", pending=True)}
+    update = aggregate(tiny, Observed(answered), generation=1, previous=silent.status, now=LATER)
+    assert update.status["phase"] == "Progressing"
+    assert status_silence_left(answered, LATER) is None
+    # Without a creation time there is nothing to measure from.
+    assert status_silence_left({"metadata": {}}, LATER) is None
