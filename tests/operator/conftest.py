@@ -180,8 +180,22 @@ class CustomResourceValidator:
         self.validator = jsonschema.Draft202012Validator(converted)
 
     def schema_errors(self, obj: dict) -> list[str]:
-        return [f"{'.'.join(str(p) for p in error.absolute_path)}: {error.message}"
-                for error in self.validator.iter_errors(obj)]
+        """Errors with paths as the API server writes them: a missing or unknown property is
+        named by its own path (`spec.decode: Required value`, `unknown field "spec.x"`)."""
+        found = []
+        for error in self.validator.iter_errors(obj):
+            where = ".".join(str(p) for p in error.absolute_path)
+            prefix = f"{where}." if where else ""
+            if error.validator == "required":
+                missing = [name for name in error.validator_value if name not in error.instance]
+                found += [f"{prefix}{name}: Required value" for name in missing]
+            elif error.validator == "additionalProperties":
+                known = error.schema.get("properties", {})
+                found += [f'unknown field "{prefix}{name}"' for name in error.instance
+                          if name not in known]
+            else:
+                found.append(f"{where}: {error.message}")
+        return found
 
     def defaulted(self, obj: dict) -> dict:
         return apply_defaults(self.schema, copy.deepcopy(obj))

@@ -1,6 +1,7 @@
 """The R1Deployment CRD: structural, documented, defaulted like the spec, and refusing what the spec refuses."""
 
 import copy
+import re
 from pathlib import Path
 
 import celpy
@@ -8,206 +9,18 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from r1serve.spec import SpecError, load_r1deployment
+from r1serve.spec import load_r1deployment
 from r1serve.spec.crd import CONDITION_TYPES, PHASES, build_crd
 
+from ..spec.invalid_cases import BASE, DELETE, INVALID, Layer, changed
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-BASE = {
-    "apiVersion": "r1serve.io/v1alpha1",
-    "kind": "R1Deployment",
-    "metadata": {"name": "r1", "namespace": "default"},
-    "spec": {
-        "model": {"source": "/models/DeepSeek-R1", "numRoutedExperts": 256},
-        "prefill": {"expertParallel": 32, "replicas": {"min": 1, "max": 4}},
-        "decode": {"expertParallel": 16, "replicas": {"min": 1, "max": 2}},
-        "experts": {"redundant": 32},
-    },
-}
+CRD_CASES = [row for row in INVALID if Layer.CRD in row.layers]
 
 
-def changed(*edits):
-    """BASE with (dotted.path, value) edits; value None deletes the key."""
-    doc = copy.deepcopy(BASE)
-    for path, value in edits:
-        *parents, last = path.split(".")
-        node = doc
-        for key in parents:
-            node = node.setdefault(key, {})
-        if value is None:
-            node.pop(last, None)
-        else:
-            node[last] = value
-    return doc
-
-
-# (id, document, text the API server's error must contain: the field it names)
-INVALID = [
-    ("min_above_max", changed(("spec.prefill.replicas", {"min": 3, "max": 2})),
-     "spec.prefill.replicas.min"),
-    ("initial_outside_bounds", changed(("spec.decode.replicas", {"min": 1, "max": 2, "initial": 5})),
-     "spec.decode.replicas.initial"),
-    ("negative_redundant", changed(("spec.experts.redundant", -1)), "spec.experts.redundant"),
-    ("gpus_per_node_not_a_multiple", changed(("spec.decode.gpusPerRank", 3), ("spec.decode.gpusPerNode", 8)),
-     "spec.decode.gpusPerNode"),
-    ("experts_not_divisible_prefill", changed(("spec.experts.redundant", 30)),
-     "spec.prefill.expertParallel"),
-    ("experts_not_divisible_decode", changed(("spec.decode.expertParallel", 20)),
-     "spec.decode.expertParallel"),
-    ("port_collision", changed(("spec.api", {"grpcPort": 8000, "httpPort": 8000})),
-     "spec.api.httpPort"),
-    ("reserved_port", changed(("spec.api", {"grpcPort": 6379})), "spec.api.grpcPort"),
-    ("port_out_of_range", changed(("spec.api", {"httpPort": 70000})), "spec.api.httpPort"),
-    ("unknown_field", changed(("spec.decode.maxBatchToken", 4096)), "spec.decode"),
-    ("bad_connector", changed(("spec.kvTransfer", {"connector": "rdma"})),
-     "spec.kvTransfer.connector"),
-    ("missing_prefill", changed(("spec.prefill", None)), "spec.prefill"),
-    ("prefill_when_aggregated", changed(("spec.disaggregation", False)), "spec.prefill"),
-    ("ratio_when_aggregated", changed(("spec.disaggregation", False), ("spec.prefill", None),
-                                      ("spec.ratio", {"min": 1, "max": 2})), "spec.ratio"),
-    ("ratio_min_above_max", changed(("spec.ratio", {"min": 3, "max": 1})), "spec.ratio.min"),
-    ("ratio_unreachable", changed(("spec.ratio", {"min": 5, "max": 8})), "spec.ratio.min"),
-    ("url_source", changed(("spec.model.source", "hf://deepseek-ai/DeepSeek-R1")),
-     "spec.model.source"),
-    ("bad_tiny_preset", changed(("spec.model.source", "tiny:Big Model")), "spec.model.source"),
-    ("bad_dtype", changed(("spec.model.dtype", "float16")), "spec.model.dtype"),
-    ("volume_without_source", changed(("spec.model.volume", {"mountPath": "/models"})),
-     "spec.model.volume"),
-    ("volume_with_two_sources", changed(("spec.model.volume", {
-        "claimName": "weights", "nfs": {"server": "nfs.local", "path": "/exports"}})),
-     "spec.model.volume"),
-    ("volume_bad_claim_name", changed(("spec.model.volume", {"claimName": "Weights_1"})),
-     "spec.model.volume.claimName"),
-    ("volume_host_path_dot_dot", changed(("spec.model.volume", {"hostPath": "/nvme/../etc"})),
-     "spec.model.volume.hostPath"),
-    ("volume_mount_path_trailing_slash",
-     changed(("spec.model.volume", {"claimName": "weights", "mountPath": "/models/"})),
-     "spec.model.volume.mountPath"),
-    ("volume_mount_path_over_tls",
-     changed(("spec.model.volume", {"claimName": "weights", "mountPath": "/etc/r1serve/tls"})),
-     "spec.model.volume.mountPath"),
-    ("volume_absolute_sub_path",
-     changed(("spec.model.volume", {"claimName": "weights", "subPath": "/r1"})),
-     "spec.model.volume.subPath"),
-    ("volume_sub_path_escapes",
-     changed(("spec.model.volume", {"claimName": "weights", "subPath": "r1/../.."})),
-     "spec.model.volume.subPath"),
-    ("volume_nfs_without_server",
-     changed(("spec.model.volume", {"nfs": {"path": "/exports"}})), "spec.model.volume.nfs"),
-    ("source_outside_volume",
-     changed(("spec.model.volume", {"claimName": "weights", "mountPath": "/weights"})),
-     "spec.model.source"),
-    ("source_outside_default_mount",
-     changed(("spec.model.source", "/data/r1"), ("spec.model.volume", {"claimName": "weights"})),
-     "spec.model.source"),
-    ("source_prefix_is_not_a_parent",
-     changed(("spec.model.volume", {"claimName": "weights", "mountPath": "/models/Deep"})),
-     "spec.model.source"),
-    ("source_escapes_volume", changed(("spec.model.source", "/models/../etc/r1"),
-                                      ("spec.model.volume", {"claimName": "weights"})),
-     "spec.model.source"),
-    ("volume_with_tiny_source", changed(("spec.model.source", "tiny:"),
-                                        ("spec.model.volume", {"hostPath": "/nvme/models"})),
-     "spec.model.volume"),
-    ("kv_usage_above_one", changed(("spec.decode.autoscaling", {"targetKvCacheUsage": 1.5})),
-     "spec.decode.autoscaling.targetKvCacheUsage"),
-    ("unreachable_decode_target",
-     changed(("spec.decode.autoscaling", {"targetOngoingRequests": 5000})),
-     "spec.decode.autoscaling.targetOngoingRequests"),
-    ("block_size_not_power_of_two", changed(("spec.prefill.blockSize", 48)),
-     "spec.prefill.blockSize"),
-    ("expert_parallel_too_big", changed(("spec.decode.expertParallel", 2048)),
-     "spec.decode.expertParallel"),
-    ("kv_cache_too_small", changed(("spec.decode.kvCacheBlocks", 10)), "spec.decode.kvCacheBlocks"),
-    ("nccl_on_cpu", changed(("spec.kvTransfer", {"connector": "nccl"}),
-                            ("spec.decode.gpusPerRank", 0)), "spec.kvTransfer.connector"),
-    ("bad_memory_quantity", changed(("spec.workers", {"resources": {"memory": "4GB"}})),
-     "spec.workers.resources.memory"),
-    ("bad_toleration_effect",
-     changed(("spec.workers", {"tolerations": [{"key": "gpu", "effect": "NoScedule"}]})),
-     "spec.workers.tolerations.0.effect"),
-    ("toleration_exists_with_value", changed(("spec.workers", {"tolerations": [
-        {"key": "gpu", "operator": "Exists", "value": "yes"}]})),
-     "spec.workers.tolerations.0.value"),
-    ("toleration_equal_without_key", changed(("spec.workers", {"tolerations": [
-        {"operator": "Equal", "value": "x"}]})), "spec.workers.tolerations.0.key"),
-    ("toleration_empty_key_default_operator", changed(("spec.prefill.workers", {"tolerations": [
-        {"key": "", "effect": "NoSchedule"}]})), "spec.prefill.workers.tolerations.0.key"),
-    ("toleration_bad_key", changed(("spec.workers", {"tolerations": [
-        {"key": "has space", "operator": "Exists"}]})), "spec.workers.tolerations.0.key"),
-    ("toleration_bad_value", changed(("spec.workers", {"tolerations": [
-        {"key": "gpu", "value": "a b"}]})), "spec.workers.tolerations.0.value"),
-    ("toleration_seconds_without_no_execute", changed(("spec.workers", {"tolerations": [
-        {"key": "gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 5}]})),
-     "spec.workers.tolerations.0.tolerationSeconds"),
-    ("tolerations_too_many", changed(("spec.workers", {"tolerations": [
-        {"operator": "Exists"}] * 33})), "spec.workers.tolerations"),
-    ("node_selector_bad_key", changed(("spec.workers", {"nodeSelector": {
-        "nvidia.com/gpu/product": "H100"}})), "spec.workers.nodeSelector"),
-    ("node_selector_prefix_too_long", changed(("spec.workers", {"nodeSelector": {
-        "a" * 254 + "/gpu": "x"}})), "spec.workers.nodeSelector"),
-    ("node_selector_bad_value", changed(("spec.prefill.workers", {"nodeSelector": {
-        "gpu": "H100 80GB"}})), "spec.prefill.workers.nodeSelector.gpu"),
-    ("node_selector_too_many", changed(("spec.workers", {"nodeSelector": {
-        f"k{i}": "v" for i in range(65)}})), "spec.workers.nodeSelector"),
-    ("pod_labels_kuberay_key", changed(("spec.workers", {"podLabels": {
-        "ray.io/cluster": "other"}})), "spec.workers.podLabels"),
-    ("pod_labels_operator_key", changed(("spec.decode.workers", {"podLabels": {
-        "app.kubernetes.io/component": "x"}})), "spec.decode.workers.podLabels"),
-    ("pod_labels_r1serve_prefix", changed(("spec.workers", {"podLabels": {
-        "r1serve.io/pool": "decode"}})), "spec.workers.podLabels"),
-    ("pod_labels_bad_key", changed(("spec.workers", {"podLabels": {"cost center": "ml"}})),
-     "spec.workers.podLabels"),
-    ("pod_labels_bad_value", changed(("spec.workers", {"podLabels": {"team": "-ml"}})),
-     "spec.workers.podLabels.team"),
-    ("pod_labels_value_too_long", changed(("spec.workers", {"podLabels": {"team": "m" * 64}})),
-     "spec.workers.podLabels.team"),
-    ("pod_labels_too_many", changed(("spec.workers", {"podLabels": {
-        f"k{i}": "v" for i in range(65)}})), "spec.workers.podLabels"),
-    ("empty_auth", changed(("spec.api", {"auth": {}})), "spec.api.auth"),
-    ("bad_secret_name", changed(("spec.api", {"tls": {"secretName": "My Secret"}})),
-     "spec.api.tls.secretName"),
-    ("upgrade_bad_strategy", changed(("spec.upgrade", {"strategy": "Recreate"})),
-     "spec.upgrade.strategy"),
-    ("upgrade_incremental_without_options",
-     changed(("spec.upgrade", {"strategy": "NewClusterWithIncrementalUpgrade"})),
-     "spec.upgrade.clusterUpgradeOptions"),
-    ("upgrade_options_without_incremental", changed(("spec.upgrade", {"clusterUpgradeOptions": {
-        "gatewayClassName": "istio", "stepSizePercent": 5, "intervalSeconds": 30}})),
-     "spec.upgrade.clusterUpgradeOptions"),
-    ("upgrade_missing_gateway_class", changed(("spec.upgrade", {
-        "strategy": "NewClusterWithIncrementalUpgrade",
-        "clusterUpgradeOptions": {"stepSizePercent": 5, "intervalSeconds": 30}})),
-     "spec.upgrade.clusterUpgradeOptions"),
-    ("upgrade_bad_gateway_class", changed(("spec.upgrade", {
-        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
-            "gatewayClassName": "Istio Gateway", "stepSizePercent": 5, "intervalSeconds": 30}})),
-     "spec.upgrade.clusterUpgradeOptions.gatewayClassName"),
-    ("upgrade_zero_step", changed(("spec.upgrade", {
-        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
-            "gatewayClassName": "istio", "stepSizePercent": 0, "intervalSeconds": 30}})),
-     "spec.upgrade.clusterUpgradeOptions.stepSizePercent"),
-    ("upgrade_surge_above_100", changed(("spec.upgrade", {
-        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
-            "gatewayClassName": "istio", "stepSizePercent": 5, "intervalSeconds": 30,
-            "maxSurgePercent": 150}})),
-     "spec.upgrade.clusterUpgradeOptions.maxSurgePercent"),
-    ("upgrade_step_above_surge", changed(("spec.upgrade", {
-        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
-            "gatewayClassName": "istio", "stepSizePercent": 50, "intervalSeconds": 30,
-            "maxSurgePercent": 20}})),
-     "spec.upgrade.clusterUpgradeOptions.stepSizePercent"),
-    ("upgrade_zero_interval", changed(("spec.upgrade", {
-        "strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
-            "gatewayClassName": "istio", "stepSizePercent": 5, "intervalSeconds": 0}})),
-     "spec.upgrade.clusterUpgradeOptions.intervalSeconds"),
-    ("upgrade_incremental_with_tls", changed(("spec.api", {"tls": {"secretName": "t"}}), (
-        "spec.upgrade", {"strategy": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {
-            "gatewayClassName": "istio", "stepSizePercent": 5, "intervalSeconds": 30}})),
-     "spec.upgrade.strategy"),
-    ("name_too_long", changed(("metadata.name", "r" * 41)), "metadata.name"),
-    ("bad_name", changed(("metadata.name", "My_Deploy")), "metadata.name"),
-    ("missing_source", changed(("spec.model.source", None)), "spec.model"),
-]
+def _server_paths(text: str) -> str:
+    """jsonschema's `a.0.b` paths written as the API server writes them: `a[0].b`."""
+    return re.sub(r"\.(\d+)(?=[.:\s]|$)", r"[\1]", text)
 
 
 def test_examples_and_base_are_accepted(r1d_validator):
@@ -216,15 +29,12 @@ def test_examples_and_base_are_accepted(r1d_validator):
     assert r1d_validator.errors(BASE) == []
 
 
-@pytest.mark.parametrize("doc, field", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
-def test_invalid_spec_is_refused_naming_the_field(r1d_validator, doc, field):
-    errors = r1d_validator.errors(doc)
+@pytest.mark.parametrize("row", CRD_CASES, ids=[row.id for row in CRD_CASES])
+def test_invalid_spec_is_refused_naming_the_field(r1d_validator, row):
+    errors = r1d_validator.errors(row.doc)
     assert errors, "accepted by the CRD"
-    text = "\n".join(errors).replace("[", ".").replace("]", "")
-    assert field in text, text
-    # The same document is refused by the spec model too: the two layers agree.
-    with pytest.raises(SpecError):
-        load_r1deployment(doc)
+    text = _server_paths("\n".join(errors))
+    assert row.field in text, text
 
 
 VALID_VOLUMES = [
@@ -240,7 +50,7 @@ VALID_VOLUMES = [
 @pytest.mark.parametrize("source, volume", [c[1:] for c in VALID_VOLUMES],
                          ids=[c[0] for c in VALID_VOLUMES])
 def test_valid_model_volumes_are_accepted_by_both_layers(r1d_validator, source, volume):
-    doc = changed(("spec.model.source", source), ("spec.model.volume", volume))
+    doc = changed(spec__model__source=source, spec__model__volume=volume)
     assert r1d_validator.errors(doc) == []
     loaded = load_r1deployment(doc)
     assert r1d_validator.defaulted(doc)["spec"] == loaded.to_manifest()["spec"]
@@ -248,10 +58,10 @@ def test_valid_model_volumes_are_accepted_by_both_layers(r1d_validator, source, 
 
 
 def test_incremental_upgrade_is_accepted_and_defaulted_alike_by_both_layers(r1d_validator):
-    doc = changed(("spec.upgrade", {"strategy": "NewClusterWithIncrementalUpgrade",
-                                    "clusterUpgradeOptions": {"gatewayClassName": "istio",
-                                                              "stepSizePercent": 5,
-                                                              "intervalSeconds": 30}}))
+    doc = changed(spec__upgrade={"strategy": "NewClusterWithIncrementalUpgrade",
+                                 "clusterUpgradeOptions": {"gatewayClassName": "istio",
+                                                           "stepSizePercent": 5,
+                                                           "intervalSeconds": 30}})
     assert r1d_validator.errors(doc) == []
     defaulted = r1d_validator.defaulted(doc)["spec"]
     assert defaulted == load_r1deployment(doc).to_manifest()["spec"]
@@ -275,13 +85,13 @@ VALID_PLACEMENT = [
 @pytest.mark.parametrize("workers", [c[1] for c in VALID_PLACEMENT],
                          ids=[c[0] for c in VALID_PLACEMENT])
 def test_valid_placement_and_pod_labels_are_accepted_by_both_layers(r1d_validator, workers):
-    doc = changed(("spec.workers", workers), ("spec.decode.workers", workers))
+    doc = changed(spec__workers=workers, spec__decode__workers=workers)
     assert r1d_validator.errors(doc) == []
     assert r1d_validator.defaulted(doc)["spec"] == load_r1deployment(doc).to_manifest()["spec"]
 
 
 def test_the_table_is_big_enough():
-    assert len(INVALID) >= 10
+    assert len(CRD_CASES) >= 10
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
@@ -291,8 +101,8 @@ def test_crd_defaults_equal_the_spec_defaults(r1d_validator, path):
 
 
 def test_minimal_spec_defaults_equal_the_spec_defaults(r1d_validator):
-    doc = changed(("spec.prefill", {}), ("spec.decode", {}), ("spec.experts", None),
-                  ("spec.model", {"source": "/models/r1"}))
+    doc = changed(spec__prefill={}, spec__decode={}, spec__experts=DELETE,
+                  spec__model={"source": "/models/r1"})
     assert r1d_validator.defaulted(doc)["spec"] == load_r1deployment(doc).to_manifest()["spec"]
 
 
