@@ -5,6 +5,7 @@ nothing left after deletion."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -147,6 +148,39 @@ def test_the_operator_follows_an_update(cluster, operator, namespace):
                          lambda rs: _worker_group(rs, "decode")["maxReplicas"] ==
                          3 * _worker_group(rs, "decode")["minReplicas"],
                          what="to follow decode.replicas.max")
+
+
+def _handled(cluster, namespace: str, name: str, check) -> bool:
+    """Whether the operator has handled the live R1Deployment as `check` sees it: kopf records
+    the configuration it handled last in an annotation, after its handlers ran."""
+    live = _get(cluster, R1D, namespace, "r1deployments", name)
+    handled = (live["metadata"].get("annotations") or {}).get(
+        "r1serve.io/last-handled-configuration")
+    return bool(handled) and check(json.loads(handled))
+
+
+def _events(cluster, namespace: str, reason: str) -> list:
+    return [e for e in cluster.core.list_namespaced_event(namespace).items if e.reason == reason]
+
+
+@pytest.mark.parametrize("edit", ["label", "annotation"])
+def test_a_metadata_edit_changes_no_child_and_announces_nothing(cluster, operator, namespace, edit):
+    # `kubectl label r1d tiny example.com/tier=gold`: KubeRay would start a second Ray cluster
+    # for any change of the pod templates, so the RayService must not move at all.
+    before = _get(cluster, RAY, namespace, "rayservices", "tiny")["metadata"]
+    updated = len(_events(cluster, namespace, "Updated"))
+    section = "labels" if edit == "label" else "annotations"
+    cluster.custom.patch_namespaced_custom_object(
+        *R1D, namespace, "r1deployments", "tiny",
+        {"metadata": {section: {"example.com/tier": "gold"}}})
+    eventually(lambda: _handled(cluster, namespace, "tiny", lambda handled: handled.get(
+        "metadata", {}).get(section, {}).get("example.com/tier") == "gold"),
+        timeout=60, message=f"the operator to handle the {edit} edit")
+    after = _get(cluster, RAY, namespace, "rayservices", "tiny")["metadata"]
+    assert (after["generation"], after["resourceVersion"]) == (
+        before["generation"], before["resourceVersion"])
+    assert "example.com/tier" not in (after.get("labels") or {})
+    assert len(_events(cluster, namespace, "Updated")) == updated
 
 
 @pytest.mark.parametrize("kind", ["rayservice", "service"])
