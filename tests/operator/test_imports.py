@@ -5,7 +5,7 @@ import sys
 
 MODULES = ["r1serve.operator.handlers", "r1serve.operator.main", "r1serve.operator.render",
            "r1serve.operator.status", "r1serve.operator.manifests", "r1serve.spec.serve_config",
-           "r1serve.spec.crd"]
+           "r1serve.spec.crd", "r1serve.spec.crd_rules"]
 
 
 def test_operator_imports_neither_torch_nor_ray(tmp_path):
