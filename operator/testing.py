@@ -21,10 +21,13 @@ from typing import Any, Self
 
 import aiohttp.web
 import attrs
+import jsonpatch
+import jsonpointer
 import kmock
 import yaml
 
 APPLY = "application/apply-patch+yaml"
+JSON_PATCH = "application/json-patch+json"
 R1D = "r1serve.io/v1alpha1/r1deployments"
 RAYSERVICES = "ray.io/v1/rayservices"
 RAYCLUSTERS = "ray.io/v1/rayclusters"
@@ -42,6 +45,26 @@ def merge_patch(base: Any, patch: Any) -> Any:
         else:
             merged[key] = merge_patch(base.get(key), value)
     return merged
+
+
+def merge_diff(before: Any, after: Any) -> Any:
+    """The RFC 7386 merge patch that turns `before` into `after` (lists are replaced whole)."""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return after
+    patch: dict[str, Any] = {key: None for key in before if key not in after}
+    for key, value in after.items():
+        if key not in before or before[key] != value:
+            patch[key] = merge_diff(before.get(key), value)
+    return patch
+
+
+@attrs.frozen
+class PatchRefused(kmock.KubernetesError):
+    """What the API server answers to a JSON patch it cannot apply, a failed `test` included."""
+
+    status: int = 422
+    reason: str = "Invalid"
+    message: str = "the JSON patch could not be applied"
 
 
 def _is_apply(request: kmock.Request) -> bool:
@@ -126,6 +149,7 @@ class FakeApiServer(kmock.KubernetesEmulator, _FastMatching):
     - objects get uid, resourceVersion, generation and creationTimestamp; a PATCH that changes
       nothing keeps the resourceVersion, a spec change bumps the generation;
     - a server-side apply PATCH of a missing object creates it;
+    - a JSON patch (RFC 6902) is applied as such, and one that fails (a `test` included) answers 422;
     - the status subresource: /status writes only status, the main resource never does;
     - the garbage collector: deleting an owner deletes the objects that reference its uid, and an
       object written while all its owners are gone is deleted at once;
@@ -221,6 +245,10 @@ class FakeApiServer(kmock.KubernetesEmulator, _FastMatching):
         if resource is not None and resource.plural and request.action is not None \
                 and resource not in self.resources:
             raise kmock.KubernetesResourceNotFoundError()
+        if request.action == kmock.action.UPDATE \
+                and request.headers.get("Content-Type", "").startswith(JSON_PATCH):
+            # kmock merges every PATCH body: hand it the merge patch with the same result.
+            request = self._as_merge_patch(request)
         if request.action == kmock.action.CREATE and isinstance(request.data, dict):
             self._stamp_new(request.data, request.namespace, request.resource)
         elif request.action == kmock.action.UPDATE and isinstance(request.data, dict):
@@ -235,6 +263,16 @@ class FakeApiServer(kmock.KubernetesEmulator, _FastMatching):
                 and request.subresource is None:
             await self._collect_if_orphaned(request)
         return response
+
+    def _as_merge_patch(self, request: kmock.Request) -> kmock.Request:
+        current = self._current(request)
+        if current is None:
+            raise kmock.KubernetesObjectNotFoundError()
+        try:
+            after = jsonpatch.apply_patch(current, request.data)
+        except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+            raise PatchRefused(message=f"the JSON patch could not be applied: {exc}") from None
+        return attrs.evolve(request, data=merge_diff(current, after))
 
     async def _create_by_apply(self, request: kmock.Request) -> Any:
         data = request.data
