@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 from r1serve.operator import constants as K
-from r1serve.operator import render
+from r1serve.operator import render, rollout
 from r1serve.operator import status as S
 from r1serve.operator.config import OperatorConfig
 from r1serve.operator.kube_api import KubeApi
@@ -151,6 +151,36 @@ def _fail(memo: kopf.Memo, owner: Mapping[str, Any], deployment: R1Deployment, r
         previous=live.get("status"), now=_now()))
 
 
+def _apply_worker_bounds(memo: kopf.Memo, owner: Mapping[str, Any],
+                         rayservice: Mapping[str, Any]) -> None:
+    """Copy the RayService's worker-group bounds into its active RayCluster, which KubeRay 1.7
+    leaves with the old ones (r1serve.operator.rollout). Not while a pending cluster exists:
+    KubeRay builds that one from the new spec, and the active one goes."""
+    status = rayservice.get("status") or {}
+    cluster = (status.get("activeServiceStatus") or {}).get("rayClusterName")
+    if not cluster or (status.get("pendingServiceStatus") or {}).get("rayClusterName"):
+        return
+    namespace, name = owner["metadata"]["namespace"], owner["metadata"]["name"]
+    try:
+        # Reconcile and the RayService watch both get here: one at a time, the second reads the
+        # first's result and finds nothing to do, so the event is posted once.
+        with _status_lock(memo, namespace, name):
+            raycluster = memo.api.get_raycluster(namespace, cluster)
+            patch = rollout.worker_bounds_patch(rayservice, raycluster or {})
+            if not patch.operations:
+                return
+            memo.api.json_patch_raycluster(namespace, cluster, patch.operations)
+    except ApiException as exc:
+        if exc.status not in (404, 409, 422):
+            raise
+        # Gone, or its worker groups moved since the read: the next RayService event looks again.
+        log.info("%s/%s: worker bounds of RayCluster %s not patched (%s %s)", namespace, name, cluster,
+                 exc.status, exc.reason)
+        return
+    kopf.event(owner, type="Normal", reason="WorkerBoundsApplied", message=(
+        f"worker pod bounds of RayCluster {cluster}: {'; '.join(patch.changes)}"))
+
+
 def _apply_children(memo: kopf.Memo, owner: Mapping[str, Any],
                     deployment: R1Deployment) -> dict[str, Any]:
     """Apply the RayService, then the Services; returns the RayService as the server has it."""
@@ -239,6 +269,7 @@ def reconcile(body: kopf.Body, reason: kopf.Reason, memo: kopf.Memo, old: Any = 
     deployment = _load(memo, owner)
     rayservice = _apply_children(memo, owner, deployment)
     _refresh_status(memo, owner, deployment, rayservice)
+    _apply_worker_bounds(memo, owner, rayservice)
     if reason == kopf.Reason.CREATE:
         kopf.event(owner, type="Normal", reason="Created",
                    message=f"applied RayService {rayservice['metadata']['name']} and Service "
@@ -287,7 +318,8 @@ def _live_owner(memo: kopf.Memo, child: Mapping[str, Any]) -> tuple[dict[str, An
                labels={K.LABEL_MANAGED_BY: K.OPERATOR_NAME})
 def rayservice_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo,
                      logger: Any, **_: Any) -> None:
-    """Follow KubeRay's status into the owner's status; re-create a RayService deleted by hand."""
+    """Follow KubeRay's status into the owner's status and the bounds into a cluster that became
+    active; re-create a RayService deleted by hand."""
     live = _live_owner(memo, body)
     if live is None:
         return
@@ -297,6 +329,7 @@ def rayservice_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo,
         logger.info("RayService deleted while its R1Deployment exists; re-creating it")
         rayservice = _apply_children(memo, owner, deployment)
     _refresh_status(memo, owner, deployment, rayservice)
+    _apply_worker_bounds(memo, owner, rayservice)
 
 
 @kopf.on.event("", "v1", "services", labels={K.LABEL_MANAGED_BY: K.OPERATOR_NAME})

@@ -2,7 +2,7 @@
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kubernetes
@@ -12,6 +12,7 @@ from r1serve.operator import constants as K
 _APPLY = "application/apply-patch+yaml"
 # Custom resources accept no strategic merge patch; the client would default to it.
 _MERGE = "application/merge-patch+json"
+_JSON_PATCH = "application/json-patch+json"
 _PLURALS = {"RayService": K.RAYSERVICES}
 
 
@@ -71,6 +72,14 @@ class KubeApi:
 
     def get_raycluster(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get(K.RAY_GROUP, K.RAY_VERSION, namespace, K.RAYCLUSTERS, name)
+
+    def json_patch_raycluster(self, namespace: str, name: str,
+                              operations: Sequence[Mapping[str, Any]]) -> None:
+        """An RFC 6902 patch: unlike a merge patch it can address one list item, and its `test`
+        operations make the server refuse it (422) when the list moved since it was read."""
+        self.custom.patch_namespaced_custom_object(
+            K.RAY_GROUP, K.RAY_VERSION, namespace, K.RAYCLUSTERS, name,
+            [dict(op) for op in operations], _content_type=_JSON_PATCH)
 
     def _get(self, group: str, version: str, namespace: str, plural: str,
              name: str) -> dict[str, Any] | None:

@@ -31,7 +31,9 @@ def namespaced_rules() -> list[dict[str, Any]]:
         # (tests/operator/test_rbac.py compares these rules with the calls the operator makes).
         {"apiGroups": [K.RAY_GROUP], "resources": [K.RAYSERVICES],
          "verbs": ["list", "watch", "create", "patch"]},
-        {"apiGroups": [K.RAY_GROUP], "resources": [K.RAYCLUSTERS], "verbs": ["get"]},
+        # Read for the pools' desired replicas; patched because KubeRay 1.7 never copies changed
+        # worker-group bounds into a running cluster, so the operator does (rollout.py).
+        {"apiGroups": [K.RAY_GROUP], "resources": [K.RAYCLUSTERS], "verbs": ["get", "patch"]},
         # Watched (by label) to re-create a client Service deleted by hand.
         {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch", "create", "patch"]},
         # Ready Ray pods per worker group are the pools' ready replicas.

@@ -1,6 +1,8 @@
-"""What KubeRay 1.7 does when a rendered RayService changes: nothing, a Serve update, a scale or a new cluster."""
+"""What KubeRay 1.7 does with a changed RayService, and the worker bounds it leaves out of a running cluster."""
 
 import copy
+import dataclasses
+from collections.abc import Mapping
 from typing import Any, Literal
 
 Effect = Literal["nothing", "serve-config", "scale", "new-cluster", "ignored"]
@@ -11,7 +13,7 @@ Effect = Literal["nothing", "serve-config", "scale", "new-cluster", "ignored"]
 #   group's replicas, minReplicas, maxReplicas and scaleStrategy.workersToDelete are blanked
 #   (the Ray autoscaler owns those), and the number of worker groups.
 # - Same hash: the RayCluster is left as it is. Changed replica bounds are therefore *not*
-#   copied into the running RayCluster; they reach pods only with the next new cluster.
+#   copied into the running RayCluster (the operator does it: worker_bounds_patch below).
 # - Same hash once the worker groups appended at the end are dropped: the RayCluster is
 #   updated in place (every group, bounds included).
 # - Any other difference: a new RayCluster (upgradeStrategy NewCluster, or
@@ -63,3 +65,49 @@ def rollout_effect(before: dict[str, Any], after: dict[str, Any]) -> Effect:
     if old["serveConfigV2"] != new["serveConfigV2"]:
         return "serve-config"
     return "nothing"
+
+
+# KubeRay's gap, closed by the operator: the new bounds of a kept cluster copied into the live
+# RayCluster. `replicas` stays out: the Ray autoscaler owns it, and KubeRay clamps it into the bounds.
+_BOUND_KEYS = ("minReplicas", "maxReplicas")
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundsPatch:
+    """An RFC 6902 patch of a RayCluster's worker-group bounds, and what it changes per group."""
+
+    operations: tuple[dict[str, Any], ...] = ()
+    changes: tuple[str, ...] = ()   # "prefill 4..16 -> 4..32", for the event
+
+
+def worker_bounds_patch(rayservice: Mapping[str, Any], raycluster: Mapping[str, Any]) -> BoundsPatch:
+    """The patch that gives `raycluster` the worker-group bounds of `rayservice`, for each group
+    both have (matched by groupName) whose minReplicas or maxReplicas differ; empty when none do.
+
+    Each group's operations first test its groupName at the index read, so a list that changed
+    in between makes the server refuse the whole patch instead of bounding the wrong group.
+    """
+    wanted = {group.get("groupName"): group for group in
+              rayservice.get("spec", {}).get("rayClusterConfig", {}).get("workerGroupSpecs") or []}
+    operations: list[dict[str, Any]] = []
+    changes: list[str] = []
+    for index, live in enumerate((raycluster.get("spec") or {}).get("workerGroupSpecs") or []):
+        name = live.get("groupName")
+        if name not in wanted:
+            continue
+        before = tuple(live.get(key) for key in _BOUND_KEYS)
+        after = tuple(wanted[name].get(key) for key in _BOUND_KEYS)
+        if before == after or None in after:
+            continue
+        path = f"/spec/workerGroupSpecs/{index}"
+        operations.append({"op": "test", "path": f"{path}/groupName", "value": name})
+        # "replace" needs the key to exist; the CRD defaults both, but a hand-made cluster may lack them.
+        operations += [{"op": "replace" if key in live else "add", "path": f"{path}/{key}",
+                        "value": value} for key, value in zip(_BOUND_KEYS, after)]
+        changes.append(f"{name} {_span(before)} -> {_span(after)}")
+    return BoundsPatch(tuple(operations), tuple(changes))
+
+
+def _span(bounds: tuple[Any, ...]) -> str:
+    low, high = ("?" if value is None else value for value in bounds)
+    return f"{low}..{high}"

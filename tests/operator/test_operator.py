@@ -1,6 +1,7 @@
 """The operator against an in-process Kubernetes API: create, update, status, delete, restart, no KubeRay."""
 
 import copy
+import logging
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ pytestmark = [
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = yaml.safe_load((EXAMPLES / "tiny.yaml").read_text())
 R1D, RAYSERVICES, SERVICES = "r1serve.io/v1alpha1/r1deployments", "ray.io/v1/rayservices", "v1/services"
+RAYCLUSTERS = "ray.io/v1/rayclusters"
 R1D_URL = "/apis/r1serve.io/v1alpha1/namespaces/default/r1deployments"
 RS_URL = "/apis/ray.io/v1/namespaces/default/rayservices"
 
@@ -168,6 +170,87 @@ async def test_rayservice_status_drives_r1deployment_status(kube, operator_threa
         await wait_for(lambda: "Unhealthy" in _reasons(kube), message="the warning event")
     [warning] = [e for e in kube.events_for("tiny") if e["reason"] == "Unhealthy"]
     assert warning["type"] == "Warning" and "DecodeServer: UNHEALTHY" in warning["message"]
+
+
+def _bounds(raycluster: dict | None) -> dict:
+    return {g["groupName"]: (g["replicas"], g["minReplicas"], g["maxReplicas"])
+            for g in (raycluster or {}).get("spec", {}).get("workerGroupSpecs", [])}
+
+
+async def test_new_bounds_reach_the_active_raycluster(kube, operator_thread, wait_for, kuberay_world):
+    """KubeRay 1.7 leaves a running cluster's worker bounds as they were; the operator patches
+    them in, once the cluster is active and no other is pending."""
+    merge, cluster = {"Content-Type": "application/merge-patch+json"}, "tiny-abcde"
+
+    async def edit(spec: dict) -> None:
+        response = await kube.patch(f"{R1D_URL}/tiny", json={"spec": spec}, headers=merge)
+        assert response.status == 200
+
+    async with operator_thread():
+        await _create(kube)
+        rayservice = await _created(kube, wait_for)
+        # Play KubeRay: a cluster from the RayService as it is, still pending (first deploy).
+        await kube.post("/apis/ray.io/v1/namespaces/default/rayclusters", json={
+            "apiVersion": "ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": cluster, "namespace": "default"},
+            "spec": copy.deepcopy(rayservice["spec"]["rayClusterConfig"])})
+        await kube.patch(f"{RS_URL}/tiny/status", json={"status": kuberay_world.status(
+            "DEPLOYING", cluster=cluster, pending=True)}, headers=merge)
+        await edit({"prefill": {"replicas": {"max": 2}}})
+        await wait_for(lambda: "Updated" in _reasons(kube), message="the first edit applied")
+        assert _bounds(kube.live(RAYCLUSTERS, "default", cluster))["prefill"] == (1, 1, 1)
+
+        # Active now: the RayService's event brings the bounds of the first edit.
+        await kube.patch(f"{RS_URL}/tiny/status", json={"status": {
+            **kuberay_world.status("RUNNING", cluster=cluster), "pendingServiceStatus": None}},
+            headers=merge)
+        await wait_for(lambda: _bounds(kube.live(RAYCLUSTERS, "default", cluster))["prefill"] ==
+                       (1, 1, 2), message="the bounds once the cluster is active")
+        # While it is active, a reconcile brings them at once.
+        await edit({"prefill": {"replicas": {"max": 3}}, "decode": {"replicas": {"min": 2, "max": 4}}})
+        await wait_for(lambda: _bounds(kube.live(RAYCLUSTERS, "default", cluster)) == {
+            "prefill": (1, 1, 3), "decode": (1, 2, 4)}, message="the bounds of the second edit")
+        await wait_for(lambda: _reasons(kube).count("WorkerBoundsApplied") == 2,
+                       message="an event per patch")
+    assert [e["message"] for e in kube.events_for("tiny") if e["reason"] == "WorkerBoundsApplied"] == [
+        f"worker pod bounds of RayCluster {cluster}: prefill 1..1 -> 1..2",
+        f"worker pod bounds of RayCluster {cluster}: prefill 1..2 -> 1..3; decode 1..2 -> 2..4"]
+    [first, second] = [r.data for r in kube.calls(RAYCLUSTERS, "PATCH")]
+    assert first[0] == {"op": "test", "path": "/spec/workerGroupSpecs/0/groupName", "value": "prefill"}
+    assert second[3] == {"op": "test", "path": "/spec/workerGroupSpecs/1/groupName", "value": "decode"}
+
+
+async def test_bounds_of_a_worker_list_that_moved_are_refused_then_retried(kube, operator_thread, wait_for,
+                                                                          kuberay_world, caplog):
+    merge, cluster = {"Content-Type": "application/merge-patch+json"}, "tiny-abcde"
+    async with operator_thread():
+        await _create(kube)
+        rayservice = await _created(kube, wait_for)
+        spec = copy.deepcopy(rayservice["spec"]["rayClusterConfig"])
+        await kube.post("/apis/ray.io/v1/namespaces/default/rayclusters", json={
+            "apiVersion": "ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": cluster, "namespace": "default"}, "spec": spec})
+        await kube.patch(f"{RS_URL}/tiny/status", json={"status": kuberay_world.status(
+            "RUNNING", cluster=cluster)}, headers=merge)
+        held = kube.hold(RAYCLUSTERS, "PATCH", name=cluster)
+        await kube.patch(f"{R1D_URL}/tiny", json={"spec": {"prefill": {"replicas": {"max": 3}}}},
+                         headers=merge)
+        await held.wait()
+        # The worker groups change places between the operator's read and its patch.
+        moved = {"workerGroupSpecs": spec["workerGroupSpecs"][::-1]}
+        await kube.patch(f"/apis/ray.io/v1/namespaces/default/rayclusters/{cluster}",
+                         json={"spec": moved}, headers=merge)
+        held.release()
+        # Refused (422); the other look after the apply (reconcile's or the RayService event's,
+        # whichever came second) reads the list as it is now.
+        await wait_for(lambda: _bounds(kube.live(RAYCLUSTERS, "default", cluster))["prefill"] ==
+                       (1, 1, 3), message="the bounds after the refusal")
+        await wait_for(lambda: "WorkerBoundsApplied" in _reasons(kube), message="the event")
+    assert [r.data[0]["path"] for r in kube.calls(RAYCLUSTERS, "PATCH") if isinstance(r.data, list)] == [
+        "/spec/workerGroupSpecs/0/groupName", "/spec/workerGroupSpecs/1/groupName"]
+    assert _reasons(kube).count("WorkerBoundsApplied") == 1
+    # The refusal is no handler failure (kopf would log one as an error and retry the reconcile).
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_delete_leaves_nothing(kube, operator_thread, wait_for):

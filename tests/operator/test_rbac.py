@@ -1,8 +1,8 @@
 """The operator's ClusterRole grants what the operator calls, and nothing it never calls.
 
 Every request the operator makes against the in-process API during a full life cycle (create, KubeRay
-status, update, a RayService and a Service deleted by hand, restart, delete) is reduced to (group, resource, verb) and
-compared with the generated rules.
+status naming a RayCluster, an update of the worker bounds, a RayService and a Service deleted by hand, restart,
+delete) is reduced to (group, resource, verb) and compared with the generated rules.
 """
 
 import copy
@@ -21,17 +21,18 @@ pytestmark = [
 TINY = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml").read_text())
 R1D_URL = "/apis/r1serve.io/v1alpha1/namespaces/default/r1deployments"
 RS_URL = "/apis/ray.io/v1/namespaces/default/rayservices"
+RC_URL = "/apis/ray.io/v1/namespaces/default/rayclusters"
 RAYSERVICES, SERVICES, R1D = "ray.io/v1/rayservices", "v1/services", "r1serve.io/v1alpha1/r1deployments"
+RAYCLUSTERS = "ray.io/v1/rayclusters"
 # Calls the test itself makes while playing user and KubeRay: marked with this header.
 TEST_CLIENT = {"X-Test-Client": "1"}
 # Verbs granted for API discovery / verbs a client may use that a test run need not exercise.
-MAY_BE_UNUSED = {("ray.io", "rayclusters", "get"),  # read when a RayService status names its cluster
-                 ("", "pods", "list"),  # ready Ray pods, read once a cluster exists
-                 # kopf lists and watches namespaces only under --namespace globs; tests run cluster-wide
-                 ("", "namespaces", "list"), ("", "namespaces", "watch"),
-                 # server-side apply of an absent object needs create; the call itself is a PATCH
-                 ("ray.io", "rayservices", "create"), ("", "services", "create"),
-                 }
+MAY_BE_UNUSED = {
+    # kopf lists and watches namespaces only under --namespace globs; tests run cluster-wide
+    ("", "namespaces", "list"), ("", "namespaces", "watch"),
+    # server-side apply of an absent object needs create; the call itself is a PATCH
+    ("ray.io", "rayservices", "create"), ("", "services", "create"),
+}
 
 
 def granted() -> set[tuple[str, str, str]]:
@@ -59,19 +60,32 @@ def used(kube) -> set[tuple[str, str, str]]:
     return calls
 
 
-async def test_role_matches_the_calls_the_operator_makes(kube, operator_thread, wait_for, reliability):
+async def test_role_matches_the_calls_the_operator_makes(kube, operator_thread, wait_for, reliability,
+                                                         kuberay_world):
+    merge = {"Content-Type": "application/merge-patch+json", **TEST_CLIENT}
+
     async def life_cycle():
         response = await kube.post(R1D_URL, json=copy.deepcopy(TINY), headers=TEST_CLIENT)
         assert response.status in (200, 201)
         await wait_for(lambda: kube.live(SERVICES, "default", "tiny"), message="the Service")
         await wait_for(lambda: (kube.live(R1D, "default", "tiny").get("status") or {}).get("phase"),
                        message="a status")
+        # Play KubeRay: an active RayCluster, whose bounds the update below must reach.
+        cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster",
+                   "metadata": {"name": "tiny-abcde", "namespace": "default"},
+                   "spec": kube.live(RAYSERVICES, "default", "tiny")["spec"]["rayClusterConfig"]}
+        response = await kube.post(RC_URL, json=copy.deepcopy(cluster), headers=TEST_CLIENT)
+        assert response.status in (200, 201)
+        response = await kube.patch(f"{RS_URL}/tiny/status", json={"status": kuberay_world.status(
+            "RUNNING", cluster="tiny-abcde")}, headers=merge)
+        assert response.status == 200
         patch = {"spec": {"decode": {"replicas": {"min": 1, "max": 3}}}}
-        response = await kube.patch(f"{R1D_URL}/tiny", json=patch, headers={
-            "Content-Type": "application/merge-patch+json", **TEST_CLIENT})
+        response = await kube.patch(f"{R1D_URL}/tiny", json=patch, headers=merge)
         assert response.status == 200
         await wait_for(lambda: kube.live(RAYSERVICES, "default", "tiny")["spec"]["rayClusterConfig"][
             "workerGroupSpecs"][1]["maxReplicas"] == 3, message="the update")
+        await wait_for(lambda: kube.live(RAYCLUSTERS, "default", "tiny-abcde")["spec"][
+            "workerGroupSpecs"][1]["maxReplicas"] == 3, message="the bounds in the RayCluster")
         response = await kube.delete(f"{RS_URL}/tiny", headers=TEST_CLIENT)
         assert response.status == 200
         await wait_for(lambda: kube.live(RAYSERVICES, "default", "tiny"), message="the RayService back")
@@ -90,7 +104,8 @@ async def test_role_matches_the_calls_the_operator_makes(kube, operator_thread, 
     calls, rules = used(kube), granted()
     missing, unused = calls - rules, rules - calls - MAY_BE_UNUSED
     reliability("access-operator-rbac", "access", what="every API request the operator made over a life cycle "
-                "(create, status, update, RayService and Service deleted by hand, restart, delete), as "
+                "(create, status naming a RayCluster, update of its bounds, RayService and Service deleted by "
+                "hand, restart, delete), as "
                 f"(group, resource, verb), against its ClusterRole's {len(rules)} grants", requests=len(calls),
                 failed=len(missing) + len(unused),
                 failures=f"missing {sorted(missing)}, unused {sorted(unused)}" if missing or unused else

@@ -1,14 +1,15 @@
-"""What KubeRay does with each kind of spec change, checked on the rendering and on the table in docs/KUBERNETES.md."""
+"""What KubeRay does with each kind of spec change, checked on the rendering and on the table in docs/KUBERNETES.md, and the bounds patch the operator adds."""
 
 import copy
 import re
 from pathlib import Path
 
+import jsonpatch
 import pytest
 import yaml
 from r1serve.operator import constants as K
 from r1serve.operator.render import render_rayservice, render_services
-from r1serve.operator.rollout import rollout_effect
+from r1serve.operator.rollout import rollout_effect, worker_bounds_patch
 
 from r1serve.spec import SpecError, load_r1deployment
 
@@ -222,3 +223,72 @@ def test_client_service_spans_the_serving_pods_of_both_clusters(change):
         for labels in _pod_template_labels(rayservice):
             assert selector.items() <= labels.items()
             assert K.KUBERAY_CLUSTER_LABEL not in labels
+
+
+# --- The bounds KubeRay 1.7 does not copy into a running cluster, patched in by the operator.
+
+def _raycluster(*groups) -> dict:
+    return {"metadata": {"name": "r1-abcde"}, "spec": {"workerGroupSpecs": [
+        {"groupName": name, "replicas": low, "minReplicas": low, "maxReplicas": high}
+        for name, low, high in groups]}}
+
+
+def _bounds(index: int, name: str, low: int, high: int, op: str = "replace") -> list[dict]:
+    path = f"/spec/workerGroupSpecs/{index}"
+    return [{"op": "test", "path": f"{path}/groupName", "value": name},
+            {"op": op, "path": f"{path}/minReplicas", "value": low},
+            {"op": op, "path": f"{path}/maxReplicas", "value": high}]
+
+
+_MISSING_BOUNDS = {"spec": {"workerGroupSpecs": [{"groupName": "prefill", "replicas": 4}]}}
+
+
+@pytest.mark.parametrize("rendered, live, operations, changes", [
+    (_rayservice(), _raycluster(("prefill", 4, 16), ("decode", 2, 4)), [], []),
+    (_rayservice(groups=(("prefill", 4, 32), ("decode", 2, 4))),
+     _raycluster(("prefill", 4, 16), ("decode", 2, 4)),
+     _bounds(0, "prefill", 4, 32), ["prefill 4..16 -> 4..32"]),
+    (_rayservice(groups=(("prefill", 8, 32), ("decode", 1, 8))),
+     _raycluster(("decode", 2, 4), ("prefill", 4, 16)),
+     _bounds(0, "decode", 1, 8) + _bounds(1, "prefill", 8, 32),
+     ["decode 2..4 -> 1..8", "prefill 4..16 -> 8..32"]),
+    # Only in one of them: KubeRay appends a new group itself, and a group it still runs from
+    # an older spec is none of ours to bound.
+    (_rayservice(groups=(("prefill", 4, 32), ("extra", 0, 2))), _raycluster(("decode", 2, 4)), [], []),
+    # replicas is the Ray autoscaler's: a difference there alone changes nothing.
+    (_rayservice(), {"spec": {"workerGroupSpecs": [
+        {"groupName": "prefill", "replicas": 9, "minReplicas": 4, "maxReplicas": 16}]}}, [], []),
+    (_rayservice(), _MISSING_BOUNDS, _bounds(0, "prefill", 4, 16, op="add"), ["prefill ?..? -> 4..16"]),
+    (_rayservice(), {"metadata": {"name": "r1-abcde"}}, [], []),
+], ids=["same", "max", "both-reordered", "no-common-group", "replicas-only", "missing-bounds",
+        "no-spec"])
+def test_worker_bounds_patch(rendered, live, operations, changes):
+    patch = worker_bounds_patch(rendered, live)
+    assert (list(patch.operations), list(patch.changes)) == (operations, changes)
+
+
+@pytest.mark.parametrize("change", [c for c, effect in CHANGES if effect == "scale"])
+def test_a_scale_change_patched_into_the_cluster_leaves_it_as_rendered(change):
+    """The running cluster, built from the rendering before, takes the rendering after: its
+    bounds from the patch, only `replicas` left to the Ray autoscaler."""
+    base = doc_base()
+    before, after = _render(base), _render(edited(base, change))
+    cluster = {"spec": copy.deepcopy(before["spec"]["rayClusterConfig"])}
+    patched = jsonpatch.apply_patch(cluster, list(worker_bounds_patch(after, cluster).operations))
+
+    def without_replicas(spec: dict) -> dict:
+        spec = copy.deepcopy(spec)
+        for group in spec["workerGroupSpecs"]:
+            del group["replicas"]
+        return spec
+    assert without_replicas(patched["spec"]) == without_replicas(after["spec"]["rayClusterConfig"])
+    assert [g["replicas"] for g in patched["spec"]["workerGroupSpecs"]] == [
+        g["replicas"] for g in cluster["spec"]["workerGroupSpecs"]]
+
+
+def test_a_worker_list_changed_since_the_read_refuses_the_patch():
+    read = _raycluster(("prefill", 4, 16), ("decode", 2, 4))
+    patch = worker_bounds_patch(_rayservice(groups=(("prefill", 4, 32), ("decode", 2, 4))), read)
+    moved = _raycluster(("decode", 2, 4), ("prefill", 4, 16))
+    with pytest.raises(jsonpatch.JsonPatchTestFailed):
+        jsonpatch.apply_patch(moved, list(patch.operations))
