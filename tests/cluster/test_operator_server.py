@@ -211,6 +211,43 @@ def test_the_operator_survives_sigkill_and_catches_up(cluster, operator, namespa
     assert len(rayservices) == 1 and len(services) == 1
 
 
+def _prefill_bounds(cluster, namespace: str, name: str) -> tuple:
+    group = _worker_group({"spec": {"rayClusterConfig": _get(
+        cluster, RAY, namespace, "rayclusters", name)["spec"]}}, "prefill")
+    return group["replicas"], group["minReplicas"], group["maxReplicas"]
+
+
+def test_new_bounds_reach_the_active_raycluster(cluster, operator, namespace):
+    # KubeRay 1.7 keeps a running cluster's worker bounds; no KubeRay runs here, so the test
+    # plays it: a RayCluster from the RayService, owned by it, named active in its status.
+    rayservice = _get(cluster, RAY, namespace, "rayservices", "tiny")
+    owner = {"apiVersion": "ray.io/v1", "kind": "RayService", "name": "tiny",
+             "uid": rayservice["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    cluster.custom.create_namespaced_custom_object(*RAY, namespace, "rayclusters", {
+        "apiVersion": "ray.io/v1", "kind": "RayCluster",
+        "metadata": {"name": "tiny-bounds", "ownerReferences": [owner]},
+        "spec": rayservice["spec"]["rayClusterConfig"]})
+    cluster.custom.patch_namespaced_custom_object_status(
+        *RAY, namespace, "rayservices", "tiny",
+        {"status": {"activeServiceStatus": {"rayClusterName": "tiny-bounds"}}})
+    before = _prefill_bounds(cluster, namespace, "tiny-bounds")
+    live = _get(cluster, R1D, namespace, "r1deployments", "tiny")
+    live["spec"]["prefill"]["replicas"] = {"min": 1, "max": 3}
+    cluster.custom.replace_namespaced_custom_object(*R1D, namespace, "r1deployments", "tiny", live)
+    eventually(lambda: _prefill_bounds(cluster, namespace, "tiny-bounds") == (before[0], 1, 3),
+               timeout=60, message=f"prefill bounds 1..3 in the RayCluster (were {before})")
+    [event] = eventually(lambda: _events(cluster, namespace, "WorkerBoundsApplied"),
+                         message="the WorkerBoundsApplied event")
+    assert "tiny-bounds: prefill 1..1 -> 1..3" in event.message
+    # The operator's safety net, as this server applies it: a group that moved fails the test op.
+    stale = [{"op": "test", "path": "/spec/workerGroupSpecs/0/groupName", "value": "decode"},
+             {"op": "replace", "path": "/spec/workerGroupSpecs/0/maxReplicas", "value": 9}]
+    with pytest.raises(ApiException) as refused:
+        cluster.custom.patch_namespaced_custom_object(*RAY, namespace, "rayclusters", "tiny-bounds",
+                                                      stale, _content_type="application/json-patch+json")
+    assert refused.value.status == 422
+
+
 def test_deleting_the_resource_leaves_nothing(cluster, operator, namespace):
     if not cluster.has_controller_manager:
         pytest.skip("garbage collection needs kube-controller-manager in $KUBEBUILDER_ASSETS")
