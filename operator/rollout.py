@@ -97,7 +97,7 @@ def worker_bounds_patch(rayservice: Mapping[str, Any], raycluster: Mapping[str, 
             continue
         before = tuple(live.get(key) for key in _BOUND_KEYS)
         after = tuple(wanted[name].get(key) for key in _BOUND_KEYS)
-        if before == after or None in after:
+        if before == after or None in after or not _same_pod_shape(live, wanted[name]):
             continue
         path = f"/spec/workerGroupSpecs/{index}"
         operations.append({"op": "test", "path": f"{path}/groupName", "value": name})
@@ -106,6 +106,28 @@ def worker_bounds_patch(rayservice: Mapping[str, Any], raycluster: Mapping[str, 
                         "value": value} for key, value in zip(_BOUND_KEYS, after)]
         changes.append(f"{name} {_span(before)} -> {_span(after)}")
     return BoundsPatch(tuple(operations), tuple(changes))
+
+
+# Where a worker group says how big one pod is: Ray's logical resources (ranks per pod) and the
+# Ray container's requests and limits.
+_POD_SHAPE = (("resources",), ("template", "spec", "containers", 0, "resources"))
+
+
+def _dig(node: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def _same_pod_shape(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """False when the two groups' pods differ in size: bounds count pods, so the rendered bounds
+    are meant for pods of another size than the running cluster's (a new cluster is coming, or
+    with upgrade strategy None never comes) and would over- or under-size it."""
+    return all(None in (_dig(live, path), _dig(wanted, path)) or
+               _dig(live, path) == _dig(wanted, path) for path in _POD_SHAPE)
 
 
 def _span(bounds: tuple[Any, ...]) -> str:

@@ -286,6 +286,22 @@ def test_a_scale_change_patched_into_the_cluster_leaves_it_as_rendered(change):
         g["replicas"] for g in cluster["spec"]["workerGroupSpecs"]]
 
 
+@pytest.mark.parametrize("change", ["`spec.decode.expertParallel: 4`",
+                                    "`spec.upgrade.strategy: None`, `spec.decode.expertParallel: 4`"])
+def test_bounds_for_pods_of_another_size_are_not_patched_into_the_running_cluster(change):
+    """4 ranks per pod instead of 8: the decode group's bounds, counted in pods, double, but they
+    belong to the new cluster's smaller pods, never to the running one (which with strategy None
+    is the only one there will be)."""
+    base = doc_base()
+    before, after = _render(base), _render(edited(base, change))
+    cluster = {"spec": copy.deepcopy(before["spec"]["rayClusterConfig"])}
+    decode = [g for g in after["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+              if g["groupName"] == "decode"]
+    running = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "decode"]
+    assert decode[0]["maxReplicas"] != running[0]["maxReplicas"]
+    assert worker_bounds_patch(after, cluster).operations == ()
+
+
 def test_a_worker_list_changed_since_the_read_refuses_the_patch():
     read = _raycluster(("prefill", 4, 16), ("decode", 2, 4))
     patch = worker_bounds_patch(_rayservice(groups=(("prefill", 4, 32), ("decode", 2, 4))), read)
