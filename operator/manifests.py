@@ -8,7 +8,6 @@ from typing import Any
 
 from r1serve.operator import constants as K
 
-from r1serve import __version__
 from r1serve.spec.crd import CRD_NAME, crd_yaml, to_yaml
 
 NAMESPACE = "r1serve-system"

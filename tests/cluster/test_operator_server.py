@@ -4,7 +4,6 @@ nothing left after deletion."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
