@@ -5,12 +5,7 @@ nothing left after deletion."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
@@ -19,60 +14,17 @@ from kubernetes.client.exceptions import ApiException
 from r1serve.operator.manifests import NAMESPACE
 
 from .conftest import ROOT, eventually
-from .control_plane import SERVICE_ACCOUNT_ISSUER
+from .operator_process import Operator, service_account_token
 
 R1D = ("r1serve.io", "v1alpha1")
 RAY = ("ray.io", "v1")
 MANAGED = "app.kubernetes.io/managed-by=r1serve-operator"
 
 
-class Operator:
-    """`python -m r1serve.operator` in a child process, with a kubeconfig holding only a token."""
-
-    def __init__(self, kubeconfig: Path, workdir: Path) -> None:
-        self.kubeconfig, self.workdir = kubeconfig, workdir
-        self.log = workdir / "operator.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> "Operator":
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONSAFEPATH": "1"}
-        env.pop("KUBERNETES_SERVICE_HOST", None)
-        with self.log.open("a") as log:
-            # cwd away from the repository, whose operator/ folder would shadow the stdlib module
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "r1serve.operator", "--all-namespaces", "--liveness", ""],
-                env=env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL)
-        return self
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def tail(self, lines: int = 40) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
 @pytest.fixture(scope="module")
 def operator_token(cluster, operator_install) -> str:
     """A token of the operator's ServiceAccount, as the kubelet would mount it into its pod."""
-    request = {"spec": {"audiences": [SERVICE_ACCOUNT_ISSUER], "expirationSeconds": 3600}}
-    answer = cluster.core.create_namespaced_service_account_token(
-        "r1serve-operator", NAMESPACE, request)
-    return answer.status.token
+    return service_account_token(cluster, NAMESPACE, "r1serve-operator")
 
 
 @pytest.fixture(scope="module")
