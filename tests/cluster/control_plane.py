@@ -231,14 +231,15 @@ class ControlPlane:
             self._wait("kube-controller-manager", process, f"https://127.0.0.1:{port}/healthz",
                        insecure)
 
-    def stop(self) -> None:
-        """TERM each process (the API server shuts down gracefully), KILL what lingers."""
+    def stop(self, grace_s: float = 3.0) -> None:
+        """TERM each process, KILL what lingers: the API server would otherwise drain open
+        watches for many seconds, and nothing of this throwaway cluster needs keeping."""
         for process in reversed(self.processes):
             if process.poll() is None:
                 process.terminate()
         for process in reversed(self.processes):
             try:
-                process.wait(timeout=15)
+                process.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
