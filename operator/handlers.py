@@ -153,29 +153,43 @@ def _fail(memo: kopf.Memo, owner: Mapping[str, Any], deployment: R1Deployment, r
 
 def _apply_worker_bounds(memo: kopf.Memo, owner: Mapping[str, Any],
                          rayservice: Mapping[str, Any]) -> None:
-    """Copy the RayService's worker-group bounds into its active RayCluster, which KubeRay 1.7
-    leaves with the old ones (r1serve.operator.rollout). Not while a pending cluster exists:
-    KubeRay builds that one from the new spec, and the active one goes."""
+    """Copy the spec's worker-group bounds into the RayService's active RayCluster, which KubeRay
+    1.7 leaves with the old ones (r1serve.operator.rollout). Not while a pending cluster exists:
+    KubeRay builds that one from the new spec, and the active one goes.
+
+    Best effort: the children are applied whatever happens here, so no failure of it fails the
+    reconcile; the next RayService event looks again.
+    """
     status = rayservice.get("status") or {}
     cluster = (status.get("activeServiceStatus") or {}).get("rayClusterName")
     if not cluster or (status.get("pendingServiceStatus") or {}).get("rayClusterName"):
         return
     namespace, name = owner["metadata"]["namespace"], owner["metadata"]["name"]
     try:
-        # Reconcile and the RayService watch both get here: one at a time, the second reads the
-        # first's result and finds nothing to do, so the event is posted once.
+        # Reconcile and the RayService watch both get here: one at a time, each rendering the
+        # spec as it is now (an older event's spec would patch older bounds back) against the
+        # cluster as it is now, so the second finds nothing to do and the event is posted once.
         with _status_lock(memo, namespace, name):
+            live = memo.api.get_r1deployment(namespace, name)
+            if live is None or (live.get("metadata") or {}).get("deletionTimestamp"):
+                return
+            wanted = render.render_rayservice(_deployment(live), config=memo.config)
             raycluster = memo.api.get_raycluster(namespace, cluster)
-            patch = rollout.worker_bounds_patch(rayservice, raycluster or {})
+            patch = rollout.worker_bounds_patch(wanted, raycluster or {})
             if not patch.operations:
                 return
             memo.api.json_patch_raycluster(namespace, cluster, patch.operations)
+    except SpecError:
+        return  # reconcile reports an invalid spec
     except ApiException as exc:
-        if exc.status not in (404, 409, 422):
-            raise
-        # Gone, or its worker groups moved since the read: the next RayService event looks again.
-        log.info("%s/%s: worker bounds of RayCluster %s not patched (%s %s)", namespace, name, cluster,
-                 exc.status, exc.reason)
+        # 404: the cluster is gone; 422: its worker groups moved since the read.
+        log.log(logging.WARNING if exc.status not in (404, 422) else logging.INFO,
+                "%s/%s: worker bounds of RayCluster %s not patched (%s %s)", namespace, name,
+                cluster, exc.status, exc.reason)
+        if exc.status == 403:
+            kopf.event(owner, type="Warning", reason="Forbidden", message=(
+                f"cannot patch RayCluster {cluster}: the operator's role lacks patch on "
+                "rayclusters (reinstall its RBAC); new worker bounds wait for the next cluster"))
         return
     kopf.event(owner, type="Normal", reason="WorkerBoundsApplied", message=(
         f"worker pod bounds of RayCluster {cluster}: {'; '.join(patch.changes)}"))

@@ -82,22 +82,24 @@ class BoundsPatch:
 
 def worker_bounds_patch(rayservice: Mapping[str, Any], raycluster: Mapping[str, Any]) -> BoundsPatch:
     """The patch that gives `raycluster` the worker-group bounds of `rayservice`, for each group
-    both have (matched by groupName) whose minReplicas or maxReplicas differ; empty when none do.
+    both have (matched by groupName) whose minReplicas or maxReplicas differ; empty when none do,
+    and when the cluster does not run as rendered but for its bounds (runs_as_rendered).
 
     Each group's operations first test its groupName at the index read, so a list that changed
     in between makes the server refuse the whole patch instead of bounding the wrong group.
     """
-    wanted = {group.get("groupName"): group for group in
-              rayservice.get("spec", {}).get("rayClusterConfig", {}).get("workerGroupSpecs") or []}
+    rendered = rayservice.get("spec", {}).get("rayClusterConfig", {})
+    running = raycluster.get("spec") or {}
+    if not runs_as_rendered(rendered, running):
+        return BoundsPatch()
+    wanted = {group.get("groupName"): group for group in rendered.get("workerGroupSpecs") or []}
     operations: list[dict[str, Any]] = []
     changes: list[str] = []
-    for index, live in enumerate((raycluster.get("spec") or {}).get("workerGroupSpecs") or []):
+    for index, live in enumerate(running.get("workerGroupSpecs") or []):
         name = live.get("groupName")
-        if name not in wanted:
-            continue
         before = tuple(live.get(key) for key in _BOUND_KEYS)
         after = tuple(wanted[name].get(key) for key in _BOUND_KEYS)
-        if before == after or None in after or not _same_pod_shape(live, wanted[name]):
+        if before == after or None in after:
             continue
         path = f"/spec/workerGroupSpecs/{index}"
         operations.append({"op": "test", "path": f"{path}/groupName", "value": name})
@@ -108,26 +110,29 @@ def worker_bounds_patch(rayservice: Mapping[str, Any], raycluster: Mapping[str, 
     return BoundsPatch(tuple(operations), tuple(changes))
 
 
-# Where a worker group says how big one pod is: Ray's logical resources (ranks per pod) and the
-# Ray container's requests and limits.
-_POD_SHAPE = (("resources",), ("template", "spec", "containers", 0, "resources"))
+def _covers(live: Any, wanted: Any) -> bool:
+    """Whether `live` holds every value of `wanted`; keys only `live` has (defaults the API server
+    or KubeRay filled in) do not count."""
+    if isinstance(wanted, Mapping):
+        return isinstance(live, Mapping) and all(
+            key in live and _covers(live[key], value) for key, value in wanted.items())
+    if isinstance(wanted, list):
+        return (isinstance(live, list) and len(live) == len(wanted)
+                and all(_covers(a, b) for a, b in zip(live, wanted)))
+    return live == wanted
 
 
-def _dig(node: Any, path: tuple[Any, ...]) -> Any:
-    for key in path:
-        try:
-            node = node[key]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return node
-
-
-def _same_pod_shape(live: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
-    """False when the two groups' pods differ in size: bounds count pods, so the rendered bounds
-    are meant for pods of another size than the running cluster's (a new cluster is coming, or
-    with upgrade strategy None never comes) and would over- or under-size it."""
-    return all(None in (_dig(live, path), _dig(wanted, path)) or
-               _dig(live, path) == _dig(wanted, path) for path in _POD_SHAPE)
+def runs_as_rendered(rendered: Mapping[str, Any], live: Mapping[str, Any]) -> bool:
+    """Whether the running cluster (`live`, a RayCluster's spec) is the rendered rayClusterConfig
+    but for worker bounds: only then are the rendered bounds its own. Otherwise they count pods
+    of another cluster (a new one KubeRay is about to build, or with upgradeStrategy None never
+    builds) and would over- or under-size this one. Worker groups are matched by name; a group
+    only the rendering has is one KubeRay appends by itself."""
+    wanted, running = _hashed(dict(rendered)), _hashed(dict(live))
+    wanted_groups = {g.get("groupName"): g for g in wanted.pop("workerGroupSpecs")}
+    running_groups = {g.get("groupName"): g for g in running.pop("workerGroupSpecs")}
+    return (_covers(running, wanted) and running_groups.keys() <= wanted_groups.keys()
+            and all(_covers(group, wanted_groups[name]) for name, group in running_groups.items()))
 
 
 def _span(bounds: tuple[Any, ...]) -> str:

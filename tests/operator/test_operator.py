@@ -220,6 +220,33 @@ async def test_new_bounds_reach_the_active_raycluster(kube, operator_thread, wai
     assert second[3] == {"op": "test", "path": "/spec/workerGroupSpecs/1/groupName", "value": "decode"}
 
 
+async def test_bounds_of_a_cluster_about_to_be_replaced_are_left_alone(kube, operator_thread, wait_for,
+                                                                       kuberay_world):
+    """An image change with replicas.min: KubeRay builds a new cluster with the new bounds; the
+    one it replaces must not grow to them meanwhile (it has no pending cluster yet)."""
+    merge, cluster = {"Content-Type": "application/merge-patch+json"}, "tiny-abcde"
+    async with operator_thread():
+        await _create(kube)
+        rayservice = await _created(kube, wait_for)
+        await kube.post("/apis/ray.io/v1/namespaces/default/rayclusters", json={
+            "apiVersion": "ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": cluster, "namespace": "default"},
+            "spec": copy.deepcopy(rayservice["spec"]["rayClusterConfig"])})
+        await kube.patch(f"{RS_URL}/tiny/status", json={"status": kuberay_world.status(
+            "RUNNING", cluster=cluster)}, headers=merge)
+        before = _bounds(kube.live(RAYCLUSTERS, "default", cluster))
+        await kube.patch(f"{R1D_URL}/tiny", json={"spec": {
+            "workers": {"image": "example.com/r1serve:next"},
+            "decode": {"replicas": {"min": 2, "max": 4}}}}, headers=merge)
+        # Reconcile looks at the bounds before it announces the update.
+        await wait_for(lambda: "Updated" in _reasons(kube), message="the edit applied")
+        assert kube.live(RAYSERVICES, "default", "tiny")["spec"]["rayClusterConfig"][
+            "workerGroupSpecs"][-1]["maxReplicas"] != before["decode"][2]
+    assert _bounds(kube.live(RAYCLUSTERS, "default", cluster)) == before
+    assert "WorkerBoundsApplied" not in _reasons(kube)
+    assert kube.calls(RAYCLUSTERS, "PATCH") == []
+
+
 async def test_bounds_of_a_worker_list_that_moved_are_refused_then_retried(kube, operator_thread, wait_for,
                                                                           kuberay_world, caplog):
     merge, cluster = {"Content-Type": "application/merge-patch+json"}, "tiny-abcde"

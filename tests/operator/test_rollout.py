@@ -227,10 +227,10 @@ def test_client_service_spans_the_serving_pods_of_both_clusters(change):
 
 # --- The bounds KubeRay 1.7 does not copy into a running cluster, patched in by the operator.
 
-def _raycluster(*groups) -> dict:
-    return {"metadata": {"name": "r1-abcde"}, "spec": {"workerGroupSpecs": [
-        {"groupName": name, "replicas": low, "minReplicas": low, "maxReplicas": high}
-        for name, low, high in groups]}}
+def _raycluster(*groups, image="img:1") -> dict:
+    """A running cluster as KubeRay built it from `_rayservice`, with these groups and bounds."""
+    spec = _rayservice(groups=groups, image=image)["spec"]["rayClusterConfig"]
+    return {"metadata": {"name": "r1-abcde"}, "spec": copy.deepcopy(spec)}
 
 
 def _bounds(index: int, name: str, low: int, high: int, op: str = "replace") -> list[dict]:
@@ -240,7 +240,13 @@ def _bounds(index: int, name: str, low: int, high: int, op: str = "replace") -> 
             {"op": op, "path": f"{path}/maxReplicas", "value": high}]
 
 
-_MISSING_BOUNDS = {"spec": {"workerGroupSpecs": [{"groupName": "prefill", "replicas": 4}]}}
+_MISSING_BOUNDS = {"spec": {"headGroupSpec": {"template": {}}, "workerGroupSpecs": [
+    {"groupName": "prefill", "replicas": 4,
+     "template": {"spec": {"containers": [{"name": "w", "image": "img:1"}]}}}]}}
+# What the API server or KubeRay adds to a cluster (defaults) is no difference of the rendering.
+_WITH_DEFAULTS = _raycluster(("prefill", 4, 16), ("decode", 2, 4))
+_WITH_DEFAULTS["spec"]["workerGroupSpecs"][0]["numOfHosts"] = 1
+_WITH_DEFAULTS["spec"]["workerGroupSpecs"][0]["scaleStrategy"] = {"workersToDelete": ["p-1"]}
 
 
 @pytest.mark.parametrize("rendered, live, operations, changes", [
@@ -260,8 +266,17 @@ _MISSING_BOUNDS = {"spec": {"workerGroupSpecs": [{"groupName": "prefill", "repli
         {"groupName": "prefill", "replicas": 9, "minReplicas": 4, "maxReplicas": 16}]}}, [], []),
     (_rayservice(), _MISSING_BOUNDS, _bounds(0, "prefill", 4, 16, op="add"), ["prefill ?..? -> 4..16"]),
     (_rayservice(), {"metadata": {"name": "r1-abcde"}}, [], []),
+    # The running cluster is not the rendered one (another image): a new cluster is coming,
+    # built with these bounds; the running one keeps its own.
+    (_rayservice(groups=(("prefill", 4, 32), ("decode", 2, 4)), image="img:2"),
+     _raycluster(("prefill", 4, 16), ("decode", 2, 4)), [], []),
+    # A group the running cluster has and the rendering lost: KubeRay replaces the cluster.
+    (_rayservice(groups=(("prefill", 4, 32),)),
+     _raycluster(("prefill", 4, 16), ("decode", 2, 4)), [], []),
+    (_rayservice(groups=(("prefill", 4, 32), ("decode", 2, 4))), _WITH_DEFAULTS,
+     _bounds(0, "prefill", 4, 32), ["prefill 4..16 -> 4..32"]),
 ], ids=["same", "max", "both-reordered", "no-common-group", "replicas-only", "missing-bounds",
-        "no-spec"])
+        "no-spec", "another-image", "group-removed", "server-defaults"])
 def test_worker_bounds_patch(rendered, live, operations, changes):
     patch = worker_bounds_patch(rendered, live)
     assert (list(patch.operations), list(patch.changes)) == (operations, changes)
