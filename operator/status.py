@@ -165,15 +165,22 @@ def _desired_pods(raycluster: Mapping[str, Any] | None, role: Role) -> int | Non
     return None
 
 
-def pool_status(role: Role, pool: Pool, observed: Observed, app: Mapping[str, Any]) -> dict:
-    """Replicas of one pool, counted in expert-parallel groups (pods / pods per replica)."""
+def pool_status(role: Role, pool: Pool, observed: Observed, app: Mapping[str, Any],
+                last_desired: int | None = None) -> dict:
+    """Replicas of one pool, counted in expert-parallel groups (pods / pods per replica).
+
+    The desired count is the RayCluster's; unread, the last one read (`last_desired`), else the
+    spec's initial replicas.
+    """
     per_replica = nodes_per_replica(pool)
     pods = [p for p in observed.pods
             if (p.get("metadata") or {}).get("labels", {}).get(K.KUBERAY_GROUP_LABEL) == role
             and not (p.get("metadata") or {}).get("deletionTimestamp")]
     desired_pods = _desired_pods(observed.raycluster, role)
-    desired = (math.ceil(desired_pods / per_replica) if desired_pods is not None
-               else pool.replicas.effective_initial)
+    if desired_pods is not None:
+        desired = math.ceil(desired_pods / per_replica)
+    else:
+        desired = last_desired if last_desired is not None else pool.replicas.effective_initial
     serve_state = ((app.get("serveDeploymentStatuses") or {})
                    .get(C.POOL_DEPLOYMENTS[role]) or {}).get("status")
     ready = sum(1 for p in pods if _pod_ready(p)) // per_replica
@@ -286,7 +293,12 @@ def aggregate(deployment: R1Deployment, observed: Observed, *, generation: int |
     verdict = _assess(observed.rayservice, now, silence_s)
     _, app = active_application(observed.rayservice) if observed.rayservice else (None, {})
     active = deployment.spec.active_pools()
-    pools = {role: pool_status(role, pool, observed, app) for role, pool in active.items()}
+    # A RayCluster read that failed once must not turn into a drop to the spec's initial count
+    # and a "scale" back up on the next read.
+    counting = previous.get("phase") not in _UNCOUNTED_PHASES
+    pools = {role: pool_status(role, pool, observed, app, last_desired=(
+        (previous.get(role) or {}).get("desiredReplicas") if counting else None))
+        for role, pool in active.items()}
     counted = frozenset(role for role in active
                         if _desired_pods(observed.raycluster, role) is not None)
     # Pending is not a warning phase, so a change of reason under it posts no phase event.

@@ -285,6 +285,11 @@ def test_a_count_not_read_from_the_raycluster_is_not_a_scale_decision(tiny, kube
     # The RayCluster could not be read: the count falls back to the spec's initial replicas.
     after = aggregate(tiny, Observed(rs), generation=1, previous=before.status, now=LATER)
     assert "lastScaleDecision" not in after.status and after.events == ()
+    # ... and keeps the last count read, so reading the same cluster again is no scale either.
+    assert after.status["decode"]["desiredReplicas"] == before.status["decode"]["desiredReplicas"]
+    again = aggregate(tiny, Observed(rs, _cluster(1, 2)), generation=1, previous=after.status,
+                      now=LATER)
+    assert "lastScaleDecision" not in again.status and again.events == ()
 
 
 def _silent_rayservice(created: str = NOW) -> dict:
