@@ -45,12 +45,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    # A test run killed hard must not leave an API server behind (Linux only; elsewhere a no-op).
+def _load_libc():
     with contextlib.suppress(Exception):
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    return None
+
+
+# Loaded here, not in the child: after fork only async-signal-safe calls are safe, and the test
+# process has threads by then.
+_LIBC = _load_libc() if sys.platform == "linux" else None
+
+
+def die_with_parent() -> None:
+    """preexec_fn: a test run killed hard leaves no server or operator behind (Linux only)."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def etcd_flags(etcd: Path, data: Path, client_port: int, peer_port: int) -> list[str]:
+    """Flags for either etcd: the real one (as setup-envtest ships it) takes `--listen-*-urls` and
+    wants `--advertise-client-urls`; a minimal embedded build takes the singular forms only."""
+    shown = subprocess.run([str(etcd), "--help"], capture_output=True, text=True, timeout=30)
+    help_text = shown.stdout + shown.stderr
+    client, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    if "listen-client-urls" in help_text:
+        return [f"--data-dir={data}", f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}", f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}", f"--initial-cluster=default={peer}"]
+    return [f"--data-dir={data}", f"--listen-client-url={client}", f"--listen-peer-url={peer}"]
 
 
 # --- Certificates: one CA signs the server's and the clients' certificates.
@@ -156,7 +180,7 @@ class ControlPlane:
         log = (self.folder / "logs" / f"{name}.log").open("ab")
         process = subprocess.Popen([str(self.binaries / name), *args], stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                   preexec_fn=die_with_parent)
         log.close()
         self.processes.append(process)
         return process
@@ -194,9 +218,8 @@ class ControlPlane:
 
     def _start_all(self, pki: Pki, serving: tuple[Path, Path]) -> None:
         etcd_port, peer_port = free_port(), free_port()
-        etcd = self._start("etcd", f"--data-dir={self.folder / 'etcd'}",
-                           f"--listen-client-url=http://127.0.0.1:{etcd_port}",
-                           f"--listen-peer-url=http://127.0.0.1:{peer_port}")
+        etcd = self._start("etcd", *etcd_flags(self.binaries / "etcd", self.folder / "etcd",
+                                                etcd_port, peer_port))
         self._wait("etcd", etcd, f"http://127.0.0.1:{etcd_port}/health", None)
         apiserver = self._start(
             "kube-apiserver", f"--etcd-servers=http://127.0.0.1:{etcd_port}",

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .control_plane import SERVICE_ACCOUNT_ISSUER
+from .control_plane import SERVICE_ACCOUNT_ISSUER, die_with_parent
 
 
 def service_account_token(cluster, namespace: str, name: str) -> str:
@@ -34,7 +34,7 @@ class Operator:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "r1serve.operator", *self.argv, "--liveness", ""],
                 env=env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL)
+                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         return self
 
     def kill(self) -> None:
