@@ -63,6 +63,12 @@ def _children(cluster, namespace: str) -> tuple[list, list]:
     return rayservices, services
 
 
+def _children_of(cluster, namespace: str, name: str) -> tuple[list, list]:
+    rayservices, services = _children(cluster, namespace)
+    return ([r for r in rayservices if r["metadata"]["name"] == name],
+            [s for s in services if s.metadata.name == name])
+
+
 def _wait_for_rayservice(cluster, operator, namespace, name, check=lambda rs: True, what="") -> dict:
     def ready():
         assert operator.alive(), f"the operator exited:\n{operator.tail()}"
@@ -76,14 +82,31 @@ def _worker_group(rayservice: dict, role: str) -> dict:
     return next(group for group in groups if group["groupName"] == role)
 
 
-def test_the_operator_creates_owned_children_that_kuberay_accepts(cluster, operator, namespace):
-    owner = cluster.custom.create_namespaced_custom_object(
+@pytest.fixture(scope="module")
+def tiny(cluster, operator, namespace) -> dict:
+    """The R1Deployment the tests below share, its children created; each test sets what it
+    needs (absolute values), so any one runs alone or in any order."""
+    return cluster.custom.create_namespaced_custom_object(
         *R1D, namespace, "r1deployments", _tiny(namespace, "tiny"))
+
+
+def _edit_spec(cluster, namespace: str, name: str, change) -> int:
+    """Apply `change(spec)` to the live R1Deployment; returns its new generation."""
+    live = _get(cluster, R1D, namespace, "r1deployments", name)
+    change(live["spec"])
+    replaced = cluster.custom.replace_namespaced_custom_object(
+        *R1D, namespace, "r1deployments", name, live)
+    return replaced["metadata"]["generation"]
+
+
+def test_the_operator_creates_owned_children_that_kuberay_accepts(cluster, operator, namespace, tiny):
+    owner = tiny
     rayservice = _wait_for_rayservice(cluster, operator, namespace, "tiny", what="to be created")
     [reference] = rayservice["metadata"]["ownerReferences"]
     assert (reference["kind"], reference["uid"], reference["controller"]) == (
         "R1Deployment", owner["metadata"]["uid"], True)
-    service = eventually(lambda: _children(cluster, namespace)[1], message="the client Service")
+    service = eventually(lambda: _children_of(cluster, namespace, "tiny")[1],
+                         message="the client Service")
     assert service[0].metadata.owner_references[0].uid == owner["metadata"]["uid"]
     # No KubeRay controller runs: the status says the cluster is pending, written by the operator.
     status = eventually(lambda: (_get(cluster, R1D, namespace, "r1deployments", "tiny") or {})
@@ -91,7 +114,7 @@ def test_the_operator_creates_owned_children_that_kuberay_accepts(cluster, opera
     assert status["phase"] in ("Pending", "Progressing") and status["rayService"] == "tiny"
 
 
-def test_the_operator_follows_an_update(cluster, operator, namespace):
+def test_the_operator_follows_an_update(cluster, operator, namespace, tiny):
     live = _get(cluster, R1D, namespace, "r1deployments", "tiny")
     live["spec"]["decode"]["replicas"] = {"min": 1, "max": 3}
     cluster.custom.replace_namespaced_custom_object(*R1D, namespace, "r1deployments", "tiny", live)
@@ -114,28 +137,42 @@ def _events(cluster, namespace: str, reason: str) -> list:
     return [e for e in cluster.core.list_namespaced_event(namespace).items if e.reason == reason]
 
 
+def _updated(cluster, namespace: str, generation: int) -> list:
+    return [e for e in _events(cluster, namespace, "Updated")
+            if e.message.startswith(f"applied generation {generation};")]
+
+
 @pytest.mark.parametrize("edit", ["label", "annotation"])
-def test_a_metadata_edit_changes_no_child_and_announces_nothing(cluster, operator, namespace, edit):
+def test_a_metadata_edit_changes_no_child_and_announces_nothing(cluster, operator, namespace, tiny,
+                                                                edit):
     # `kubectl label r1d tiny example.com/tier=gold`: KubeRay would start a second Ray cluster
     # for any change of the pod templates, so the RayService must not move at all.
-    before = _get(cluster, RAY, namespace, "rayservices", "tiny")["metadata"]
-    updated = len(_events(cluster, namespace, "Updated"))
+    before = _wait_for_rayservice(cluster, operator, namespace, "tiny", what="to exist")["metadata"]
+    generation = _get(cluster, R1D, namespace, "r1deployments", "tiny")["metadata"]["generation"]
     section = "labels" if edit == "label" else "annotations"
     cluster.custom.patch_namespaced_custom_object(
         *R1D, namespace, "r1deployments", "tiny",
-        {"metadata": {section: {"example.com/tier": "gold"}}})
+        {"metadata": {section: {f"example.com/{edit}": "gold"}}})
     eventually(lambda: _handled(cluster, namespace, "tiny", lambda handled: handled.get(
-        "metadata", {}).get(section, {}).get("example.com/tier") == "gold"),
+        "metadata", {}).get(section, {}).get(f"example.com/{edit}") == "gold"),
         timeout=60, message=f"the operator to handle the {edit} edit")
     after = _get(cluster, RAY, namespace, "rayservices", "tiny")["metadata"]
     assert (after["generation"], after["resourceVersion"]) == (
         before["generation"], before["resourceVersion"])
-    assert "example.com/tier" not in (after.get("labels") or {})
-    assert len(_events(cluster, namespace, "Updated")) == updated
+    assert f"example.com/{edit}" not in (after.get("labels") or {})
+    # Events are posted after the handlers ran, in order: once a later spec edit's Updated is
+    # there, one the metadata edit posted would be too. It would name the same generation as the
+    # edit that made it (none, for the first generation).
+    later = _edit_spec(cluster, namespace, "tiny", lambda spec: spec["decode"].update(
+        replicas={"min": 1, "max": spec["decode"].get("replicas", {}).get("max", 1) + 1}))
+    eventually(lambda: _updated(cluster, namespace, later), timeout=60,
+               message="the later spec edit's Updated event")
+    assert len(_updated(cluster, namespace, generation)) == (0 if generation == 1 else 1)
 
 
 @pytest.mark.parametrize("kind", ["rayservice", "service"])
-def test_a_child_deleted_by_hand_is_recreated(cluster, operator, namespace, kind):
+def test_a_child_deleted_by_hand_is_recreated(cluster, operator, namespace, tiny, kind):
+    _wait_for_rayservice(cluster, operator, namespace, "tiny", what="to exist")
     if kind == "rayservice":
         old = _get(cluster, RAY, namespace, "rayservices", "tiny")["metadata"]["uid"]
         cluster.custom.delete_namespaced_custom_object(*RAY, namespace, "rayservices", "tiny")
@@ -144,11 +181,13 @@ def test_a_child_deleted_by_hand_is_recreated(cluster, operator, namespace, kind
     else:
         old = cluster.core.read_namespaced_service("tiny", namespace).metadata.uid
         cluster.core.delete_namespaced_service("tiny", namespace)
-        eventually(lambda: [s for s in _children(cluster, namespace)[1] if s.metadata.uid != old],
+        eventually(lambda: [s for s in _children_of(cluster, namespace, "tiny")[1]
+                                   if s.metadata.uid != old],
                    timeout=60, message="the client Service to be re-created")
 
 
-def test_the_operator_survives_sigkill_and_catches_up(cluster, operator, namespace):
+def test_the_operator_survives_sigkill_and_catches_up(cluster, operator, namespace, tiny):
+    _wait_for_rayservice(cluster, operator, namespace, "tiny", what="to exist")
     operator.kill()
     live = _get(cluster, R1D, namespace, "r1deployments", "tiny")
     live["spec"]["decode"]["replicas"] = {"min": 1, "max": 4}
@@ -158,7 +197,7 @@ def test_the_operator_survives_sigkill_and_catches_up(cluster, operator, namespa
                          lambda rs: _worker_group(rs, "decode")["maxReplicas"] ==
                          4 * _worker_group(rs, "decode")["minReplicas"],
                          what="to follow the edit made while the operator was down")
-    rayservices, services = _children(cluster, namespace)
+    rayservices, services = _children_of(cluster, namespace, "tiny")
     assert len(rayservices) == 1 and len(services) == 1
 
 
@@ -168,7 +207,12 @@ def _prefill_bounds(cluster, namespace: str, name: str) -> tuple:
     return group["replicas"], group["minReplicas"], group["maxReplicas"]
 
 
-def test_new_bounds_reach_the_active_raycluster(cluster, operator, namespace):
+def test_new_bounds_reach_the_active_raycluster(cluster, operator, namespace, tiny):
+    _edit_spec(cluster, namespace, "tiny", lambda spec: spec["prefill"].update(
+        replicas={"min": 1, "max": 1}))
+    _wait_for_rayservice(cluster, operator, namespace, "tiny",
+                         lambda rs: _worker_group(rs, "prefill")["maxReplicas"] ==
+                         _worker_group(rs, "prefill")["minReplicas"], what="with prefill 1..1")
     # KubeRay 1.7 keeps a running cluster's worker bounds; no KubeRay runs here, so the test
     # plays it: a RayCluster from the RayService, owned by it, named active in its status.
     rayservice = _get(cluster, RAY, namespace, "rayservices", "tiny")
@@ -202,10 +246,14 @@ def test_new_bounds_reach_the_active_raycluster(cluster, operator, namespace):
 def test_deleting_the_resource_leaves_nothing(cluster, operator, namespace):
     if not cluster.has_controller_manager:
         pytest.skip("garbage collection needs kube-controller-manager in $KUBEBUILDER_ASSETS")
-    cluster.custom.delete_namespaced_custom_object(*R1D, namespace, "r1deployments", "tiny")
-    eventually(lambda: _get(cluster, R1D, namespace, "r1deployments", "tiny") is None,
+    cluster.custom.create_namespaced_custom_object(
+        *R1D, namespace, "r1deployments", _tiny(namespace, "doomed"))
+    eventually(lambda: all(_children_of(cluster, namespace, "doomed")), timeout=60,
+               message="the RayService and Service of the new R1Deployment")
+    cluster.custom.delete_namespaced_custom_object(*R1D, namespace, "r1deployments", "doomed")
+    eventually(lambda: _get(cluster, R1D, namespace, "r1deployments", "doomed") is None,
                message="the R1Deployment to be deleted")
-    eventually(lambda: _children(cluster, namespace) == ([], []), timeout=30,
+    eventually(lambda: _children_of(cluster, namespace, "doomed") == ([], []), timeout=30,
                message="the garbage collector to delete the RayService and the Service")
     assert operator.alive(), operator.tail()
 
