@@ -91,12 +91,17 @@ def tiny(cluster, operator, namespace) -> dict:
 
 
 def _edit_spec(cluster, namespace: str, name: str, change) -> int:
-    """Apply `change(spec)` to the live R1Deployment; returns its new generation."""
-    live = _get(cluster, R1D, namespace, "r1deployments", name)
-    change(live["spec"])
-    replaced = cluster.custom.replace_namespaced_custom_object(
-        *R1D, namespace, "r1deployments", name, live)
-    return replaced["metadata"]["generation"]
+    """Apply `change(spec)` to the live R1Deployment's spec; returns its new generation.
+
+    A merge patch of the spec, as `kubectl patch` sends it: a full replace would race the
+    operator's own writes (status, kopf's annotations) and fail with 409 Conflict.
+    """
+    spec = _get(cluster, R1D, namespace, "r1deployments", name)["spec"]
+    change(spec)
+    patched = cluster.custom.patch_namespaced_custom_object(
+        *R1D, namespace, "r1deployments", name, {"spec": spec},
+        _content_type="application/merge-patch+json")
+    return patched["metadata"]["generation"]
 
 
 def test_the_operator_creates_owned_children_that_kuberay_accepts(cluster, operator, namespace, tiny):
@@ -115,9 +120,8 @@ def test_the_operator_creates_owned_children_that_kuberay_accepts(cluster, opera
 
 
 def test_the_operator_follows_an_update(cluster, operator, namespace, tiny):
-    live = _get(cluster, R1D, namespace, "r1deployments", "tiny")
-    live["spec"]["decode"]["replicas"] = {"min": 1, "max": 3}
-    cluster.custom.replace_namespaced_custom_object(*R1D, namespace, "r1deployments", "tiny", live)
+    _edit_spec(cluster, namespace, "tiny", lambda spec: spec["decode"].update(
+        replicas={"min": 1, "max": 3}))
     _wait_for_rayservice(cluster, operator, namespace, "tiny",
                          lambda rs: _worker_group(rs, "decode")["maxReplicas"] ==
                          3 * _worker_group(rs, "decode")["minReplicas"],
@@ -189,9 +193,8 @@ def test_a_child_deleted_by_hand_is_recreated(cluster, operator, namespace, tiny
 def test_the_operator_survives_sigkill_and_catches_up(cluster, operator, namespace, tiny):
     _wait_for_rayservice(cluster, operator, namespace, "tiny", what="to exist")
     operator.kill()
-    live = _get(cluster, R1D, namespace, "r1deployments", "tiny")
-    live["spec"]["decode"]["replicas"] = {"min": 1, "max": 4}
-    cluster.custom.replace_namespaced_custom_object(*R1D, namespace, "r1deployments", "tiny", live)
+    _edit_spec(cluster, namespace, "tiny", lambda spec: spec["decode"].update(
+        replicas={"min": 1, "max": 4}))
     operator.start()
     _wait_for_rayservice(cluster, operator, namespace, "tiny",
                          lambda rs: _worker_group(rs, "decode")["maxReplicas"] ==
@@ -226,9 +229,8 @@ def test_new_bounds_reach_the_active_raycluster(cluster, operator, namespace, ti
         *RAY, namespace, "rayservices", "tiny",
         {"status": {"activeServiceStatus": {"rayClusterName": "tiny-bounds"}}})
     before = _prefill_bounds(cluster, namespace, "tiny-bounds")
-    live = _get(cluster, R1D, namespace, "r1deployments", "tiny")
-    live["spec"]["prefill"]["replicas"] = {"min": 1, "max": 3}
-    cluster.custom.replace_namespaced_custom_object(*R1D, namespace, "r1deployments", "tiny", live)
+    _edit_spec(cluster, namespace, "tiny", lambda spec: spec["prefill"].update(
+        replicas={"min": 1, "max": 3}))
     eventually(lambda: _prefill_bounds(cluster, namespace, "tiny-bounds") == (before[0], 1, 3),
                timeout=60, message=f"prefill bounds 1..3 in the RayCluster (were {before})")
     [event] = eventually(lambda: _events(cluster, namespace, "WorkerBoundsApplied"),
