@@ -23,22 +23,22 @@ class SpecModel(BaseModel):
     )
 
 
-_DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+DNS_1035_LABEL_PATTERN = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS_1123_SUBDOMAIN = re.compile(
+DNS_1123_SUBDOMAIN_PATTERN = re.compile(
     r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 )
 # Kubernetes resource.Quantity, minus signs and exotic forms nobody uses for cpu/memory/shm.
-_QUANTITY = re.compile(r"(\d+(\.\d+)?|\.\d+)([eE][+-]?\d+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+QUANTITY_PATTERN = re.compile(r"(\d+(\.\d+)?|\.\d+)([eE][+-]?\d+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Kubernetes label keys and values (apimachinery's IsQualifiedName and IsValidLabelValue): a key is
 # an optional DNS-subdomain prefix and '/', then a name of at most 63 characters; a value is empty
 # or such a name. [.] instead of \. keeps them embeddable in the CRD's CEL string literals.
 _LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-_LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+LABEL_KEY_PATTERN = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
                         + _LABEL_NAME)
-_LABEL_PREFIX_LENGTH = re.compile(r"([^/]{1,253}/)?[^/]*")
-_LABEL_VALUE = re.compile(f"({_LABEL_NAME})?")
+LABEL_PREFIX_LENGTH_PATTERN = re.compile(r"([^/]{1,253}/)?[^/]*")
+LABEL_VALUE_PATTERN = re.compile(f"({_LABEL_NAME})?")
 LABEL_KEY_RULE = ("must be a Kubernetes label key: an optional DNS subdomain prefix of at most 253 "
                   "characters and '/', then at most 63 letters, digits, '-', '_' or '.', starting "
                   "and ending with a letter or digit")
@@ -54,7 +54,7 @@ def check_dns_1035_label(value: str) -> str:
     """Kubernetes resource names that become Service names must be DNS-1035 labels."""
     if len(value) > MAX_NAME_LENGTH:
         raise ValueError(f"must be at most {MAX_NAME_LENGTH} characters (is {len(value)})")
-    if not _DNS_1035_LABEL.fullmatch(value):
+    if not DNS_1035_LABEL_PATTERN.fullmatch(value):
         raise ValueError(
             "must be a DNS-1035 label: lowercase letters, digits and '-', "
             "starting with a letter and ending with a letter or digit"
@@ -72,7 +72,7 @@ def check_dns_1123_label(value: str) -> str:
 
 
 def check_dns_1123_subdomain(value: str) -> str:
-    if len(value) > 253 or not _DNS_1123_SUBDOMAIN.fullmatch(value):
+    if len(value) > 253 or not DNS_1123_SUBDOMAIN_PATTERN.fullmatch(value):
         raise ValueError(
             "must be a Kubernetes object name (DNS-1123 subdomain): lowercase letters, "
             "digits, '-' and '.', starting and ending with a letter or digit"
@@ -81,15 +81,15 @@ def check_dns_1123_subdomain(value: str) -> str:
 
 
 def is_label_key(value: str) -> bool:
-    return bool(_LABEL_KEY.fullmatch(value) and _LABEL_PREFIX_LENGTH.fullmatch(value))
+    return bool(LABEL_KEY_PATTERN.fullmatch(value) and LABEL_PREFIX_LENGTH_PATTERN.fullmatch(value))
 
 
 def is_label_value(value: str) -> bool:
-    return bool(_LABEL_VALUE.fullmatch(value))
+    return bool(LABEL_VALUE_PATTERN.fullmatch(value))
 
 
 def check_env_name(value: str) -> str:
-    if not _ENV_NAME.fullmatch(value):
+    if not ENV_NAME_PATTERN.fullmatch(value):
         raise ValueError("must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
     return value
 
@@ -113,7 +113,7 @@ def _number_to_text(value: Any) -> Any:
 
 
 def check_quantity(value: str) -> str:
-    if not _QUANTITY.fullmatch(value):
+    if not QUANTITY_PATTERN.fullmatch(value):
         raise ValueError(
             "must be a Kubernetes quantity such as '8', '500m', '64Gi' or '1.5G'"
         )

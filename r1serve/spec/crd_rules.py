@@ -5,19 +5,19 @@ from typing import Any
 
 from r1serve.spec import constants as C
 from r1serve.spec.base import (
-    _DNS_1035_LABEL,
-    _DNS_1123_SUBDOMAIN,
-    _ENV_NAME,
-    _LABEL_KEY,
-    _LABEL_PREFIX_LENGTH,
-    _LABEL_VALUE,
-    _QUANTITY,
+    DNS_1035_LABEL_PATTERN,
+    DNS_1123_SUBDOMAIN_PATTERN,
+    ENV_NAME_PATTERN,
+    LABEL_KEY_PATTERN,
     LABEL_KEY_RULE,
+    LABEL_PREFIX_LENGTH_PATTERN,
+    LABEL_VALUE_PATTERN,
     MAX_NAME_LENGTH,
+    QUANTITY_PATTERN,
 )
 from r1serve.spec.sections import (
-    _NORMAL_ABSOLUTE,
-    _PRESET,
+    NORMAL_ABSOLUTE_PATTERN,
+    PRESET_PATTERN,
     RESERVED_MOUNT_PATHS,
     RESERVED_PORTS,
     TINY_PREFIX,
@@ -42,8 +42,8 @@ def _rule(rule: str, message: str, field_path: str | None = None,
     return out
 
 
-_QUANTITY_FIELD = {"x-kubernetes-int-or-string": True, "pattern": _anchored(_QUANTITY.pattern)}
-_OBJECT_NAME = {"pattern": _anchored(_DNS_1123_SUBDOMAIN.pattern), "maxLength": 253}
+_QUANTITY_FIELD = {"x-kubernetes-int-or-string": True, "pattern": _anchored(QUANTITY_PATTERN.pattern)}
+_OBJECT_NAME = {"pattern": _anchored(DNS_1123_SUBDOMAIN_PATTERN.pattern), "maxLength": 253}
 _NON_BLANK = {"pattern": r"^\S+$"}
 _RESERVED = ", ".join(f"{port} ({what})" for port, what in sorted(RESERVED_PORTS.items()))
 _PORT_RULES = [_rule(f"!(self in {sorted(RESERVED_PORTS)})",
@@ -52,14 +52,14 @@ _ABSOLUTE_PATH = {"pattern": r"^/\S*$"}
 
 
 def _is_label_key(var: str) -> str:
-    return (f"{var}.matches('{_anchored(_LABEL_KEY.pattern)}') && "
-            f"{var}.matches('{_anchored(_LABEL_PREFIX_LENGTH.pattern)}')")
+    return (f"{var}.matches('{_anchored(LABEL_KEY_PATTERN.pattern)}') && "
+            f"{var}.matches('{_anchored(LABEL_PREFIX_LENGTH_PATTERN.pattern)}')")
 
 
 # Longest key the label-key rule allows: it bounds the CEL cost of matching a toleration key.
 _MAX_LABEL_KEY_LENGTH = 253 + 1 + 63
 _LABEL_VALUE_FIELD = {"type": "string", "maxLength": 63,
-                      "pattern": _anchored(_LABEL_VALUE.pattern)}
+                      "pattern": _anchored(LABEL_VALUE_PATTERN.pattern)}
 
 
 def _got(rule: dict[str, Any], value: str) -> dict[str, Any]:
@@ -120,7 +120,7 @@ _TOLERATIONS = {"items": {
 _POWERS_OF_TWO = [2**n for n in range(4, 11)]
 # The spec's path checks: [.] instead of \\. keeps the regular expressions free of escapes.
 _DOT_SEGMENT, _PARENT_SEGMENT = "(^|/)[.][.]?(/|$)", "(^|/)[.][.](/|$)"
-_NORMAL_PATH = {"pattern": _anchored(_NORMAL_ABSOLUTE.pattern), "x-kubernetes-validations": [
+_NORMAL_PATH = {"pattern": _anchored(NORMAL_ABSOLUTE_PATTERN.pattern), "x-kubernetes-validations": [
     _rule(f"!self.matches('{_DOT_SEGMENT}')", "must be an absolute path without '.', '..' or "
           "empty segments and without a trailing '/'")]}
 _MOUNT_PATH = {**_NORMAL_PATH, "x-kubernetes-validations": [
@@ -136,7 +136,7 @@ FIELD_OVERRIDES: dict[tuple[str | None, str | None], dict[str, Any]] = {
     ("ApiSpec", "httpPort"): {"x-kubernetes-validations": _PORT_RULES},
     ("ApiAuth", "secretName"): _OBJECT_NAME,
     ("ApiAuth", "tokenFile"): _NON_BLANK,
-    ("ApiAuth", "tokenEnv"): {"pattern": _anchored(_ENV_NAME.pattern)},
+    ("ApiAuth", "tokenEnv"): {"pattern": _anchored(ENV_NAME_PATTERN.pattern)},
     ("ApiTLS", "secretName"): _OBJECT_NAME,
     ("ApiTLS", "certFile"): _ABSOLUTE_PATH,
     ("ApiTLS", "keyFile"): _ABSOLUTE_PATH,
@@ -151,7 +151,7 @@ FIELD_OVERRIDES: dict[tuple[str | None, str | None], dict[str, Any]] = {
         _rule("!self.contains('://')",
               "must be a path on a mounted volume or 'tiny:<preset>'; URLs are not downloaded"),
         _rule(f"!self.startsWith('{TINY_PREFIX}') || "
-              f"self.matches('^{TINY_PREFIX}({_PRESET.pattern})?$')",
+              f"self.matches('^{TINY_PREFIX}({PRESET_PATTERN.pattern})?$')",
               "tiny preset must be lowercase letters, digits, '.', '_' or '-'"),
     ]},
     ("PrefillPool", "blockSize"): {"x-kubernetes-validations": [
@@ -288,7 +288,7 @@ ROOT_RULES = [
     _rule(f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
           f"metadata.name must be at most {MAX_NAME_LENGTH} characters so derived object names "
           "fit Kubernetes limits", ".metadata.name"),
-    _rule(f"self.metadata.name.matches('{_anchored(_DNS_1035_LABEL.pattern)}')",
+    _rule(f"self.metadata.name.matches('{_anchored(DNS_1035_LABEL_PATTERN.pattern)}')",
           "metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting "
           "with a letter)", ".metadata.name"),
 ]

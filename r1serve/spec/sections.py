@@ -17,7 +17,7 @@ from r1serve.spec.errors import FieldError
 
 TINY_PREFIX = "tiny:"
 DEFAULT_TINY_PRESET = "default"
-_PRESET = re.compile(r"[a-z0-9][a-z0-9._-]*")
+PRESET_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
 # Ports a Ray head already listens on; serving there would fail at start-up or, worse, hijack
 # the dashboard or the client server.
@@ -48,7 +48,7 @@ AbsolutePath = Annotated[NonBlank, AfterValidator(_absolute)]
 # Mount paths are compared as text (model.source must lie under model.volume.mountPath, in
 # pydantic and in CEL alike), so they are kept in one normal form: no '.', '..' or empty
 # segments and no trailing '/'.
-_NORMAL_ABSOLUTE = re.compile(r"(/[^/\s]+)+")
+NORMAL_ABSOLUTE_PATTERN = re.compile(r"(/[^/\s]+)+")
 _DOT_SEGMENT = re.compile(r"(^|/)[.][.]?(/|$)")
 _PARENT_SEGMENT = re.compile(r"(^|/)[.][.](/|$)")
 MAX_PATH_LENGTH = 4096
@@ -61,7 +61,7 @@ RESERVED_MOUNT_PATHS: dict[str, str] = {
 
 
 def _normal_absolute(path: str) -> str:
-    if not _NORMAL_ABSOLUTE.fullmatch(path) or _DOT_SEGMENT.search(path):
+    if not NORMAL_ABSOLUTE_PATTERN.fullmatch(path) or _DOT_SEGMENT.search(path):
         raise ValueError("must be an absolute path without '.', '..' or empty segments and "
                          "without a trailing '/'")
     return path
@@ -185,7 +185,7 @@ class ModelSpec(SpecModel):
     def _valid_source(cls, value: str) -> str:
         if value.startswith(TINY_PREFIX):
             preset = value[len(TINY_PREFIX):]
-            if preset and not _PRESET.fullmatch(preset):
+            if preset and not PRESET_PATTERN.fullmatch(preset):
                 raise ValueError(
                     "tiny preset must be lowercase letters, digits, '.', '_' or '-'")
         elif "://" in value:
