@@ -97,6 +97,18 @@ class Cluster:
         self.apply(crd)
         return self.wait_established(crd["metadata"]["name"])
 
+    def pod_refusal(self, namespace: str, name: str, template: dict[str, Any]) -> str | None:
+        """A server dry run of creating a Pod from a pod template: None when the server (its
+        validation and admission, Pod Security included) would create it, else its refusal."""
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "labels": (template.get("metadata") or {}).get("labels", {})},
+               "spec": template["spec"]}
+        try:
+            self.core.create_namespaced_pod(namespace, pod, dry_run="All")
+        except ApiException as exc:
+            return refusal(exc)
+        return None
+
     def new_namespace(self, prefix: str = "t", labels: dict[str, str] | None = None) -> str:
         """A namespace of its own for one test (the control plane is shared by the session)."""
         self._namespaces += 1

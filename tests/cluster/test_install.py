@@ -44,10 +44,7 @@ def test_the_operator_namespace_enforces_pod_security_restricted(cluster, operat
     apps = kubernetes.client.AppsV1Api(cluster.api)
     template = cluster.api.sanitize_for_serialization(
         apps.read_namespaced_deployment("r1serve-operator", NAMESPACE).spec.template)
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "operator-dry-run", "labels": template["metadata"]["labels"]},
-           "spec": template["spec"]}
-    cluster.core.create_namespaced_pod(NAMESPACE, pod, dry_run="All")
+    assert cluster.pod_refusal(NAMESPACE, "operator-dry-run", template) is None
 
 
 def test_reapplying_the_install_changes_nothing(cluster, operator_install):

@@ -20,6 +20,9 @@ R1D = ("r1serve.io", "v1alpha1")
 RAY = ("ray.io", "v1")
 MANAGED = "app.kubernetes.io/managed-by=r1serve-operator"
 
+# Each runs the operator as a process against the real server: seconds, not milliseconds.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def operator_token(cluster, operator_install) -> str:

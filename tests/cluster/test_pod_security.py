@@ -4,18 +4,16 @@ level the model volume allows, and scheduling fields are ones the server takes (
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import yaml
-from kubernetes.client.exceptions import ApiException
 
 from r1serve.operator import constants as K
 from r1serve.operator import render
 from r1serve.spec import load_r1deployment
 
 from ..operator.test_security import kuberay_pods
-from .conftest import ROOT, refusal
+from .conftest import ROOT
 
 LEVELS = ("restricted", "baseline", "privileged")
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -50,18 +48,6 @@ def namespaces(cluster) -> dict[str, str]:
         for level in LEVELS}
 
 
-def _dry_run(cluster, namespace: str, name: str, template: dict[str, Any]) -> str | None:
-    """None when the server would create the Pod, else its refusal."""
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": name, "labels": template["metadata"].get("labels", {})},
-           "spec": template["spec"]}
-    try:
-        cluster.core.create_namespaced_pod(namespace, pod, dry_run="All")
-    except ApiException as exc:
-        return refusal(exc)
-    return None
-
-
 @pytest.mark.parametrize("volume", VOLUMES, ids=str)
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_ray_pods_pass_exactly_the_level_their_model_volume_allows(cluster, namespaces, path, volume):
@@ -70,12 +56,12 @@ def test_ray_pods_pass_exactly_the_level_their_model_volume_allows(cluster, name
     assert level == EXPECTED_LEVEL[volume]
     for template in kuberay_pods(render.render_rayservice(deployment)):
         name = template["metadata"]["labels"][K.LABEL_COMPONENT]
-        refused = _dry_run(cluster, namespaces[level], name, template)
+        refused = cluster.pod_refusal(namespaces[level], name, template)
         assert refused is None, f"{name} pod refused at {level}: {refused}"
         stricter = LEVELS[LEVELS.index(level) - 1] if level != "restricted" else None
         if stricter:
             # ... and the level is the strictest that admits it: the documented level is needed.
-            assert "violates PodSecurity" in (_dry_run(cluster, namespaces[stricter], name, template)
+            assert "violates PodSecurity" in (cluster.pod_refusal(namespaces[stricter], name, template)
                                              or ""), f"{name} passes {stricter} too"
 
 
@@ -97,7 +83,7 @@ def test_accepted_placement_is_accepted_by_the_server(cluster, namespaces, worke
     doc = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     doc["spec"]["workers"] = workers
     for template in kuberay_pods(render.render_rayservice(load_r1deployment(doc))):
-        assert _dry_run(cluster, namespaces["restricted"], "placement", template) is None
+        assert cluster.pod_refusal(namespaces["restricted"], "placement", template) is None
 
 
 # What the spec refuses, written straight into a pod: the server refuses it too, so refusing it at
@@ -127,4 +113,4 @@ def test_placement_the_spec_refuses_is_refused_by_the_server(cluster, namespaces
         "spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]
     template = copy.deepcopy(template)
     template["spec"][field] = value
-    assert _dry_run(cluster, namespaces["privileged"], "placement", template) is not None
+    assert cluster.pod_refusal(namespaces["privileged"], "placement", template) is not None
