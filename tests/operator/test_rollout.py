@@ -97,12 +97,6 @@ def test_the_doc_table_is_the_tested_table():
     assert doc_rows() == CHANGES
 
 
-@pytest.mark.parametrize("change, effect", doc_rows(), ids=[c for c, _ in doc_rows()])
-def test_every_documented_row_holds(change, effect):
-    base = doc_base()
-    assert rollout_effect(_render(base), _render(edited(base, change))) == effect
-
-
 def test_the_table_covers_every_required_field():
     fields = {path for change, _ in CHANGES for path in re.findall(r"`([^:`]+):", change)}
     assert fields >= {
