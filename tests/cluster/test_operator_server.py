@@ -5,6 +5,7 @@ nothing left after deletion."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -193,17 +194,27 @@ def test_a_child_deleted_by_hand_is_recreated(cluster, operator, namespace, tiny
                    timeout=60, message="the client Service to be re-created")
 
 
-def test_the_operator_survives_sigkill_and_catches_up(cluster, operator, namespace, tiny):
+def test_the_operator_survives_sigkill_and_catches_up(cluster, operator, namespace, tiny,
+                                                      reliability):
     _wait_for_rayservice(cluster, operator, namespace, "tiny", what="to exist")
     operator.kill()
     _edit_spec(cluster, namespace, "tiny", lambda spec: spec["decode"].update(
         replicas={"min": 1, "max": 4}))
+    started = time.monotonic()
     operator.start()
     _wait_for_rayservice(cluster, operator, namespace, "tiny",
                          lambda rs: _worker_group(rs, "decode")["maxReplicas"] ==
                          4 * _worker_group(rs, "decode")["minReplicas"],
                          what="to follow the edit made while the operator was down")
+    recovery = time.monotonic() - started
     rayservices, services = _children_of(cluster, namespace, "tiny")
+    reliability("fault-operator-killed-real-api-server", "fault",
+                what="operator SIGKILLed on kube-apiserver v1.36 (signed in as its ServiceAccount), "
+                "the spec edited while it was down, then restarted | recovery: restart to the "
+                "RayService following the edit", requests=1,
+                failed=0 if (len(rayservices), len(services)) == (1, 1) else 1,
+                failures="" if (len(rayservices), len(services)) == (1, 1) else
+                f"{len(rayservices)} RayServices, {len(services)} Services", recovery_s=recovery)
     assert len(rayservices) == 1 and len(services) == 1
 
 
