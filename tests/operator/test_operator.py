@@ -177,6 +177,18 @@ def _bounds(raycluster: dict | None) -> dict:
             for g in (raycluster or {}).get("spec", {}).get("workerGroupSpecs", [])}
 
 
+async def _play_kuberay(kube, rayservice: dict, cluster: str, status: dict) -> dict:
+    """Play KubeRay: a RayCluster built from the RayService as it is, and a RayService status
+    naming it; returns the cluster's spec."""
+    spec = copy.deepcopy(rayservice["spec"]["rayClusterConfig"])
+    await kube.post("/apis/ray.io/v1/namespaces/default/rayclusters", json={
+        "apiVersion": "ray.io/v1", "kind": "RayCluster",
+        "metadata": {"name": cluster, "namespace": "default"}, "spec": copy.deepcopy(spec)})
+    await kube.patch(f"{RS_URL}/tiny/status", json={"status": status},
+                     headers={"Content-Type": "application/merge-patch+json"})
+    return spec
+
+
 async def test_new_bounds_reach_the_active_raycluster(kube, operator_thread, wait_for, kuberay_world):
     """KubeRay 1.7 leaves a running cluster's worker bounds as they were; the operator patches
     them in, once the cluster is active and no other is pending."""
@@ -189,13 +201,9 @@ async def test_new_bounds_reach_the_active_raycluster(kube, operator_thread, wai
     async with operator_thread():
         await _create(kube)
         rayservice = await _created(kube, wait_for)
-        # Play KubeRay: a cluster from the RayService as it is, still pending (first deploy).
-        await kube.post("/apis/ray.io/v1/namespaces/default/rayclusters", json={
-            "apiVersion": "ray.io/v1", "kind": "RayCluster",
-            "metadata": {"name": cluster, "namespace": "default"},
-            "spec": copy.deepcopy(rayservice["spec"]["rayClusterConfig"])})
-        await kube.patch(f"{RS_URL}/tiny/status", json={"status": kuberay_world.status(
-            "DEPLOYING", cluster=cluster, pending=True)}, headers=merge)
+        # The cluster still pending (first deploy).
+        await _play_kuberay(kube, rayservice, cluster, kuberay_world.status(
+            "DEPLOYING", cluster=cluster, pending=True))
         await edit({"prefill": {"replicas": {"max": 2}}})
         await wait_for(lambda: "Updated" in _reasons(kube), message="the first edit applied")
         assert _bounds(kube.live(RAYCLUSTERS, "default", cluster))["prefill"] == (1, 1, 1)
@@ -228,12 +236,7 @@ async def test_bounds_of_a_cluster_about_to_be_replaced_are_left_alone(kube, ope
     async with operator_thread():
         await _create(kube)
         rayservice = await _created(kube, wait_for)
-        await kube.post("/apis/ray.io/v1/namespaces/default/rayclusters", json={
-            "apiVersion": "ray.io/v1", "kind": "RayCluster",
-            "metadata": {"name": cluster, "namespace": "default"},
-            "spec": copy.deepcopy(rayservice["spec"]["rayClusterConfig"])})
-        await kube.patch(f"{RS_URL}/tiny/status", json={"status": kuberay_world.status(
-            "RUNNING", cluster=cluster)}, headers=merge)
+        await _play_kuberay(kube, rayservice, cluster, kuberay_world.status("RUNNING", cluster=cluster))
         before = _bounds(kube.live(RAYCLUSTERS, "default", cluster))
         await kube.patch(f"{R1D_URL}/tiny", json={"spec": {
             "workers": {"image": "example.com/r1serve:next"},
@@ -253,12 +256,8 @@ async def test_bounds_of_a_worker_list_that_moved_are_refused_then_retried(kube,
     async with operator_thread():
         await _create(kube)
         rayservice = await _created(kube, wait_for)
-        spec = copy.deepcopy(rayservice["spec"]["rayClusterConfig"])
-        await kube.post("/apis/ray.io/v1/namespaces/default/rayclusters", json={
-            "apiVersion": "ray.io/v1", "kind": "RayCluster",
-            "metadata": {"name": cluster, "namespace": "default"}, "spec": spec})
-        await kube.patch(f"{RS_URL}/tiny/status", json={"status": kuberay_world.status(
-            "RUNNING", cluster=cluster)}, headers=merge)
+        spec = await _play_kuberay(kube, rayservice, cluster,
+                                   kuberay_world.status("RUNNING", cluster=cluster))
         held = kube.hold(RAYCLUSTERS, "PATCH", name=cluster)
         await kube.patch(f"{R1D_URL}/tiny", json={"spec": {"prefill": {"replicas": {"max": 3}}}},
                          headers=merge)
