@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Without CUDA the Triton kernels are tested through Triton's interpreter. Triton reads the switch when a
+# kernel is decorated, i.e. when the kernel module is first imported, so it is set here, before r1serve's
+# modules and any test module are imported; with CUDA the same tests run the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from r1serve.runtime.model.checkpoint_writer import copy_tokenizer
 from r1serve.runtime.model.tiny import make_tiny
 
