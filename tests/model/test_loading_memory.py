@@ -23,6 +23,9 @@ LARGER = {
 # VmHWM (this address space's peak), not ru_maxrss, which Linux carries over from the parent across exec.
 MEASURE = """
 import json, sys, torch
+# torch imports dynamo (and with it triton, when installed) lazily, the first time the model is built on
+# the meta device: a one-time library cost that loading the weights does not own.
+import torch._dynamo
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
 def kib(field):
     line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
