@@ -95,13 +95,18 @@ async def test_update_patches_children_in_place(kube, operator_thread, wait_for)
     assert kube.calls(RAYSERVICES, "POST") == []
 
 
+def _child_versions(kube) -> dict:
+    """resourceVersion of the RayService and the Service: unchanged means nothing was written."""
+    return {key: kube.live(key, "default", "tiny")["metadata"]["resourceVersion"]
+            for key in (RAYSERVICES, SERVICES)}
+
+
 async def test_metadata_edit_applies_nothing_new_and_announces_nothing(kube, operator_thread,
                                                                        wait_for):
     async with operator_thread():
         await _create(kube)
         await _created(kube, wait_for)
-        versions = {key: kube.live(key, "default", "tiny")["metadata"]["resourceVersion"]
-                    for key in (RAYSERVICES, SERVICES)}
+        versions = _child_versions(kube)
         applies = len(kube.calls(RAYSERVICES, "PATCH"))
         edit = {"metadata": {"annotations": {"foo": "bar"}, "labels": {"team": "search"}}}
         await kube.patch(f"{R1D_URL}/tiny", json=edit,
@@ -109,8 +114,7 @@ async def test_metadata_edit_applies_nothing_new_and_announces_nothing(kube, ope
         # kopf reconciles a metadata edit too; re-applying the children changes nothing.
         await wait_for(lambda: len(kube.calls(RAYSERVICES, "PATCH")) > applies,
                        message="the reconcile of the metadata edit")
-        assert {key: kube.live(key, "default", "tiny")["metadata"]["resourceVersion"]
-                for key in versions} == versions
+        assert _child_versions(kube) == versions
         # Events are posted in order: once the spec change's event is there, the edit's would be.
         await kube.patch(f"{R1D_URL}/tiny", json={"spec": {"decode": {"replicas": {"max": 3}}}},
                          headers={"Content-Type": "application/merge-patch+json"})
@@ -297,8 +301,7 @@ async def test_restart_duplicates_nothing_and_changes_nothing(kube, operator_thr
     async with operator_thread():
         await _create(kube)
         await _created(kube, wait_for)
-    versions = {key: kube.live(key, "default", "tiny")["metadata"]["resourceVersion"]
-                for key in (RAYSERVICES, SERVICES)}
+    versions = _child_versions(kube)
     applies = len(kube.calls(RAYSERVICES, "PATCH"))
     async with operator_thread():
         # The resumed reconcile re-applies every child once more ...
@@ -306,8 +309,7 @@ async def test_restart_duplicates_nothing_and_changes_nothing(kube, operator_thr
                        len(kube.calls(SERVICES, "PATCH")) >= 2, message="the resume")
     # ... which changes nothing and creates nothing.
     assert len(kube.all_live(RAYSERVICES)) == 1 and len(kube.all_live(SERVICES)) == 1
-    assert {key: kube.live(key, "default", "tiny")["metadata"]["resourceVersion"]
-            for key in versions} == versions
+    assert _child_versions(kube) == versions
     assert _reasons(kube).count("Created") == 1 and "Updated" not in _reasons(kube)
     assert kube.calls(RAYSERVICES, "POST") == [] and kube.calls(RAYSERVICES, "DELETE") == []
 
