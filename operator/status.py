@@ -233,16 +233,17 @@ def _conditions(verdict: _Verdict, generation: int | None, previous: Mapping[str
     ]
 
 
-def _scaling(pools: dict[str, dict], counted: frozenset[str], previous: Mapping[str, Any],
-             now: str) -> tuple[dict[str, Any] | None, list[Event]]:
-    """Only a change between two counts read from the RayCluster scaled anything."""
+def _scaling(pools: dict[str, dict], previous: Mapping[str, Any], now: str
+             ) -> tuple[dict[str, Any] | None, list[Event]]:
+    """Only a change between two counts read from the RayCluster scaled anything: a count not read
+    keeps the last one (pool_status), and none is taken over from Pending or Failed."""
     decision, events = previous.get("lastScaleDecision"), []
     if previous.get("phase") in _UNCOUNTED_PHASES:
         return decision, events
     for role, current in pools.items():
         before = (previous.get(role) or {}).get("desiredReplicas")
         after = current["desiredReplicas"]
-        if role in counted and before is not None and before != after:
+        if before is not None and before != after:
             decision = {"pool": role, "fromReplicas": before, "toReplicas": after, "time": now}
             why = (current.get("lastScaleDecision") or {}).get("reason")
             events.append(Event("Normal", "Scaled", f"{role}: {before} -> {after} replicas"
@@ -258,7 +259,7 @@ def _generation(rayservice: Mapping[str, Any] | None, fallback: int | None) -> i
 
 def _finish(deployment: R1Deployment | None, verdict: _Verdict, pools: dict[str, dict],
             generation: int | None, previous: Mapping[str, Any], now: str,
-            extra_events: list[Event], counted: frozenset[str] = frozenset()) -> StatusUpdate:
+            extra_events: list[Event]) -> StatusUpdate:
     status: dict[str, Any] = {"phase": verdict.phase}
     if generation is not None:
         status["observedGeneration"] = generation
@@ -267,7 +268,7 @@ def _finish(deployment: R1Deployment | None, verdict: _Verdict, pools: dict[str,
     if deployment is not None:
         status["endpoints"] = endpoints(deployment)
         status["rayService"] = rayservice_name(deployment)
-    decision, events = _scaling(pools, counted, previous, now)
+    decision, events = _scaling(pools, previous, now)
     if decision is not None:
         status["lastScaleDecision"] = decision
     if previous.get("phase") != verdict.phase:
@@ -292,21 +293,18 @@ def aggregate(deployment: R1Deployment, observed: Observed, *, generation: int |
     previous = previous or {}
     verdict = _assess(observed.rayservice, now, silence_s)
     _, app = active_application(observed.rayservice) if observed.rayservice else (None, {})
-    active = deployment.spec.active_pools()
     # A RayCluster read that failed once must not turn into a drop to the spec's initial count
     # and a "scale" back up on the next read.
     counting = previous.get("phase") not in _UNCOUNTED_PHASES
     pools = {role: pool_status(role, pool, observed, app, last_desired=(
         (previous.get(role) or {}).get("desiredReplicas") if counting else None))
-        for role, pool in active.items()}
-    counted = frozenset(role for role in active
-                        if _desired_pods(observed.raycluster, role) is not None)
+        for role, pool in deployment.spec.active_pools().items()}
     # Pending is not a warning phase, so a change of reason under it posts no phase event.
     extra = ([Event("Warning", verdict.reason, verdict.message)]
              if verdict.reason == NO_STATUS_REASON and previous.get("phase") == verdict.phase
              and _reason_of(previous) != verdict.reason else [])
     return _finish(deployment, verdict, pools, _generation(observed.rayservice, generation),
-                   previous, now, extra, counted)
+                   previous, now, extra)
 
 
 def failure(deployment: R1Deployment, *, reason: str, message: str, generation: int | None,
