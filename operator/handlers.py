@@ -37,12 +37,12 @@ def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _deployment(owner: Mapping[str, Any]) -> R1Deployment:
-    """The typed spec; annotations stay out (kopf's own would make every render differ)."""
+    """The typed spec, from the name, namespace and spec alone: nothing renders the resource's
+    labels or annotations (kopf's own annotations would make every render differ)."""
     meta = owner.get("metadata") or {}
     namespace = meta.get("namespace") or "default"
     doc = {"apiVersion": K.R1D_API_VERSION, "kind": K.R1D_KIND,
-           "metadata": {"name": meta.get("name"), "namespace": namespace,
-                        "labels": dict(meta.get("labels") or {})},
+           "metadata": {"name": meta.get("name"), "namespace": namespace},
            "spec": owner.get("spec") or {}}
     return parse_r1deployment(doc, origin=f"{namespace}/{meta.get('name')}")
 
