@@ -25,18 +25,18 @@ class SpecModel(BaseModel):
 
 DNS_1035_LABEL_PATTERN = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+# [.] instead of \. keeps the spec's patterns embeddable in the CRD's CEL string literals.
 DNS_1123_SUBDOMAIN_PATTERN = re.compile(
-    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 )
 # Kubernetes resource.Quantity, minus signs and exotic forms nobody uses for cpu/memory/shm.
 QUANTITY_PATTERN = re.compile(r"(\d+(\.\d+)?|\.\d+)([eE][+-]?\d+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Kubernetes label keys and values (apimachinery's IsQualifiedName and IsValidLabelValue): a key is
 # an optional DNS-subdomain prefix and '/', then a name of at most 63 characters; a value is empty
-# or such a name. [.] instead of \. keeps them embeddable in the CRD's CEL string literals.
+# or such a name.
 _LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-LABEL_KEY_PATTERN = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                        + _LABEL_NAME)
+LABEL_KEY_PATTERN = re.compile(f"({DNS_1123_SUBDOMAIN_PATTERN.pattern}/)?{_LABEL_NAME}")
 LABEL_PREFIX_LENGTH_PATTERN = re.compile(r"([^/]{1,253}/)?[^/]*")
 LABEL_VALUE_PATTERN = re.compile(f"({_LABEL_NAME})?")
 LABEL_KEY_RULE = ("must be a Kubernetes label key: an optional DNS subdomain prefix of at most 253 "
