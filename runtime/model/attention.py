@@ -10,6 +10,7 @@ from torch import nn
 
 from .batch import AttentionGroup, ForwardBatch
 from .config import ModelConfig
+from .kernels import KernelPath
 from .layers import RMSNorm, linear
 from .rope import RotaryEmbedding
 
@@ -20,8 +21,12 @@ class MLAttention(nn.Module):
     """Attention whose cache holds, per token, only `kv_lora_rank + qk_rope_head_dim` values.
 
     Both paths write the new tokens' latents into the cache, then attend over each sequence's context
-    read back from it; they differ only in where the up-projection `kv_b_proj` is applied.
+    read back from it; they differ only in where the up-projection `kv_b_proj` is applied. `auto` expands
+    for prompt chunks (compute-bound) and absorbs for decodes (memory-bound). With `kernels = "triton"`
+    absorbed decodes run the paged kernel over the block tables.
     """
+
+    kernels: KernelPath = "torch"
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device=None):
         super().__init__()
@@ -59,17 +64,45 @@ class MLAttention(nn.Module):
         latent = torch.cat((self.kv_a_layernorm(c_kv), rope.apply(k_pe, *cos_sin)), dim=-1)
         cache[batch.slot_mapping] = latent.to(cache.dtype)
 
-        out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
-        for group in batch.groups:
-            out[group.token_rows] = self._attend(group, q_nope, q_pe, cache, path)
-        return self.o_proj(out.view(x.shape[0], self.num_heads * self.v_dim))
+        if batch.decode is not None and batch.prefill is None:  # a decode-only step: one row per sequence
+            out = self._decode(q_nope, q_pe, cache, batch, batch.decode.seqs, path)
+        else:
+            out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
+            if batch.decode is not None:
+                rows = batch.decode.rows
+                out[rows] = self._decode(q_nope[rows], q_pe[rows], cache, batch, batch.decode.seqs, path)
+            if batch.prefill is not None:
+                out[batch.prefill.token_rows] = self._attend(batch.prefill, q_nope, q_pe, cache, path)
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))
+
+    def _decode(self, q_nope, q_pe, cache, batch: ForwardBatch, seqs, path: AttentionPath) -> torch.Tensor:
+        """Single-token queries [D, H, d] of sequences `seqs` -> [D, H, v_dim].
+
+        The kernel path reads each context through its block table; the torch path (the reference) gathers
+        every slot of the table into a padded copy and masks beyond the context length. Neither waits on
+        the host, so a CUDA graph can capture either.
+        """
+        if path == "naive" or self.kernels == "torch":
+            length = batch.block_tables.shape[1] * batch.block_size
+            context = cache[batch.context_slots(seqs, length)].to(q_nope.dtype)  # [D, Lk, latent_dim]
+            keys = torch.arange(length, device=context.device)
+            mask = (keys[None, :] < batch.context_lens[seqs, None])[:, None, None, :]  # [D, 1, 1, Lk]
+            attend = self._naive if path == "naive" else self._absorbed
+            return attend(q_nope[:, None], q_pe[:, None], context, mask)[:, 0]
+        from .mla_decode import paged_mla_decode
+
+        w_uk, w_uv = self._up_weights()
+        q_latent = torch.einsum("dhn,hnc->dhc", q_nope, w_uk)
+        q = torch.cat((q_latent, q_pe), dim=-1).to(cache.dtype)
+        out_latent = paged_mla_decode(q, cache, batch.block_tables[seqs], batch.context_lens[seqs],
+                                      batch.block_size, self.kv_lora_rank, self.softmax_scale)
+        return torch.einsum("dhc,hvc->dhv", out_latent.to(q_nope.dtype), w_uv)
 
     def _attend(self, group: AttentionGroup, q_nope, q_pe, cache, path: AttentionPath) -> torch.Tensor:
-        """One group's attention -> [Tg, H, v_dim] for its tokens, in `group.token_rows` order."""
+        """The prompt chunks' attention -> [Tg, H, v_dim] for their tokens, in `group.token_rows` order."""
         context = cache[group.context_slots].to(q_nope.dtype)  # [G, Lk, latent_dim]
         q_nope, q_pe = q_nope[group.query_index], q_pe[group.query_index]  # [G, Lq, H, d]
-        if path == "auto":  # prompt chunks are compute-bound: expand once; decodes are memory-bound: absorb
-            path = "absorbed" if group.kind == "decode" else "naive"
+        # Prompt chunks are compute-bound: expand the latents once to per-head keys and values.
         attend = self._absorbed if path == "absorbed" else self._naive
         return attend(q_nope, q_pe, context, group.attention_mask())[group.query_valid]
 
@@ -98,6 +131,8 @@ class MLAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, context, mask) -> torch.Tensor:
         """Fold W_UK into the query and W_UV after the attention: attend directly over the latents."""
+        from .mla_decode import paged_mla_decode
+
         w_uk, w_uv = self._up_weights()
         q_latent = torch.einsum("bqhd,hdc->bhqc", q_nope, w_uk)
         q = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [B, H, Lq, C + R]

@@ -1,4 +1,10 @@
-"""One forward step's input: tokens of several sequences packed together, and where their latents live."""
+"""One forward step's input: tokens of several sequences packed together, and the block tables of their caches.
+
+The cache of a layer is one [num_blocks * block_size, latent_dim] tensor; a sequence's tokens live in the
+blocks of its block table, in position order (slot = block * block_size + offset). A list of slots is
+the block table of a cache whose blocks hold one token (block_size 1), which is how tests and the
+plain generator address it.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +20,20 @@ GroupKind = Literal["decode", "prefill"]
 class SequenceChunk:
     """The new tokens of one sequence in this step.
 
-    `context_slots` lists, in position order, the cache slot of every token of the sequence's context
-    after this step (cached tokens first, then the new ones); the new tokens are its last entries.
+    `block_table` lists the cache blocks of the sequence's context after this step (cached tokens first,
+    then the new ones, which are its last `len(token_ids)` positions); `context_len` is that context's
+    length, by default every slot of the table.
     """
 
     token_ids: Sequence[int]
-    context_slots: Sequence[int]
+    block_table: Sequence[int]
     want_logits: bool = True
+    context_len: int | None = None
 
 
 @dataclass(frozen=True)
 class AttentionGroup:
-    """Sequences of one kind (single-token decodes, or prompt chunks) padded together for attention.
+    """Prompt chunks padded together for the torch attention path.
 
     query_index, query_valid, query_positions: [G, Lq] (query_index points into the packed tokens);
     context_slots: [G, Lk], padded with slot 0 beyond each context (masked out).
@@ -49,73 +57,149 @@ class AttentionGroup:
 
 
 @dataclass(frozen=True)
-class ForwardBatch:
-    """Packed tokens of B sequences (T in all), grouped for attention.
+class DecodeRows:
+    """The single-token (decode) sequences of a step: their packed rows and their sequence indices [D].
 
-    input_ids, positions, slot_mapping: [T]; logits_indices: [N] rows whose logits are wanted.
-    Decodes and prompt chunks form separate groups, so that each pays only for its own padding and can
-    use the attention path that suits it.
+    `rows` is None when every token of the step is a decode (rows = sequences = 0 .. D-1), which is the
+    shape a captured CUDA graph replays.
+    """
+
+    rows: torch.Tensor | None
+    seqs: torch.Tensor
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.rows is None else x[self.rows]
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Packed tokens of B sequences (T in all).
+
+    input_ids, positions, slot_mapping (where each new token's latent is written): [T];
+    block_tables [B, max_blocks] int32 and context_lens [B] int32 describe every sequence's context;
+    logits_indices [N]: the rows whose logits are wanted. Decodes are attended through the block tables
+    (a paged kernel reads them directly); prompt chunks form a padded group for the torch path.
     """
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     slot_mapping: torch.Tensor
-    query_lens: tuple[int, ...]
-    context_lens: tuple[int, ...]
-    groups: tuple[AttentionGroup, ...]
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    block_size: int
+    decode: DecodeRows | None
+    prefill: AttentionGroup | None
     logits_indices: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def groups(self) -> tuple[AttentionGroup, ...]:
+        return () if self.prefill is None else (self.prefill,)
+
     @classmethod
     def empty(cls, device: torch.device | str = "cpu") -> ForwardBatch:
         """No tokens: what a data-parallel rank with no work runs so that its group's collectives match."""
         none = torch.zeros(0, dtype=torch.long, device=device)
-        return cls(none, none, none, (), (), (), none)
+        tables = torch.zeros(0, 1, dtype=torch.int32, device=device)
+        return cls(none, none, none, tables, none.int(), 1, None, None, none)
 
     @classmethod
-    def build(cls, chunks: Sequence[SequenceChunk], device: torch.device | str = "cpu") -> ForwardBatch:
+    def build(cls, chunks: Sequence[SequenceChunk], device: torch.device | str = "cpu",
+              block_size: int = 1) -> ForwardBatch:
+        """From per-sequence lists (tests, the plain generator); the engine builds from tensors (`paged`)."""
         if not chunks:
             raise ValueError("a forward batch needs at least one sequence")
-        query_lens = tuple(len(c.token_ids) for c in chunks)
-        context_lens = tuple(len(c.context_slots) for c in chunks)
-        for i, (q, k) in enumerate(zip(query_lens, context_lens)):
-            if q == 0 or q > k:
-                raise ValueError(f"sequence {i}: {q} new tokens with a context of {k}")
-        contexts = [torch.as_tensor(c.context_slots, dtype=torch.long) for c in chunks]
-        q_lens, k_lens = torch.tensor(query_lens), torch.tensor(context_lens)
-        starts = torch.cumsum(q_lens, 0) - q_lens
-        kinds = {"decode": [b for b, q in enumerate(query_lens) if q == 1]}
-        kinds["prefill"] = [b for b, q in enumerate(query_lens) if q > 1]
-        groups = tuple(
-            _group(kind, members, contexts, q_lens, k_lens, starts, device) for kind, members in kinds.items() if members
-        )
-        wanted = [b for b, c in enumerate(chunks) if c.want_logits]
-        return cls(
-            input_ids=torch.cat([torch.as_tensor(c.token_ids, dtype=torch.long) for c in chunks]).to(device),
-            positions=torch.cat([torch.arange(k - q, k) for q, k in zip(query_lens, context_lens)]).to(device),
-            slot_mapping=torch.cat([ctx[k - q :] for ctx, q, k in zip(contexts, query_lens, context_lens)]).to(device),
-            query_lens=query_lens,
+        width = max(len(c.block_table) for c in chunks)
+        tables = torch.zeros(len(chunks), max(width, 1), dtype=torch.int32)
+        for row, chunk in enumerate(chunks):
+            tables[row, : len(chunk.block_table)] = torch.as_tensor(chunk.block_table, dtype=torch.int32)
+        context_lens = [len(c.block_table) * block_size if c.context_len is None else c.context_len for c in chunks]
+        for i, (chunk, k) in enumerate(zip(chunks, context_lens)):
+            if k > len(chunk.block_table) * block_size:
+                raise ValueError(f"sequence {i}: a context of {k} tokens does not fit its "
+                                 f"{len(chunk.block_table)} blocks of {block_size}")
+        return cls.paged(
+            input_ids=torch.as_tensor([t for c in chunks for t in c.token_ids], dtype=torch.long),
+            query_lens=[len(c.token_ids) for c in chunks],
             context_lens=context_lens,
-            groups=groups,
-            logits_indices=(starts + q_lens - 1)[wanted].to(device),
+            block_tables=tables,
+            block_size=block_size,
+            want_logits=[c.want_logits for c in chunks],
+            device=device,
         )
 
+    @classmethod
+    def paged(cls, input_ids: torch.Tensor, query_lens: Sequence[int], context_lens: Sequence[int],
+              block_tables: torch.Tensor, block_size: int, want_logits: Sequence[bool],
+              device: torch.device | str) -> ForwardBatch:
+        """input_ids [T] (host), block_tables [B, max_blocks] int32 (host or device): the step's batch.
 
-def _group(kind, members, contexts, q_lens, k_lens, starts, device) -> AttentionGroup:
-    index = torch.tensor(members)
-    q, k, s = q_lens[index], k_lens[index], starts[index]
+        Per-token values are computed with whole-batch tensor operations; only prompt chunks (which
+        need the padded group) loop over their own sequences.
+        """
+        if not len(query_lens):
+            raise ValueError("a forward batch needs at least one sequence")
+        q_lens = torch.as_tensor(query_lens, dtype=torch.long)
+        k_lens = torch.as_tensor(context_lens, dtype=torch.long)
+        bad = ((q_lens == 0) | (q_lens > k_lens)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"sequence {i}: {int(q_lens[i])} new tokens with a context of {int(k_lens[i])}")
+        num_tokens = int(q_lens.sum())
+        seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens, output_size=num_tokens)
+        starts = torch.cumsum(q_lens, 0) - q_lens
+        positions = (k_lens - q_lens)[seq_of_token] + torch.arange(num_tokens) - starts[seq_of_token]
+        block_tables = block_tables.to(device, non_blocking=True)
+        positions_d = positions.to(device, non_blocking=True)
+        seq_d = seq_of_token.to(device, non_blocking=True)
+        blocks = block_tables[seq_d, positions_d // block_size].long()
+        is_decode = q_lens == 1
+        decode = None
+        if bool(is_decode.any()):
+            seqs = is_decode.nonzero().squeeze(1)
+            rows = None if bool(is_decode.all()) else starts[seqs].to(device, non_blocking=True)
+            decode = DecodeRows(rows, seqs.to(device, non_blocking=True))
+        prefill = None
+        if not bool(is_decode.all()):
+            members = (~is_decode).nonzero().squeeze(1)
+            prefill = _prefill_group(members, q_lens, k_lens, starts, block_tables, block_size, device)
+        wanted = torch.as_tensor(list(want_logits), dtype=torch.bool)
+        return cls(
+            input_ids=input_ids.to(device, non_blocking=True),
+            positions=positions_d,
+            slot_mapping=blocks * block_size + positions_d % block_size,
+            block_tables=block_tables,
+            context_lens=k_lens.to(torch.int32).to(device, non_blocking=True),
+            block_size=block_size,
+            decode=decode,
+            prefill=prefill,
+            logits_indices=(starts + q_lens - 1)[wanted].to(device, non_blocking=True),
+        )
+
+    def context_slots(self, seqs: torch.Tensor, length: int) -> torch.Tensor:
+        """[len(seqs), length] cache slots of the given sequences' first `length` positions (beyond a
+        sequence's table: whatever its padding entries give; callers mask by context length)."""
+        return table_slots(self.block_tables[seqs], self.block_size)[:, :length]
+
+
+def table_slots(block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[B, max_blocks] block tables -> [B, max_blocks * block_size] slots in position order."""
+    offsets = torch.arange(block_size, device=block_tables.device)
+    return (block_tables.long()[:, :, None] * block_size + offsets).flatten(1)
+
+
+def _prefill_group(members, q_lens, k_lens, starts, block_tables, block_size, device) -> AttentionGroup:
+    q, k, s = q_lens[members], k_lens[members], starts[members]
     offsets = torch.arange(int(q.max()))[None, :]
     valid = offsets < q[:, None]
-    context = torch.zeros(len(members), int(k.max()), dtype=torch.long)
-    for row, b in enumerate(members):
-        context[row, : contexts[b].shape[0]] = contexts[b]
+    context = table_slots(block_tables[members.to(block_tables.device)], block_size)[:, : int(k.max())]
     return AttentionGroup(
-        kind=kind,
+        kind="prefill",
         query_index=torch.where(valid, s[:, None] + offsets, 0).to(device),
         query_valid=valid.to(device),
         query_positions=torch.where(valid, (k - q)[:, None] + offsets, 0).to(device),
-        context_slots=context.to(device),
+        context_slots=context,
     )

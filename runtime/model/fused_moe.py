@@ -12,9 +12,9 @@ Triton is optional: the product's install does not bring it, so this module impo
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from r1serve.runtime.model.kernels import interpreted
 
 try:
     import triton
@@ -33,27 +33,30 @@ BLOCK_K = 32
 
 
 def align_to_blocks(slots: torch.Tensor, num_slots: int, block_m: int = BLOCK_M) -> tuple[torch.Tensor, torch.Tensor]:
-    """slots [N] -> (sorted_ids [B * block_m] int32, block_slot [B] int32), B the number of row blocks.
+    """slots [N] -> (sorted_ids [B * block_m] int32, block_slot [B] int32), B a bound on the row blocks.
 
     sorted_ids lists the copies grouped by slot (stable order within a slot), each group padded with the
     value N to a multiple of block_m; block_slot[b] is the slot whose weights block b multiplies. Slots
-    without tokens get no block, so their weights are never read.
+    without tokens get no block, so their weights are never read. B depends only on N and the number of
+    slots, never on the routing, so nothing here waits for the device (CUDA graphs capture it); the
+    blocks beyond those used have block_slot -1 and only padding rows, and the kernels skip them.
     """
     n = slots.numel()
-    counts = torch.bincount(slots, minlength=num_slots)
+    device = slots.device
+    counts = torch.zeros(num_slots, dtype=torch.long, device=device).scatter_add_(0, slots, torch.ones_like(slots))
     blocks = (counts + block_m - 1) // block_m
+    # Each slot that received copies pads at most block_m - 1 rows, and at most min(N, S) slots did.
+    max_blocks = (n + (block_m - 1) * min(n, num_slots)) // block_m
     order = torch.argsort(slots, stable=True)
     sorted_slots = slots[order]
     first_copy = torch.cumsum(counts, 0) - counts  # where each slot's copies start, unpadded
-    first_row = (torch.cumsum(blocks, 0) - blocks) * block_m  # ... and padded
-    position = first_row[sorted_slots] + torch.arange(n, device=slots.device) - first_copy[sorted_slots]
-    # One host sync to size the launch; a fixed upper bound would replace it for CUDA graphs.
-    num_blocks = int(blocks.sum())
-    sorted_ids = torch.full((num_blocks * block_m,), n, dtype=torch.int32, device=slots.device)
+    block_end = torch.cumsum(blocks, 0)
+    first_row = (block_end - blocks) * block_m  # ... and padded
+    position = first_row[sorted_slots] + torch.arange(n, device=device) - first_copy[sorted_slots]
+    sorted_ids = torch.full((max_blocks * block_m,), n, dtype=torch.int32, device=device)
     sorted_ids[position] = order.to(torch.int32)
-    block_slot = torch.repeat_interleave(
-        torch.arange(num_slots, dtype=torch.int32, device=slots.device), blocks, output_size=num_blocks
-    )
+    block_slot = torch.searchsorted(block_end, torch.arange(max_blocks, device=device), right=True)
+    block_slot = torch.where(block_slot < num_slots, block_slot, -1).to(torch.int32)
     return sorted_ids, block_slot
 
 
@@ -103,12 +106,8 @@ def _compile_options(dtype: torch.dtype) -> dict:
     precision = "ieee" if dtype == torch.float32 else None
     # Triton's interpreter computes dots on bf16 operands wrongly (numpy has no bf16); upcasting the loaded
     # tiles to float32 gives the exact products a bf16 dot with float32 accumulation would.
-    upcast = dtype == torch.bfloat16 and _interpreted()
+    upcast = dtype == torch.bfloat16 and interpreted()
     return {"DOT_PRECISION": precision, "UPCAST": upcast}
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 if HAVE_TRITON:
@@ -132,7 +131,8 @@ if HAVE_TRITON:
         copies = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
         real = copies < num_copies  # padding rows hold num_copies and read zeros
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < intermediate
+        # A spare block (slot -1) loads no weights: masked loads read no memory.
+        n_ok = offs_n < tl.where(slot >= 0, intermediate, 0)
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + copies[:, None] * stride_xm + offs_k[None, :] * stride_xk
         # The weight tile is read transposed ([BLOCK_K, BLOCK_N]) so the dot is x @ w.T without a copy.
@@ -176,14 +176,14 @@ if HAVE_TRITON:
         copies = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
         real = copies < num_copies
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hidden
+        n_ok = offs_n < tl.where(slot >= 0, hidden, 0)  # a spare block loads no weights
         offs_k = tl.arange(0, BLOCK_K)
         h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :] * stride_hk
         w_ptrs = w2_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, intermediate, BLOCK_K):
             k_ok = offs_k < intermediate - k0
-            a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+            a = tl.load(h_ptrs, mask=real[:, None] & k_ok[None, :], other=0.0)  # spare blocks: unwritten
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)

@@ -11,6 +11,7 @@ from torch import nn
 from .attention import AttentionPath, MLAttention
 from .batch import ForwardBatch
 from .config import ModelConfig
+from .kernels import KernelPath
 from .layers import MLP, RMSNorm, linear
 from .moe import ExpertLayout, LocalExperts, MoE, RoutedExperts
 from .rope import RotaryEmbedding
@@ -64,12 +65,26 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.config, self.dtype = config, dtype
         self.model = Backbone(config, dtype, device, experts or LocalExperts(config.n_routed_experts))
         self.rotary = RotaryEmbedding(config).to(device)
+        self._kernels: KernelPath = "torch"
         if not config.tie_word_embeddings:
             self.lm_head = linear(config.hidden_size, config.vocab_size, dtype, device)
 
     @property
     def device(self) -> torch.device:
         return self.model.norm.weight.device
+
+    @property
+    def kernels(self) -> KernelPath:
+        return self._kernels
+
+    def set_kernels(self, path: KernelPath) -> None:
+        """Run attention decodes and routed experts on the torch path or the Triton kernels."""
+        if path not in ("torch", "triton"):
+            raise ValueError(f"kernels: must be torch or triton here (got {path!r}); resolve auto first")
+        self._kernels = path
+        for module in self.modules():
+            if isinstance(module, (MLAttention, RoutedExperts)):
+                module.kernels = path
 
     def allocate_kv_cache(self, num_slots: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """One [num_slots, kv_lora_rank + qk_rope_head_dim] latent cache per layer."""
@@ -140,11 +155,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
 
     def replace_experts(self, layer: int, expert_ids: Sequence[int]) -> RoutedExperts:
-        """Give a MoE layer new (uninitialised) expert slots; fill them with load_tensor."""
-        moe = self.model.layers[layer].mlp
-        old = moe.experts
-        moe.experts = RoutedExperts(self.config, expert_ids, old.w13.dtype, old.w13.device)
-        return moe.experts
+        """Give a MoE layer other experts in its slots (in place); fill them with load_tensor."""
+        experts = self.model.layers[layer].mlp.experts
+        experts.reassign(expert_ids)
+        return experts
 
     def reset_buffers(self) -> None:
         """Recompute derived, non-checkpoint buffers (after `to_empty` from the meta device)."""

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .fused_moe import fused_experts
+from .kernels import KernelPath
 from .layers import MLP
 
 
@@ -51,8 +53,12 @@ class RoutedExperts(nn.Module):
     """The routed experts this process holds, stacked so that each expert's tokens run as one matmul.
 
     `expert_ids` are the logical (checkpoint) ids held here, in slot order; a logical id may be held in
-    several slots when redundant copies are placed on the same rank.
+    several slots when redundant copies are placed on the same rank. `kernels` picks the implementation:
+    the torch path below (CPU, and the reference) or the fused Triton kernels, which read only the
+    experts that received tokens.
     """
+
+    kernels: KernelPath = "torch"
 
     def __init__(self, config: ModelConfig, expert_ids: Sequence[int], dtype: torch.dtype, device=None):
         super().__init__()
@@ -61,10 +67,23 @@ class RoutedExperts(nn.Module):
         self.intermediate = i
         self.w13 = nn.Parameter(torch.empty(n, 2 * i, h, dtype=dtype, device=device), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(n, h, i, dtype=dtype, device=device), requires_grad=False)
-        self.register_buffer("slot_of", _slot_lookup(self.expert_ids, device), persistent=False)
+        self.num_experts = config.n_routed_experts
+        self.register_buffer("slot_of", _slot_lookup(self.expert_ids, self.num_experts, device), persistent=False)
 
     def reset_buffers(self) -> None:
-        self.slot_of = _slot_lookup(self.expert_ids, self.slot_of.device)
+        self.slot_of = _slot_lookup(self.expert_ids, self.num_experts, self.slot_of.device)
+
+    def reassign(self, expert_ids: Sequence[int]) -> None:
+        """Hold other experts in the same slots (a rebalance); fill them with the model's load_tensor.
+
+        The weights and the lookup are overwritten in place, never reallocated, so CUDA graphs captured
+        over them stay valid.
+        """
+        if len(expert_ids) != self.num_slots:
+            raise ValueError(f"expert_ids: {len(expert_ids)} experts for {self.num_slots} slots; a rebalance "
+                             "keeps the number of slots per rank")
+        self.expert_ids = tuple(expert_ids)
+        self.slot_of.copy_(_slot_lookup(self.expert_ids, self.num_experts, self.slot_of.device))
 
     @property
     def num_slots(self) -> int:
@@ -81,6 +100,8 @@ class RoutedExperts(nn.Module):
         run as two batched matmuls, padded to the busiest expert. Many (prefill): one matmul pair per
         expert over its contiguous rows.
         """
+        if self.kernels == "triton":
+            return fused_experts(x, slots, self.w13, self.w2, self.intermediate)
         n, hidden = x.shape
         if n == 0:
             return torch.empty_like(x)
@@ -157,9 +178,9 @@ def combine(copies: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (copies.to(compute) * weights.to(compute)[:, :, None]).sum(dim=1)
 
 
-def _slot_lookup(expert_ids: Sequence[int], device) -> torch.Tensor:
+def _slot_lookup(expert_ids: Sequence[int], num_experts: int, device) -> torch.Tensor:
     """logical expert id -> the first local slot holding it (-1 where not held here)"""
-    lookup = torch.full((max(expert_ids, default=-1) + 1,), -1, dtype=torch.long)
+    lookup = torch.full((max(num_experts, max(expert_ids, default=-1) + 1),), -1, dtype=torch.long)
     for slot, eid in reversed(list(enumerate(expert_ids))):
         lookup[eid] = slot
     return lookup.to(device)

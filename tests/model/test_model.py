@@ -141,12 +141,26 @@ def test_forward_batch_rejects_inconsistent_chunks():
         ForwardBatch.build([SequenceChunk([1, 2, 3], [0, 1])])
     with pytest.raises(ValueError, match="at least one sequence"):
         ForwardBatch.build([])
+    with pytest.raises(ValueError, match="sequence 0: a context of 9 tokens does not fit its 2 blocks of 4"):
+        ForwardBatch.build([SequenceChunk([1], [0, 1], context_len=9)], block_size=4)
     batch = ForwardBatch.build([SequenceChunk([1, 2], [5, 6, 7, 8])])
     assert batch.positions.tolist() == [2, 3] and batch.slot_mapping.tolist() == [7, 8]
-    assert [g.kind for g in batch.groups] == ["prefill"]
+    assert batch.decode is None and batch.prefill is not None
     mixed = ForwardBatch.build([SequenceChunk([1], [0, 1, 2]), SequenceChunk([4, 5], [9, 8])])
-    assert [g.kind for g in mixed.groups] == ["decode", "prefill"]
-    assert [g.token_rows.tolist() for g in mixed.groups] == [[0], [1, 2]]
+    assert mixed.decode.rows.tolist() == [0] and mixed.decode.seqs.tolist() == [0]
+    assert mixed.prefill.token_rows.tolist() == [1, 2]
+
+
+def test_forward_batch_addresses_tokens_through_block_tables():
+    """Positions and write slots follow each sequence's block table, across block boundaries."""
+    batch = ForwardBatch.build(
+        [SequenceChunk([1], [3, 0], context_len=6), SequenceChunk([4, 5, 6], [2, 5], context_len=5)], block_size=4
+    )
+    assert batch.positions.tolist() == [5, 2, 3, 4]
+    assert batch.slot_mapping.tolist() == [0 * 4 + 1, 2 * 4 + 2, 2 * 4 + 3, 5 * 4 + 0]
+    assert batch.context_lens.tolist() == [6, 5] and batch.block_tables.tolist() == [[3, 0], [2, 5]]
+    decodes = ForwardBatch.build([SequenceChunk([1], [3]), SequenceChunk([2], [4])], block_size=2)
+    assert decodes.decode.rows is None and decodes.prefill is None  # the shape a CUDA graph replays
 
 
 def test_an_empty_batch_runs_through_every_layer(model64):
