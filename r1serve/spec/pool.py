@@ -1,5 +1,6 @@
 """Prefill and decode pool sections of the R1Deployment spec: replicas, batching, KV cache, autoscaling."""
 
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -151,6 +152,18 @@ class _Pool(SpecModel):
         le=1024,
         description="Tokens per KV-cache block, a power of two from 16 to 1024. Prefix reuse "
         "works in whole blocks.",
+    )
+    kernels: Literal["auto", "torch", "triton"] = Field(
+        "auto",
+        description="Implementation of the hot loops: triton runs the fused MoE and paged MLA "
+        "decode kernels (GPUs), torch the plain PyTorch path (CPU, and the reference); auto "
+        "picks triton on GPUs and torch on CPU.",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="Replay decode steps from CUDA graphs captured at start-up, one per batch-size "
+        "bucket (GPUs with the triton kernels and expertParallel 1; otherwise decode runs "
+        "eagerly). false turns them off.",
     )
     workers: Workers | None = Field(
         None,

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from r1serve.runtime.model.kernels import KERNEL_CHOICES, resolve_kernels
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
 from r1serve.runtime.tokenizer import Tokenizer
 
 from .block_manager import BlockManager
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, RunnerPaths
 from .outputs import EngineStats, KVHandoff, RequestError, RequestOutput, Role
 from .request_state import RequestState
 from .sampler import sample
@@ -21,6 +23,8 @@ from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from .sequence import Sequence, SequenceStatus
 
 ROLES = ("both", "prefill", "decode")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class EngineConfig:
     max_running: int = 64
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     reasoning: bool = True  # split R1's <think>...</think> from the answer
+    kernels: str = "auto"  # auto: Triton kernels on CUDA, the torch path on CPU; or torch, triton
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (on CUDA with the Triton kernels)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -41,6 +47,19 @@ class EngineConfig:
                 raise ValueError(f"{name}: must be positive (got {getattr(self, name)})")
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise ValueError(f"max_model_len: must be at least 2 (got {self.max_model_len})")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels: must be one of {', '.join(KERNEL_CHOICES)} (got {self.kernels!r})")
+
+
+def runner_paths(config: EngineConfig, device: torch.device) -> RunnerPaths:
+    """The kernel path and graph setting an engine runs with on `device` (auto resolved here)."""
+    kernels = resolve_kernels(config.kernels, device)
+    graphs = config.cuda_graphs and device.type == "cuda"
+    if graphs and kernels != "triton":
+        # The torch MoE path reads per-expert counts back to the host, which a graph cannot capture.
+        log.warning("cuda_graphs is on but the kernels are the torch path; decode steps run eagerly")
+        graphs = False
+    return RunnerPaths(kernels=kernels, cuda_graphs=graphs)
 
 
 class LLMEngine:
@@ -50,7 +69,9 @@ class LLMEngine:
     returns a KVHandoff instead of streaming; `decode` accepts hand-offs and continues generating.
     """
 
-    def __init__(self, model: DeepseekV3ForCausalLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: DeepseekV3ForCausalLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 *, paths: RunnerPaths | None = None):
+        """`paths` overrides how the runner executes (tests and benchmarks); by default it follows config."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         limit = model.config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
@@ -58,7 +79,11 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or limit
         self.blocks = BlockManager(config.num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_tokens, config.max_running), self.blocks)
-        self.runner = ModelRunner(model, config.num_blocks, config.block_size)
+        self.runner = ModelRunner(model, config.num_blocks, config.block_size, max_running=config.max_running,
+                                  max_model_len=self.max_model_len,
+                                  paths=paths or runner_paths(config, model.device))
+        log.info("%s engine on %s: kernels %s, CUDA graphs %s", config.role, self.runner.device,
+                 self.runner.paths.kernels, self.runner.describe()["cudaGraphs"])
         self.requests: dict[str, RequestState] = {}
         self.pending_handoffs: deque[tuple[RequestState, KVHandoff]] = deque()
         self.finished_count = 0
@@ -179,6 +204,7 @@ class LLMEngine:
     def _retire(self, state: RequestState, out: RequestOutput) -> RequestOutput:
         self.requests.pop(state.seq.request_id, None)
         self.scheduler.remove(state.seq)
+        self.runner.release(state.seq)
         self.finished_count += 1
         return out
 

@@ -1,30 +1,69 @@
-"""The only part of the engine that owns the device: the paged latent cache and the model's forward."""
+"""The only part of the engine that owns the device: the paged latent cache, block tables, and the forward."""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Sequence as Seq
 
 import torch
 
-from r1serve.runtime.model.batch import ForwardBatch, SequenceChunk
+from r1serve.runtime.model.batch import ForwardBatch
+from r1serve.runtime.model.kernels import KernelPath
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
 
+from .block_tables import BlockTables
+from .decode_graphs import DecodeGraphs
 from .scheduler import ScheduledChunk
 from .sequence import Sequence
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunnerPaths:
+    """How the runner executes: the kernel path and whether decode steps replay CUDA graphs."""
+
+    kernels: KernelPath = "torch"
+    cuda_graphs: bool = False
+    # Run decode steps through the static buffers even without graphs (how CPU tests cover that path).
+    static_decode: bool = False
+
 
 class ModelRunner:
-    """Runs scheduled chunks; the cache is one [num_blocks * block_size, latent_dim] tensor per layer,
-    addressed by slot = block_id * block_size + offset."""
+    """Runs scheduled chunks; the cache is one [(num_blocks + 1) * block_size, latent_dim] tensor per layer,
+    addressed by slot = block_id * block_size + offset. The extra block is scratch space that the
+    padding rows of a replayed decode graph write to; the scheduler never hands it out."""
 
-    def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int):
-        self.model, self.block_size = model, block_size
-        self.caches = model.allocate_kv_cache(num_blocks * block_size)
+    def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int, *,
+                 max_running: int = 64, max_model_len: int | None = None, paths: RunnerPaths = RunnerPaths()):
+        self.model, self.block_size, self.paths = model, block_size, paths
+        model.set_kernels(paths.kernels)
+        self.caches = model.allocate_kv_cache((num_blocks + 1) * block_size)
+        self.scratch_block = num_blocks
+        max_len = max_model_len or model.config.max_position_embeddings
+        self.table_width = min(-(-max_len // block_size), num_blocks)
+        on_gpu = self.device.type == "cuda"
+        self.tables = BlockTables(self.table_width, rows=max_running, pin=on_gpu)
         self._offsets = torch.arange(block_size)
+        self.graphs: DecodeGraphs | None = None
+        if paths.cuda_graphs or paths.static_decode:
+            self.graphs = DecodeGraphs(model, self.caches, max_batch=max_running, width=self.table_width,
+                                       block_size=block_size, scratch_block=self.scratch_block,
+                                       capture=paths.cuda_graphs)
+            self.graphs.capture()
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def describe(self) -> dict[str, str]:
+        """What the start-up log and `r1serve status` show about how this engine runs."""
+        if not self.paths.cuda_graphs:
+            graphs = "off"
+        else:
+            graphs = self.graphs.describe()
+        return {"device": str(self.device), "kernels": self.paths.kernels, "cudaGraphs": graphs}
 
     def slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
         """[num_tokens] cache slots of the sequence's first `num_tokens` tokens."""
@@ -33,18 +72,28 @@ class ModelRunner:
 
     def run(self, chunks: Seq[ScheduledChunk]) -> torch.Tensor:
         """One forward step -> logits [number of completing chunks, vocab], in chunk order."""
-        batch = ForwardBatch.build(
-            [
-                SequenceChunk(
-                    c.seq.token_ids[c.seq.num_computed_tokens : c.seq.num_computed_tokens + c.num_tokens],
-                    self.slots(c.seq, c.seq.num_computed_tokens + c.num_tokens),
-                    want_logits=c.completes,
-                )
-                for c in chunks
-            ],
-            self.device,
-        )
+        batch = self.build_batch(chunks)
+        if self.graphs is not None and self.graphs.fits(batch):
+            logits = self.graphs.run(batch)
+            return logits if len(batch.logits_indices) == len(chunks) else logits[_wanted(chunks)]
         return self.model(batch, self.caches)
+
+    def build_batch(self, chunks: Seq[ScheduledChunk]) -> ForwardBatch:
+        rows = self.tables.rows_for([c.seq for c in chunks])
+        query_lens = [c.num_tokens for c in chunks]
+        context_lens = [c.seq.num_computed_tokens + c.num_tokens for c in chunks]
+        width = -(-max(context_lens) // self.block_size)
+        ids = [t for c in chunks for t in c.seq.token_ids[c.seq.num_computed_tokens: c.seq.num_computed_tokens
+                                                         + c.num_tokens]]
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        if self.device.type == "cuda":
+            input_ids = input_ids.pin_memory()
+        return ForwardBatch.paged(input_ids, query_lens, context_lens, self.tables.gather(rows, width),
+                                  self.block_size, [c.completes for c in chunks], self.device)
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence left the engine (finished, aborted or handed off): its table row is free."""
+        self.tables.release(seq.request_id)
 
     def run_empty(self) -> None:
         self.model(ForwardBatch.empty(self.device), self.caches)
@@ -59,3 +108,7 @@ class ModelRunner:
         slots = self.slots(seq, start + latents.shape[1])[start:].to(self.device)
         for cache, layer in zip(self.caches, latents, strict=True):
             cache[slots] = layer.to(device=cache.device, dtype=cache.dtype)
+
+
+def _wanted(chunks: Seq[ScheduledChunk]) -> list[int]:
+    return [i for i, c in enumerate(chunks) if c.completes]

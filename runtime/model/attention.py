@@ -12,6 +12,7 @@ from .batch import AttentionGroup, ForwardBatch
 from .config import ModelConfig
 from .kernels import KernelPath
 from .layers import RMSNorm, linear
+from .mla_decode import paged_mla_decode
 from .rope import RotaryEmbedding
 
 AttentionPath = Literal["auto", "naive", "absorbed"]
@@ -89,8 +90,6 @@ class MLAttention(nn.Module):
             mask = (keys[None, :] < batch.context_lens[seqs, None])[:, None, None, :]  # [D, 1, 1, Lk]
             attend = self._naive if path == "naive" else self._absorbed
             return attend(q_nope[:, None], q_pe[:, None], context, mask)[:, 0]
-        from .mla_decode import paged_mla_decode
-
         w_uk, w_uv = self._up_weights()
         q_latent = torch.einsum("dhn,hnc->dhc", q_nope, w_uk)
         q = torch.cat((q_latent, q_pe), dim=-1).to(cache.dtype)
@@ -131,8 +130,6 @@ class MLAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, context, mask) -> torch.Tensor:
         """Fold W_UK into the query and W_UV after the attention: attend directly over the latents."""
-        from .mla_decode import paged_mla_decode
-
         w_uk, w_uv = self._up_weights()
         q_latent = torch.einsum("bqhd,hdc->bhqc", q_nope, w_uk)
         q = torch.cat((q_latent, q_pe.transpose(1, 2)), dim=-1)  # [B, H, Lq, C + R]

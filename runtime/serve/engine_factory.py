@@ -51,6 +51,9 @@ def engine_config(deployment: R1Deployment, role: EngineRole):
         max_batch_tokens=pool.max_batch_tokens,
         max_running=pool.max_running_requests,
         max_model_len=deployment.spec.model.max_model_len,
+        kernels=pool.kernels,
+        # With more ranks the all-to-all sizes its exchanges on the host, which a graph cannot capture.
+        cuda_graphs=pool.cuda_graphs and pool.expert_parallel == 1,
     )
 
 

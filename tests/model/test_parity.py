@@ -64,3 +64,18 @@ def test_bfloat16_is_as_accurate_as_the_reference_in_bfloat16(tiny_checkpoint):
     [logits] = prompt_logits(ours, [prompt])
     assert logits.dtype == torch.bfloat16
     assert _rel_err(logits, exact) < 1.25 * _rel_err(theirs, exact)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_tokens_match_reference_with_the_triton_kernels_in_float32(tiny_checkpoints, variant):
+    """The fused MoE and paged MLA decode kernels (interpreted on CPU, compiled on CUDA) in float32,
+    where their dots are exact float32, give the reference's tokens."""
+    checkpoint = tiny_checkpoints[variant]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ours = DeepseekV3ForCausalLM.from_checkpoint(checkpoint, torch.float32, device, progress=False)
+    ours.set_kernels("triton")
+    ref = load_reference(checkpoint, torch.float64)
+    prompts = _prompts(checkpoint)
+    generated = greedy_generate(ours, prompts, max_new_tokens=32)
+    for prompt, tokens in zip(prompts, generated):
+        assert tokens == reference_greedy(ref, prompt, 32)

@@ -189,6 +189,8 @@ INVALID = [
          "spec.prefill.autoscaling.upscaleDelaySeconds", "(got -1)"),
     case("zero_target_tokens", changed(spec__prefill__autoscaling={"targetQueuedTokens": 0}),
          "spec.prefill.autoscaling.targetQueuedTokens", "(got 0)"),
+    case("kernels_unknown", changed(spec__decode__kernels="cuda"), "spec.decode.kernels", "'auto', 'torch' or 'triton'"),
+    case("cuda_graphs_not_a_bool", changed(spec__prefill__cudaGraphs="sometimes"), "spec.prefill.cudaGraphs"),
     case("block_size_not_power_of_two", changed(spec__prefill__blockSize=48),
          "spec.prefill.blockSize", "power of two", "(got 48)"),
     case("expert_parallel_zero", changed(spec__decode__expertParallel=0),
