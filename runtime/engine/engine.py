@@ -14,6 +14,7 @@ from r1serve.runtime.model.model import DeepseekV3ForCausalLM
 from r1serve.runtime.tokenizer import Tokenizer
 
 from .block_manager import BlockManager
+from .description import format_engine
 from .model_runner import ModelRunner, RunnerPaths
 from .outputs import EngineStats, KVHandoff, RequestError, RequestOutput, Role
 from .request_state import RequestState
@@ -82,8 +83,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, config.num_blocks, config.block_size, max_running=config.max_running,
                                   max_model_len=self.max_model_len,
                                   paths=paths or runner_paths(config, model.device))
-        log.info("%s engine on %s: kernels %s, CUDA graphs %s", config.role, self.runner.device,
-                 self.runner.paths.kernels, self.runner.describe()["cudaGraphs"])
+        log.info("%s engine: %s", config.role, format_engine(self.describe()))
         self.requests: dict[str, RequestState] = {}
         self.pending_handoffs: deque[tuple[RequestState, KVHandoff]] = deque()
         self.finished_count = 0
@@ -246,6 +246,9 @@ class LLMEngine:
                 f"{total} tokens need {self.blocks.blocks_needed(total)} KV blocks; the cache holds "
                 f"{self.config.num_blocks} of {self.config.block_size} tokens",
             )
+
+    def describe(self) -> dict[str, str]:
+        return self.runner.describe()
 
     def stats(self) -> EngineStats:
         b = self.blocks.stats()

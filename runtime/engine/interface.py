@@ -28,6 +28,10 @@ class EngineClient(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    def describe(self) -> dict[str, str]:
+        """How the engine runs (device, kernel path, CUDA graphs), for the start-up log and `r1serve status`."""
+        ...
+
     @property
     def healthy(self) -> bool: ...
 

@@ -32,6 +32,9 @@ class MockEngine:
     def token_at(prompt_token_ids: list[int], index: int, vocab_size: int = 129280) -> int:
         return (sum(prompt_token_ids) * 31 + index * 7919 + 17) % vocab_size
 
+    def describe(self) -> dict[str, str]:
+        return {"device": "none", "kernels": "mock", "cudaGraphs": "off"}
+
     def stats(self) -> EngineStats:
         used = sum(self.running.values())
         return EngineStats(self.role, 0, len(self.running), 0, self.num_blocks, used, self.num_blocks - used,

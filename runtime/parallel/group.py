@@ -100,6 +100,11 @@ class ExpertParallelGroup:
         summed = {f: sum(getattr(s, f) for s in per_rank) for f in first.__dataclass_fields__ if f != "role"}
         return replace(first, **summed)
 
+    def describe(self) -> dict[str, str]:
+        """Rank 0's description (every rank runs the same paths), with the group's size."""
+        per_rank = self._ask_every_rank("describe", 30.0)
+        return {**per_rank[0], "ranks": str(len(per_rank))}
+
     def rank_stats(self, timeout_s: float = 30.0) -> list[EngineStats]:
         return self._ask_every_rank("stats", timeout_s)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,10 @@ class RankWorker:
         self.model = DeepseekV3ForCausalLM.from_checkpoint(
             config_dir, getattr(torch, spec.dtype), spec.device, experts=self.layout, progress=False
         )
-        self.engine = LLMEngine(self.model, Tokenizer.from_dir(config_dir), spec.engine)
+        # The all-to-all sizes its exchanges on the host, which a CUDA graph cannot capture: with more
+        # than one rank, decode steps run eagerly.
+        engine_config = replace(spec.engine, cuda_graphs=spec.engine.cuda_graphs and self.world_size == 1)
+        self.engine = LLMEngine(self.model, Tokenizer.from_dir(config_dir), engine_config)
         self._want_rebalance = False
         self._stop = False
 
@@ -115,6 +118,8 @@ class RankWorker:
                     outbox.put(("outputs", self.rank, [out]))
             elif kind == "stats":
                 outbox.put(("reply", self.rank, self.engine.stats()))
+            elif kind == "describe":
+                outbox.put(("reply", self.rank, self.engine.describe()))
             elif kind == "load":
                 load = {layer: d.total_load.tolist() for layer, d in self.layout.dispatchers.items()}
                 outbox.put(("reply", self.rank, load))

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from r1serve.runtime.engine.description import format_engine
 from r1serve.runtime.engine.outputs import RequestError, RequestOutput
 from r1serve.runtime.engine.sampling import SamplingParamsError
 
@@ -26,6 +27,7 @@ from .engine_factory import EngineRole, make_engine_client, make_mock_client
 from .errors import classify
 from .messages import PoolRequest, PrefillResult, merge_outputs, to_wire
 from .metrics import PoolMetrics
+from .status_board import publish_engine
 from .streams import coalesced
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class PoolServer:
                 path = ensure_checkpoint(self.deployment.spec.model)  # a node the driver could not write to
             self.engine = make_engine_client(self.deployment, role, path)
         self.connector = make_connector(self.deployment)
+        self._publish_engine()
         if options.get("kv_fault"):  # tests: a hand-off that never arrives
             self.connector = FaultyConnector(self.connector, options["kv_fault"],
                                              self.deployment.spec.kv_transfer.timeout_seconds)
@@ -163,6 +166,15 @@ class PoolServer:
                 self._stream_interval = BUSY_STREAM_INTERVAL_S if stats.running >= self._busy_at else 0.0
             except Exception:
                 log.exception("updating pool metrics failed")
+
+    def _publish_engine(self) -> None:
+        try:
+            description = self.engine.describe()
+        except Exception:  # an expert-parallel group that does not answer fails its health check instead
+            log.warning("could not read how the %s engine runs", self.role, exc_info=True)
+            return
+        log.info("%s replica engine: %s", self.role, format_engine(description))
+        publish_engine("prefill" if self.role == "prefill" else "decode", description)
 
     def _pool(self):
         return self.deployment.spec.prefill if self.role == "prefill" else self.deployment.spec.decode

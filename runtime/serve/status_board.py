@@ -13,6 +13,8 @@ from typing import Any
 
 from r1serve.spec import constants as C
 
+from r1serve.runtime.engine.description import format_engine
+
 from .scaling import Decision
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,10 @@ class StatusBoard:
         else:
             pool.pop("wish", None)
 
+    def record_engine(self, pool: str, description: dict[str, str]) -> None:
+        """How the pool's engines run (the last replica to start says; replicas of a pool run alike)."""
+        self.pools.setdefault(pool, {})["engine"] = description
+
     def get(self) -> dict[str, dict[str, Any]]:
         return self.pools
 
@@ -83,6 +89,16 @@ def publish(decision: Decision) -> None:
         log.debug("could not publish the scaling decision", exc_info=True)
 
 
+def publish_engine(pool: str, description: dict[str, str]) -> None:
+    """Sends a replica's engine description to the board once, at start-up; never raises."""
+    global _board
+    try:
+        _handle().record_engine.remote(pool, description)
+    except Exception:  # no Ray here (unit tests): nothing to show it to
+        _board = None
+        log.debug("could not publish the engine description", exc_info=True)
+
+
 async def read_board() -> dict[str, dict[str, Any]]:
     """The board's contents ({} when no policy has published yet)."""
     import ray
@@ -105,6 +121,7 @@ def pool_status(board: dict[str, dict[str, Any]], running: dict[str, int]) -> di
             "desiredReplicas": last["desired"] if last else None,
             "lastDecision": last,
             "lastScaleDecision": entry.get("lastScaleDecision"),
+            "engine": entry.get("engine"),
         }
     return {"pools": pools}
 
@@ -116,6 +133,8 @@ def format_status(status: dict[str, Any]) -> str:
         desired = entry["desiredReplicas"]
         lines.append(f"{pool}: {entry['currentReplicas']} replicas"
                      + (f", desired {desired}" if desired is not None else ", no decision yet"))
+        if entry.get("engine"):
+            lines.append(f"  engine: {format_engine(entry['engine'])}")
         for label, key in (("last decision", "lastDecision"), ("last scale change", "lastScaleDecision")):
             d = entry.get(key)
             if d:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
+from r1serve.runtime.engine.model_runner import RunnerPaths
 from r1serve.runtime.engine.sampling import SamplingParams
 from r1serve.runtime.model.generate import prompt_logits
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
@@ -39,3 +40,69 @@ def test_bf16_engine_on_cuda_with_handoff_and_seeds(tiny_checkpoint):
     while decode.has_work:
         split += [t for o in decode.step() for t in o.token_ids]
     assert split == combined and len(combined) == 16
+
+
+def _greedy_tokens(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 20) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    outputs: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    while engine.has_work:
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.token_ids)
+    return [outputs[f"r{i}"] for i in range(len(prompts))]
+
+
+# Batches of 1 to 7 sequences that finish at different steps, so decode batches shrink across buckets.
+GRAPH_PROMPTS = [list(range(300 + 11 * i, 300 + 11 * i + n)) for i, n in enumerate([3, 70, 17, 1, 33, 9, 50])]
+
+
+def test_auto_runs_the_triton_kernels_and_cuda_graphs_on_cuda(tiny_checkpoint):
+    model = DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, torch.bfloat16, "cuda", progress=False)
+    engine = LLMEngine(model, Tokenizer.from_dir(tiny_checkpoint), EngineConfig(num_blocks=64, block_size=16,
+                                                                                max_running=8, max_model_len=256))
+    description = engine.describe()
+    assert description["kernels"] == "triton" and description["device"].startswith("cuda")
+    graphs = engine.runner.graphs
+    assert sorted(graphs.graphs) == graphs.buckets == [1, 2, 4, 8] and graphs.memory_bytes >= 0
+    assert "graphs" in description["cudaGraphs"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_replay_gives_the_eager_tokens(tiny_checkpoint, dtype):
+    """Kernels + graphs against the same kernels run eagerly (same arithmetic: identical tokens in both
+    dtypes), and in float32 against the eager torch path too."""
+    model = DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, dtype, "cuda", progress=False)
+    tokenizer = Tokenizer.from_dir(tiny_checkpoint)
+    config = EngineConfig(num_blocks=96, block_size=16, max_running=8, max_batch_tokens=128, max_model_len=256)
+
+    def run(paths):
+        return _greedy_tokens(LLMEngine(model, tokenizer, config, paths=paths), GRAPH_PROMPTS)
+
+    graphs = run(RunnerPaths(kernels="triton", cuda_graphs=True))
+    assert graphs == run(RunnerPaths(kernels="triton", static_decode=True))
+    assert graphs == run(RunnerPaths(kernels="triton"))
+    if dtype == torch.float32:
+        assert graphs == run(RunnerPaths(kernels="torch"))
+
+
+def test_a_rebalance_in_place_keeps_captured_graphs_valid(tiny_checkpoint):
+    """Expert slots are overwritten in place, so a graph captured before a rebalance computes with the
+    new experts: swapping two experts' slots (and their weights) changes nothing in the tokens."""
+    model = DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, torch.float32, "cuda", progress=False)
+    tokenizer = Tokenizer.from_dir(tiny_checkpoint)
+    config = EngineConfig(num_blocks=64, block_size=16, max_running=4, max_model_len=256)
+    engine = LLMEngine(model, tokenizer, config, paths=RunnerPaths(kernels="triton", cuda_graphs=True))
+    before = _greedy_tokens(engine, GRAPH_PROMPTS[:4])
+    layer = model.moe_layers()[0]
+    weights = {name: tensor.clone() for name, tensor in model.checkpoint_tensors()}
+    ids = list(layer.experts.expert_ids)
+    ids[0], ids[1] = ids[1], ids[0]
+    moe_index = next(i for i, l in enumerate(model.model.layers) if l.mlp is layer)
+    w13 = layer.experts.w13.data_ptr()
+    model.replace_experts(moe_index, ids)
+    for name, tensor in weights.items():
+        if f"layers.{moe_index}.mlp.experts." in name:
+            model.load_tensor(name, tensor)
+    assert layer.experts.w13.data_ptr() == w13
+    assert _greedy_tokens(engine, GRAPH_PROMPTS[:4]) == before

@@ -127,3 +127,18 @@ def test_a_killed_rank_fails_requests_within_a_bounded_time(tiny_checkpoint):
 
 async def _through_group_once(group):
     return [o async for o in group.generate("after", [1, 2], GREEDY)]
+
+
+def test_the_triton_kernels_run_each_ranks_local_experts_after_the_all_to_all(tiny_checkpoint):
+    """Fused MoE behind the expert-parallel dispatcher (interpreted on CPU), in float32, before and after a
+    rebalance rewrites the slots in place: the single process's tokens."""
+    prompts = _prompts()[:4]
+    expected = _single_process(tiny_checkpoint, prompts)
+    engine = EngineConfig(num_blocks=96, block_size=8, max_batch_tokens=64, kernels="triton")
+    group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 2, engine=engine, dtype="float32", redundant=2)
+    try:
+        assert _through_group(group, prompts) == expected
+        group.rebalance()
+        assert _through_group(group, prompts, prefix="again") == {f"again{k[1:]}": v for k, v in expected.items()}
+    finally:
+        group.shutdown()

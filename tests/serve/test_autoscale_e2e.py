@@ -117,6 +117,7 @@ def test_a_burst_grows_both_pools_and_quiet_shrinks_them_without_losing_a_reques
     assert decode["currentReplicas"] == 1
     assert decode["lastScaleDecision"]["signal"] == "running + waiting sequences"
     assert status["pools"]["prefill"]["currentReplicas"] == 1 and status["pools"]["prefill"]["lastScaleDecision"]
+    assert decode["engine"]["kernels"] == "mock"  # each replica says how its engine runs
 
 
 def test_pools_at_zero_wake_for_the_first_request_and_sleep_again(cluster, docs):

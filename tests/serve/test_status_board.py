@@ -8,6 +8,7 @@ from r1serve.runtime.serve.status_board import (
     format_status,
     pool_status,
     publish,
+    publish_engine,
 )
 
 
@@ -35,7 +36,7 @@ def test_status_shows_current_and_desired_replicas_with_the_reason():
     assert status["pools"]["prefill"]["currentReplicas"] == 1
     assert status["pools"]["prefill"]["desiredReplicas"] == 5
     assert status["pools"]["decode"] == {"currentReplicas": 2, "desiredReplicas": None, "lastDecision": None,
-                                         "lastScaleDecision": None}
+                                         "lastScaleDecision": None, "engine": None}
     text = format_status(status)
     assert "prefill: 1 replicas, desired 5" in text
     assert "queued prompt tokens 5000 in the pool vs target 1000 per replica" in text
@@ -44,3 +45,15 @@ def test_status_shows_current_and_desired_replicas_with_the_reason():
 
 def test_publishing_without_ray_never_fails_the_policy():
     publish(prefill_decision(1, 0, 1000, Bounds(1, 8)))  # no Ray running: silently skipped
+
+
+def test_status_shows_how_each_pools_engine_runs():
+    board = StatusBoard()
+    board.record_engine("decode", {"device": "cuda:0", "kernels": "triton", "cudaGraphs": "12 graphs, batch 1-256, 850 MiB"})
+    board.record_engine("prefill", {"device": "cuda:0", "kernels": "triton", "cudaGraphs": "off", "ranks": "8"})
+    status = pool_status(board.get(), {"prefill": 1, "decode": 1})
+    assert status["pools"]["decode"]["engine"]["kernels"] == "triton"
+    text = format_status(status)
+    assert "  engine: on cuda:0, kernels triton, CUDA graphs 12 graphs, batch 1-256, 850 MiB" in text
+    assert "  engine: on cuda:0, kernels triton, CUDA graphs off, 8 expert-parallel ranks" in text
+    publish_engine("decode", {"kernels": "torch"})  # no Ray running: silently skipped

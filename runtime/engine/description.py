@@ -1,0 +1,13 @@
+"""How an engine runs, in words: shared by its start-up log and `r1serve status` (no torch import here)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def format_engine(description: Mapping[str, str]) -> str:
+    """"on cuda:0, kernels triton, CUDA graphs 12 graphs, batch 1-256, 850 MiB" (plus the ranks of a group)."""
+    line = (f"on {description.get('device', '?')}, kernels {description.get('kernels', '?')}, "
+            f"CUDA graphs {description.get('cudaGraphs', '?')}")
+    ranks = description.get("ranks")
+    return f"{line}, {ranks} expert-parallel ranks" if ranks and ranks != "1" else line
