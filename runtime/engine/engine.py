@@ -15,7 +15,7 @@ from r1serve.runtime.tokenizer import Tokenizer
 
 from .block_manager import BlockManager
 from .description import format_engine
-from .model_runner import ModelRunner, RunnerPaths
+from .model_runner import HostCopy, ModelRunner, RunnerPaths
 from .outputs import EngineStats, KVHandoff, RequestError, RequestOutput, Role
 from .request_state import RequestState
 from .sampler import sample
@@ -38,6 +38,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     reasoning: bool = True  # split R1's <think>...</think> from the answer
     kernels: str = "auto"  # auto: Triton kernels on CUDA, the torch path on CPU; or torch, triton
+    overlap: bool | None = None  # read each step's tokens back one call later (None: on CUDA only)
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (on CUDA with the Triton kernels)
 
     def __post_init__(self) -> None:
@@ -63,6 +64,17 @@ def runner_paths(config: EngineConfig, device: torch.device) -> RunnerPaths:
     return RunnerPaths(kernels=kernels, cuda_graphs=graphs)
 
 
+@dataclass
+class _Launched:
+    """A step on the device: its chunks, those that sample a token, and the tokens (device and host copy)."""
+
+    chunks: list[ScheduledChunk]
+    completing: list[ScheduledChunk]
+    tokens: torch.Tensor | None
+    host: HostCopy | None
+    decoding: bool  # every chunk decoded one token, so the next step can follow from `tokens`
+
+
 class LLMEngine:
     """Continuous batching over a paged latent cache, in one of three roles.
 
@@ -86,6 +98,8 @@ class LLMEngine:
         log.info("%s engine: %s", config.role, format_engine(self.describe()))
         self.requests: dict[str, RequestState] = {}
         self.pending_handoffs: deque[tuple[RequestState, KVHandoff]] = deque()
+        self.overlap = config.overlap if config.overlap is not None else self.runner.device.type == "cuda"
+        self._inflight: _Launched | None = None
         self.finished_count = 0
 
     @classmethod
@@ -133,36 +147,95 @@ class LLMEngine:
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """End every request with an error (the model raised): nothing is left holding blocks."""
+        self._inflight = None
         return [self._retire(s, s.aborted("error", error)) for s in list(self.requests.values())]
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work or bool(self.pending_handoffs)
+        inflight = self._inflight is not None and any(not c.seq.is_finished for c in self._inflight.completing)
+        return self.scheduler.has_work or bool(self.pending_handoffs) or inflight
 
     # -- stepping ---------------------------------------------------------------------------------
 
     def step(self, lockstep: bool = False) -> list[RequestOutput]:
         """One scheduling round and forward. With `lockstep` (a data-parallel rank of an expert-parallel
-        group) a forward runs even without work, over no tokens, so the group's collectives still match."""
+        group) a forward runs even without work, over no tokens, so the group's collectives still match.
+
+        With `overlap` the step's tokens are read back on the next call: a call first launches the next
+        decode step straight from the previous step's tokens on the device, then waits for those tokens
+        and emits them, so the device computes while the host emits, schedules and prepares.
+        """
+        if lockstep or not self.overlap:
+            return self._step_now(lockstep)
+        outputs: list[RequestOutput] = []
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            continued = self._continue_decoding(previous)
+            if continued is not None:
+                chunks, rows = continued
+                self._inflight = self._launch(chunks, input_ids=previous.tokens[rows])
+                return self._complete(previous)
+            outputs = self._complete(previous)
+        self._admit_handoffs()
+        chunks = self.scheduler.schedule()
+        if chunks:
+            self._inflight = self._launch(chunks)
+        return outputs
+
+    def _step_now(self, lockstep: bool) -> list[RequestOutput]:
         self._admit_handoffs()
         chunks = self.scheduler.schedule()
         if not chunks:
             if lockstep:
                 self.runner.run_empty()
             return []
-        completing = [c for c in chunks if c.completes]
-        logits = self.runner.run(chunks)
+        return self._complete(self._launch(chunks))
+
+    def _launch(self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None = None) -> _Launched:
+        """Run the forward and sample on the device; nothing here waits for the device."""
+        # A chunk that follows the previous step's device tokens (input_ids) is a decode: it samples.
+        completing = [c for c in chunks if input_ids is not None or c.completes]
+        logits = self.runner.run(chunks, want_logits=[input_ids is not None or c.completes for c in chunks],
+                                 input_ids=input_ids)
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.blocks.commit(chunk.seq)
-        return self._sample_and_emit(completing, logits) if completing else []
-
-    def _sample_and_emit(self, completing: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
         states = [self.requests[c.seq.request_id] for c in completing]
-        tokens = sample(logits, [s.params for s in states], [s.generator for s in states]).tolist()
+        tokens = sample(logits, [s.params for s in states], [s.generator for s in states]) if states else None
+        decoding = all(c.num_tokens == 1 for c in chunks) and len(completing) == len(chunks)
+        return _Launched(chunks, completing, tokens, self.runner.to_host(tokens), decoding)
+
+    def _continue_decoding(self, previous: _Launched) -> tuple[list[ScheduledChunk], list[int]] | None:
+        """The next decode step of the previous step's sequences, if it can start before its tokens are
+        known: the previous step decoded only, nothing else runs or waits, and the cache has room. Those
+        that reach max_tokens with the pending token are left out; any other that turns out finished is
+        computed once more and dropped. Returns the chunks and their rows in the previous step's tokens."""
+        if not previous.decoding or self.scheduler.waiting or self.pending_handoffs:
+            return None
+        live = [(row, c.seq) for row, c in enumerate(previous.completing) if not c.seq.is_finished]
+        if len(live) != len(self.scheduler.running):  # something was admitted or preempted meanwhile
+            return None
+        going = [(row, seq) for row, seq in live if seq.num_output_tokens + 1 < seq.max_tokens]
+        need = sum(max(0, self.blocks.blocks_needed(seq.num_computed_tokens + 1) - len(seq.block_table))
+                   for _, seq in going)
+        if not going or need > self.blocks.num_free_blocks:
+            return None
+        for _, seq in going:
+            self.blocks.grow(seq, seq.num_computed_tokens + 1)
+        return [ScheduledChunk(seq, 1) for _, seq in going], [row for row, _ in going]
+
+    def _complete(self, launched: _Launched) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and emit them (the finished sequences' last, dropped, step aside)."""
+        if launched.tokens is None:
+            return []
+        tokens = self.runner.from_host(launched.host)
         outputs = []
-        for state, token in zip(states, tokens):
+        for chunk, token in zip(launched.completing, tokens):
+            state = self.requests.get(chunk.seq.request_id)
+            if state is None or state.seq is not chunk.seq or chunk.seq.is_finished:
+                continue  # finished or aborted while this step ran
             state.seq.token_ids.append(token)
+            self.blocks.commit(state.seq)
             if self.config.role == "prefill":
                 outputs.append(self._handoff(state, token))
                 continue

@@ -70,26 +70,41 @@ class ModelRunner:
         blocks = torch.as_tensor(seq.block_table, dtype=torch.long)
         return (blocks[:, None] * self.block_size + self._offsets[None, :]).flatten()[:num_tokens]
 
-    def run(self, chunks: Seq[ScheduledChunk]) -> torch.Tensor:
-        """One forward step -> logits [number of completing chunks, vocab], in chunk order."""
-        batch = self.build_batch(chunks)
+    def run(self, chunks: Seq[ScheduledChunk], *, want_logits: Seq[bool] | None = None,
+            input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward step -> logits [number of chunks that want them, vocab], in chunk order.
+
+        By default the chunks that complete their sequence want logits. `input_ids` (on the device)
+        replaces the tokens read from the sequences: a decode step that follows the previous step's
+        sampled tokens before the host has them.
+        """
+        want = [c.completes for c in chunks] if want_logits is None else list(want_logits)
+        batch = self.build_batch(chunks, want, input_ids)
         if self.graphs is not None and self.graphs.fits(batch):
             logits = self.graphs.run(batch)
-            return logits if len(batch.logits_indices) == len(chunks) else logits[_wanted(chunks)]
+            return logits if all(want) else logits[[i for i, w in enumerate(want) if w]]
         return self.model(batch, self.caches)
 
-    def build_batch(self, chunks: Seq[ScheduledChunk]) -> ForwardBatch:
+    def build_batch(self, chunks: Seq[ScheduledChunk], want_logits: Seq[bool],
+                    input_ids: torch.Tensor | None = None) -> ForwardBatch:
         rows = self.tables.rows_for([c.seq for c in chunks])
         query_lens = [c.num_tokens for c in chunks]
         context_lens = [c.seq.num_computed_tokens + c.num_tokens for c in chunks]
         width = -(-max(context_lens) // self.block_size)
-        ids = [t for c in chunks for t in c.seq.token_ids[c.seq.num_computed_tokens: c.seq.num_computed_tokens
-                                                         + c.num_tokens]]
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        if self.device.type == "cuda":
-            input_ids = input_ids.pin_memory()
+        if input_ids is None:
+            ids = [t for c in chunks
+                   for t in c.seq.token_ids[c.seq.num_computed_tokens: c.seq.num_computed_tokens + c.num_tokens]]
+            input_ids = torch.tensor(ids, dtype=torch.long, pin_memory=self.device.type == "cuda")
         return ForwardBatch.paged(input_ids, query_lens, context_lens, self.tables.gather(rows, width),
-                                  self.block_size, [c.completes for c in chunks], self.device)
+                                  self.block_size, want_logits, self.device)
+
+    def to_host(self, tokens: torch.Tensor | None) -> HostCopy | None:
+        """Start copying sampled tokens to the host without waiting for them."""
+        return None if tokens is None else HostCopy(tokens)
+
+    @staticmethod
+    def from_host(copy: HostCopy) -> list[int]:
+        return copy.wait()
 
     def release(self, seq: Sequence) -> None:
         """The sequence left the engine (finished, aborted or handed off): its table row is free."""
@@ -110,5 +125,19 @@ class ModelRunner:
             cache[slots] = layer.to(device=cache.device, dtype=cache.dtype)
 
 
-def _wanted(chunks: Seq[ScheduledChunk]) -> list[int]:
-    return [i for i, c in enumerate(chunks) if c.completes]
+class HostCopy:
+    """A device tensor's copy into pinned host memory, started now and waited for on `wait`."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if tensor.device.type == "cuda":
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.host.copy_(tensor, non_blocking=True)
+            self.ready: torch.cuda.Event | None = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host, self.ready = tensor, None
+
+    def wait(self) -> list:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()

@@ -92,7 +92,7 @@ def test_bad_request_raises_before_anything_is_held(engine):
 
 
 def test_a_failing_step_ends_every_stream_with_an_error(engine, monkeypatch):
-    def broken(chunks):
+    def broken(chunks, **_):
         raise RuntimeError("rank 1 died")
 
     monkeypatch.setattr(engine.engine.runner, "run", broken)

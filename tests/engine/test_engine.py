@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+import r1serve.runtime.engine.engine as config_module
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.outputs import RequestError
 from r1serve.runtime.engine.sampling import SamplingParams
@@ -22,6 +25,15 @@ def _prompts() -> list[list[int]]:
     prompts = [list(range(300 + 7 * i, 300 + 7 * i + n)) for i, n in enumerate(lengths)]
     prompts += [SHARED + [5, 6, 7], SHARED + [9], SHARED + list(range(40))]
     return prompts
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["step by step", "overlapped"])
+def overlap(request, monkeypatch):
+    """Every test runs twice: each step's tokens read back in that step, and (what CUDA engines do) one
+    call later, with the next decode step launched from the tokens still on the device."""
+    monkeypatch.setitem(globals(), "EngineConfig", functools.partial(config_module.EngineConfig,
+                                                                      overlap=request.param))
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +97,9 @@ def test_prefix_reuse_skips_prefill_work_and_changes_nothing(model, tokenizer, e
     prefilled = []
     run = engine.runner.run
 
-    def counting(chunks):
+    def counting(chunks, **kwargs):
         prefilled.extend(c.num_tokens for c in chunks if c.seq.num_computed_tokens < c.seq.prompt_len)
-        return run(chunks)
+        return run(chunks, **kwargs)
 
     monkeypatch.setattr(engine.runner, "run", counting)
     engine.add_request("second", prompts[10], GREEDY)
@@ -167,7 +179,7 @@ def test_a_failing_step_frees_every_block(model, tokenizer, monkeypatch):
         engine.add_request(f"r{i}", p, GREEDY)
     engine.step()
 
-    def broken(chunks):
+    def broken(chunks, **_):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(engine.runner, "run", broken)

@@ -3,6 +3,8 @@ run through the static buffers that CUDA graphs replay, token for token in float
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -50,15 +52,18 @@ def _serve(engine: LLMEngine) -> tuple[list[list[int]], LLMEngine]:
 # Every engine sets the model's kernels from its paths, so the shared model needs no resetting. (The
 # kernels alone, without static buffers, are covered by the greedy parity test in tests/model.)
 PATHS = {
-    "torch, static decode buffers": RunnerPaths(kernels="torch", static_decode=True),
-    "triton kernels, static decode buffers": RunnerPaths(kernels="triton", static_decode=True),
+    "torch, static decode buffers": (RunnerPaths(kernels="torch", static_decode=True), False),
+    "triton kernels, static decode buffers": (RunnerPaths(kernels="triton", static_decode=True), False),
+    # What a CUDA engine runs: graphs' static buffers fed from the previous step's tokens on the device.
+    "triton kernels, static decode buffers, overlapped": (RunnerPaths(kernels="triton", static_decode=True), True),
 }
 
 
 @pytest.mark.parametrize("name", PATHS)
 def test_fast_paths_give_the_torch_paths_tokens(model32, tokenizer, expected, name):
+    paths, overlap = PATHS[name]
     eager, _ = _serve(LLMEngine(model32, tokenizer, CONFIG, paths=RunnerPaths(kernels="torch")))
-    fast, engine = _serve(LLMEngine(model32, tokenizer, CONFIG, paths=PATHS[name]))
+    fast, engine = _serve(LLMEngine(model32, tokenizer, replace(CONFIG, overlap=overlap), paths=paths))
     assert fast == eager
     assert fast == expected  # and float32 keeps the float64 reference's greedy choices
     stats = engine.stats()

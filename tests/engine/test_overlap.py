@@ -1,0 +1,97 @@
+"""Overlapped stepping: a decode step launched from the previous step's tokens still on the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
+from r1serve.runtime.engine.sampling import SamplingParams
+from r1serve.runtime.model.model import DeepseekV3ForCausalLM
+from r1serve.runtime.tokenizer import Tokenizer
+
+from .test_engine import _drain, _prompts, _tokens
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, torch.float64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return Tokenizer.from_dir(tiny_checkpoint)
+
+
+def _serve(model, tokenizer, overlap: bool, params: list[SamplingParams], monkeypatch=None) -> tuple[dict, LLMEngine, list]:
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=64, block_size=8, max_running=8, overlap=overlap))
+    launches: list[tuple[bool, int]] = []  # per forward: launched from device tokens?, rows
+    if monkeypatch is not None:
+        run = engine.runner.run
+
+        def counting(chunks, **kwargs):
+            launches.append((kwargs.get("input_ids") is not None, len(chunks)))
+            return run(chunks, **kwargs)
+
+        monkeypatch.setattr(engine.runner, "run", counting)
+    for i, (prompt, p) in enumerate(zip(_prompts(), params)):
+        engine.add_request(f"r{i}", prompt, p)
+    outputs: dict = {}
+    _drain(engine, outputs)
+    return outputs, engine, launches
+
+
+def test_sequences_that_stop_while_the_next_step_runs_end_exactly_as_step_by_step(model, tokenizer, monkeypatch):
+    """A stop token, a seeded sample and different max_tokens end requests at different steps; their
+    tokens, texts and finish reasons equal the step-by-step engine's, and the extra step computed for a
+    sequence that turned out finished is dropped."""
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    first, _, _ = _serve(model, tokenizer, False, [greedy] * 4)
+    stop_at = _tokens(first["r1"])[4]  # r1 stops at its fifth token, only known once sampled
+    params = [
+        greedy,
+        SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_at]),
+        SamplingParams(max_tokens=9, temperature=0.8, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=3, temperature=0, ignore_eos=True),
+    ]
+    step_by_step, _, _ = _serve(model, tokenizer, False, params)
+    overlapped, engine, launches = _serve(model, tokenizer, True, params, monkeypatch)
+    assert overlapped.keys() == step_by_step.keys()
+    for rid, outs in step_by_step.items():
+        got = overlapped[rid]
+        assert _tokens(got) == _tokens(outs), rid
+        assert "".join(o.text for o in got) == "".join(o.text for o in outs), rid
+        assert got[-1].finish_reason == outs[-1].finish_reason and sum(o.finished for o in got) == 1, rid
+    assert overlapped["r1"][-1].finish_reason == "stop" and len(_tokens(overlapped["r1"])) == 5
+    assert sum(from_device for from_device, _ in launches) >= 5, "decode steps were launched from device tokens"
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_work
+
+
+def test_an_abort_while_a_step_runs_drops_that_steps_token(model, tokenizer):
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=64, block_size=8, overlap=True))
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(_prompts()[:2]):
+        engine.add_request(f"r{i}", prompt, greedy)
+    outputs: dict = {}
+    for _ in range(4):
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    assert engine._inflight is not None  # a step is on the device now
+    aborted = engine.abort("r0")
+    assert aborted.finish_reason == "abort"
+    _drain(engine, outputs)
+    assert all(o.request_id != "r0" for o in engine.step())
+    assert len(_tokens(outputs["r1"])) == 10 and outputs["r1"][-1].finish_reason == "length"
+    assert not any(o.finished for o in outputs.get("r0", [])), "r0 ended only by its abort"
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_work
+
+
+def test_sequences_ending_at_max_tokens_cost_no_extra_step(model, tokenizer, monkeypatch):
+    """When the pending token is a sequence's last by count, the next step leaves it out: overlapped
+    stepping computes exactly the rows step-by-step stepping does (only stop tokens cost a dropped row)."""
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (12, 5, 9, 1)]
+    step_by_step, _, plain = _serve(model, tokenizer, False, params, monkeypatch)
+    overlapped, _, launches = _serve(model, tokenizer, True, params, monkeypatch)
+    assert {r: _tokens(o) for r, o in overlapped.items()} == {r: _tokens(o) for r, o in step_by_step.items()}
+    assert sum(rows for _, rows in launches) == sum(rows for _, rows in plain)
+    assert any(from_device for from_device, _ in launches)
