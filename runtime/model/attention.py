@@ -103,7 +103,10 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q_nope[group.query_index], q_pe[group.query_index]  # [G, Lq, H, d]
         # Prompt chunks are compute-bound: expand the latents once to per-head keys and values.
         attend = self._absorbed if path == "absorbed" else self._naive
-        return attend(q_nope, q_pe, context, group.attention_mask())[group.query_valid]
+        # Without a cached prefix every query i of a member sees keys 0..i, all its own (a shorter member's
+        # padding lies beyond its queries): causal attention with no mask tensor.
+        mask = None if group.from_start else group.attention_mask()
+        return attend(q_nope, q_pe, context, mask)[group.query_valid]
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -124,7 +127,8 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.num_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.softmax_scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+            scale=self.softmax_scale,
         )
         return out.transpose(1, 2)
 
@@ -137,6 +141,7 @@ class MLAttention(nn.Module):
         v = context[:, None, :, : self.kv_lora_rank]
         heads = q.shape[1]
         out_latent = F.scaled_dot_product_attention(
-            q, k.expand(-1, heads, -1, -1), v.expand(-1, heads, -1, -1), attn_mask=mask, scale=self.softmax_scale
+            q, k.expand(-1, heads, -1, -1), v.expand(-1, heads, -1, -1), attn_mask=mask, is_causal=mask is None,
+            scale=self.softmax_scale,
         )
         return torch.einsum("bhqc,hvc->bqhv", out_latent, w_uv)

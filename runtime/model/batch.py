@@ -44,6 +44,9 @@ class AttentionGroup:
     query_valid: torch.Tensor
     query_positions: torch.Tensor
     context_slots: torch.Tensor
+    # Every member's context is exactly its new tokens (no cached prefix): the mask is plain causal from
+    # position 0, which fused attention kernels apply without a mask tensor and skip the upper half of.
+    from_start: bool = False
 
     def attention_mask(self) -> torch.Tensor:
         """[G, 1, Lq, Lk] bool: a query sees the context up to and including its own position."""
@@ -202,4 +205,5 @@ def _prefill_group(members, q_lens, k_lens, starts, block_tables, block_size, de
         query_valid=valid.to(device),
         query_positions=torch.where(valid, (k - q)[:, None] + offsets, 0).to(device),
         context_slots=context,
+        from_start=bool((k == q).all()),
     )

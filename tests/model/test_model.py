@@ -146,6 +146,9 @@ def test_forward_batch_rejects_inconsistent_chunks():
     batch = ForwardBatch.build([SequenceChunk([1, 2], [5, 6, 7, 8])])
     assert batch.positions.tolist() == [2, 3] and batch.slot_mapping.tolist() == [7, 8]
     assert batch.decode is None and batch.prefill is not None
+    assert not batch.prefill.from_start  # two cached tokens before the new ones: an explicit mask
+    fresh = ForwardBatch.build([SequenceChunk([1, 2, 3], [0, 1, 2]), SequenceChunk([4, 5], [3, 4])])
+    assert fresh.prefill.from_start  # prompts with nothing cached: plain causal, no mask tensor
     mixed = ForwardBatch.build([SequenceChunk([1], [0, 1, 2]), SequenceChunk([4, 5], [9, 8])])
     assert mixed.decode.rows.tolist() == [0] and mixed.decode.seqs.tolist() == [0]
     assert mixed.prefill.token_rows.tolist() == [1, 2]
