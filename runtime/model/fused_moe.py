@@ -12,6 +12,8 @@ Triton is optional: the product's install does not bring it, so this module impo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from r1serve.runtime.model.kernels import interpreted
@@ -24,15 +26,38 @@ except ImportError:  # the serving install: the torch path is used
 
 HAVE_TRITON = triton is not None
 
-# BLOCK_M is the alignment unit: each slot's copies are padded to a multiple of it, so that every block of
-# BLOCK_M sorted rows belongs to one slot and the kernel reads one expert's weights per block. 16 is the
-# smallest M a tensor-core dot accepts, and keeps the padding small at decode batch sizes.
-BLOCK_M = 16
-BLOCK_N = 64
-BLOCK_K = 32
+@dataclass(frozen=True)
+class Tiles:
+    """One launch's tile sizes. block_m is also the alignment unit: each slot's copies are padded to a
+    multiple of it, so every block of block_m sorted rows belongs to one slot and reads one expert."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
 
 
-def align_to_blocks(slots: torch.Tensor, num_slots: int, block_m: int = BLOCK_M) -> tuple[torch.Tensor, torch.Tensor]:
+# Decode-sized batches give each expert a few copies: the kernels stream weights, so the row block is the
+# smallest a tensor-core dot accepts (16) and padding stays small. Prefill-sized batches give each expert
+# hundreds: bigger blocks reuse every weight tile across more rows (each block of rows re-reads the
+# expert's weights). Shared memory per stage: block_k * (block_m + 2 * block_n) * element size, within
+# Hopper's 227 KiB at these stage counts in bf16 and float32.
+DECODE_TILES = Tiles(block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
+MIDDLE_TILES = Tiles(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3)
+PREFILL_TILES = Tiles(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=2)
+ALL_TILES = (DECODE_TILES, MIDDLE_TILES, PREFILL_TILES)
+
+
+def tiles_for(num_copies: int, num_slots: int) -> Tiles:
+    """The tiles for N copies over S slots; depends only on N and S, so a captured graph keeps its choice."""
+    per_slot = num_copies / max(num_slots, 1)
+    if per_slot <= 16:
+        return DECODE_TILES
+    return MIDDLE_TILES if per_slot <= 64 else PREFILL_TILES
+
+
+def align_to_blocks(slots: torch.Tensor, num_slots: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """slots [N] -> (sorted_ids [B * block_m] int32, block_slot [B] int32), B a bound on the row blocks.
 
     sorted_ids lists the copies grouped by slot (stable order within a slot), each group padded with the
@@ -81,21 +106,21 @@ def fused_experts(x: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor, w2: t
     out = torch.empty_like(x)
     if n == 0:
         return out
-    sorted_ids, block_slot = align_to_blocks(slots, num_slots)
+    tiles = tiles_for(n, num_slots)
+    sorted_ids, block_slot = align_to_blocks(slots, num_slots, tiles.block_m)
     num_blocks = block_slot.numel()
-    # The activation stays in sorted, padded row order: each down block then reads BLOCK_M contiguous rows,
+    # The activation stays in sorted, padded row order: each down block then reads block_m contiguous rows,
     # and only the down kernel scatters back to copy order.
     h = torch.empty(sorted_ids.numel(), intermediate, dtype=x.dtype, device=x.device)
-    options = _compile_options(x.dtype)
-    _gate_up_kernel[(num_blocks, triton.cdiv(intermediate, BLOCK_N))](
+    options = {**_compile_options(x.dtype), "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
+               "BLOCK_K": tiles.block_k, "num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+    _gate_up_kernel[(num_blocks, triton.cdiv(intermediate, tiles.block_n))](
         x, w13, h, sorted_ids, block_slot, n, hidden, intermediate,
-        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0), h.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **options,
+        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0), h.stride(1), **options,
     )
-    _down_kernel[(num_blocks, triton.cdiv(hidden, BLOCK_N))](
+    _down_kernel[(num_blocks, triton.cdiv(hidden, tiles.block_n))](
         h, w2, out, sorted_ids, block_slot, n, hidden, intermediate,
-        h.stride(0), h.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), out.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, **options,
+        h.stride(0), h.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), out.stride(1), **options,
     )
     return out
 

@@ -23,7 +23,8 @@ needs_triton = pytest.mark.skipif(
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# Hidden 48 and intermediate 40 are not multiples of BLOCK_N or BLOCK_K, so the masked edges are exercised.
+# Hidden 48 and intermediate 40 are not multiples of any tile's block_n or block_k, so the masked edges
+# are exercised.
 HIDDEN, INTERMEDIATE = 48, 40
 
 # name -> (token copies, slots, which slots receive copies)
@@ -31,9 +32,11 @@ CASES = {
     "empty batch": (0, 4, None),
     "single token": (1, 4, None),
     "slots with no tokens": (23, 6, [1, 4]),
-    # 3 x 37 copies: each slot spans several BLOCK_M blocks with a partial last one, and the torch path
-    # takes its contiguous (per-expert loop) branch rather than the padded bmm.
+    # 3 x 37 copies: each slot spans two blocks of the middle tiles with a partial last one, and the torch
+    # path takes its contiguous (per-expert loop) branch rather than the padded bmm.
     "many tokens per slot": (111, 3, None),
+    # 2 x 150 copies: prefill-sized, the biggest tiles.
+    "prefill-sized": (300, 2, None),
 }
 
 # bf16: the torch path rounds gate, up, silu(gate) * up and the output to bf16, the kernel only the
@@ -64,7 +67,7 @@ def make_experts(num_slots: int, dtype: torch.dtype, gen: torch.Generator) -> Ro
 def make_inputs(case: str, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
     n, num_slots, used = CASES[case]
     x = torch.randn(n, HIDDEN, generator=gen).to(dtype)
-    if case == "many tokens per slot":
+    if case in ("many tokens per slot", "prefill-sized"):
         slots = torch.arange(num_slots).repeat_interleave(n // num_slots)[torch.randperm(n, generator=gen)]
     else:
         choices = torch.tensor(used if used is not None else range(num_slots))
@@ -122,6 +125,7 @@ def test_imports_without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton.language", None)
     spec = importlib.util.spec_from_file_location("fused_moe_without_triton", fused_moe.__file__)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
 
     assert not module.HAVE_TRITON
@@ -133,22 +137,28 @@ def test_imports_without_triton(monkeypatch):
 # Compiles both kernels for Hopper (sm_90, the H100/H200 the product targets) in both dtypes, without a
 # GPU: the interpreter checks the arithmetic but not that Triton's compiler accepts the kernels.
 COMPILE_FOR_HOPPER = """
+import itertools
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from r1serve.runtime.model import fused_moe as fm
 
-for dtype, pointer in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
-    constexprs = {"BLOCK_M": fm.BLOCK_M, "BLOCK_N": fm.BLOCK_N, "BLOCK_K": fm.BLOCK_K, **fm._compile_options(dtype)}
-    for kernel in (fm._gate_up_kernel, fm._down_kernel):
-        names = kernel.arg_names
-        signature = {
-            name: "constexpr" if name in constexprs else "*i32" if name in ("sorted_ids_ptr", "block_slot_ptr")
-            else pointer if name.endswith("_ptr") else "i32"
-            for name in names
-        }
-        source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constexprs.items()})
-        assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
+HOPPER_SHARED = 227 * 1024
+dtypes = ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32"))
+for (dtype, pointer), tiles, kernel in itertools.product(dtypes, fm.ALL_TILES, (fm._gate_up_kernel, fm._down_kernel)):
+    constexprs = {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k,
+                  **fm._compile_options(dtype)}
+    names = kernel.arg_names
+    signature = {
+        name: "constexpr" if name in constexprs else "*i32" if name in ("sorted_ids_ptr", "block_slot_ptr")
+        else pointer if name.endswith("_ptr") else "i32"
+        for name in names
+    }
+    source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constexprs.items()})
+    options = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    assert "cubin" in compiled.asm
+    assert compiled.metadata.shared <= HOPPER_SHARED, (kernel.fn.__name__, tiles, dtype, compiled.metadata.shared)
 """
 
 
