@@ -13,7 +13,8 @@ from CUDA graphs). On CPU "kernels+static" replaces the graphs: the static decod
 
 Decode: B requests of 256-token prompts and 32 greedy tokens each, driven through `LLMEngine.step()` so
 that the host's preparation of each step counts; after the prompts are in (not timed), every step with all
-B sequences decoding is timed between two device synchronisations; the step time is their median.
+B sequences decoding is timed from its forward's start to the next forward's start (CUDA events recorded
+as each forward is issued, so an engine that overlaps steps keeps doing so); the step time is their median.
 Each step must read at least: every attention, norm, dense-MLP, shared-expert and gate weight of every
 layer, the output head (once per step, whatever B), the routed experts that this step's tokens were
 actually sent to (distinct ids per MoE layer, read from each gate's output) and each sequence's cached
@@ -49,6 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# The profile below starts and stops the CUDA profiler around replayed CUDA graphs several times in one
+# process; tearing its tracing down in between is known to crash with graphs on older CUDA versions.
+os.environ.setdefault("TEARDOWN_CUPTI", "0")
 
 # Triton decides between compiling and interpreting when a kernel is decorated, i.e. when the engine's
 # kernel modules are imported below: without CUDA the smoke test needs the interpreter chosen first.

@@ -107,6 +107,7 @@ class DecodeGraphs:
         if not self.capture_graphs:
             return
         started = time.monotonic()
+        torch.cuda.empty_cache()  # capture empties the cache itself: measure from the same starting point
         free_before = torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()

@@ -56,12 +56,21 @@ class EngineConfig:
 def runner_paths(config: EngineConfig, device: torch.device) -> RunnerPaths:
     """The kernel path and graph setting an engine runs with on `device` (auto resolved here)."""
     kernels = resolve_kernels(config.kernels, device)
-    graphs = config.cuda_graphs and device.type == "cuda"
+    # A prefill engine never runs decode-only steps: graphs would only take memory.
+    graphs = config.cuda_graphs and device.type == "cuda" and config.role != "prefill"
     if graphs and kernels != "triton":
         # The torch MoE path reads per-expert counts back to the host, which a graph cannot capture.
         log.warning("cuda_graphs is on but the kernels are the torch path; decode steps run eagerly")
         graphs = False
     return RunnerPaths(kernels=kernels, cuda_graphs=graphs)
+
+
+def _rows_of(tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """tokens[rows] on the device without waiting for it (indexing with a list copies it synchronously)."""
+    if rows == list(range(tokens.shape[0])):
+        return tokens
+    index = torch.tensor(rows, dtype=torch.long, pin_memory=tokens.device.type == "cuda")
+    return tokens.index_select(0, index.to(tokens.device, non_blocking=True))
 
 
 @dataclass
@@ -173,7 +182,7 @@ class LLMEngine:
             continued = self._continue_decoding(previous)
             if continued is not None:
                 chunks, rows = continued
-                self._inflight = self._launch(chunks, input_ids=previous.tokens[rows])
+                self._inflight = self._launch(chunks, input_ids=_rows_of(previous.tokens, rows))
                 return self._complete(previous)
             outputs = self._complete(previous)
         self._admit_handoffs()
@@ -210,8 +219,11 @@ class LLMEngine:
         known: the previous step decoded only, nothing else runs or waits, and the cache has room. Those
         that reach max_tokens with the pending token are left out; any other that turns out finished is
         computed once more and dropped. Returns the chunks and their rows in the previous step's tokens."""
-        if not previous.decoding or self.scheduler.waiting or self.pending_handoffs:
-            return None
+        if not previous.decoding or self.config.role == "prefill":
+            return None  # a prefill engine hands its sequences off after their first token
+        room = len(self.scheduler.running) < self.config.max_running
+        if room and (self.scheduler.waiting or self.pending_handoffs):
+            return None  # let the scheduler admit them now (with no room it could not)
         live = [(row, c.seq) for row, c in enumerate(previous.completing) if not c.seq.is_finished]
         if len(live) != len(self.scheduler.running):  # something was admitted or preempted meanwhile
             return None

@@ -82,7 +82,7 @@ class ModelRunner:
         batch = self.build_batch(chunks, want, input_ids)
         if self.graphs is not None and self.graphs.fits(batch):
             logits = self.graphs.run(batch)
-            return logits if all(want) else logits[[i for i, w in enumerate(want) if w]]
+            return logits if all(want) else logits[batch.logits_indices]  # rows = sequences here
         return self.model(batch, self.caches)
 
     def build_batch(self, chunks: Seq[ScheduledChunk], want_logits: Seq[bool],

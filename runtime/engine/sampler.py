@@ -46,10 +46,10 @@ def sample(
     tokens = torch.empty(batch, dtype=torch.long, device=logits.device)
     sampled = [i for i, p in enumerate(params) if not p.is_greedy]
     if greedy:
-        index = torch.tensor(greedy, device=logits.device)
+        index = _upload(greedy, torch.long, logits.device)
         tokens[index] = logits[index].argmax(dim=-1)
     if sampled:
-        index = torch.tensor(sampled, device=logits.device)
+        index = _upload(sampled, torch.long, logits.device)
         chosen = [params[i] for i in sampled]
         probs, order = filtered_probs(logits[index], chosen)
         picked = _draw(probs, [generators[i] for i in sampled])
@@ -65,7 +65,7 @@ def filtered_probs(logits: Tensor, params: Sequence[SamplingParams]) -> tuple[Te
     otherwise they are in vocabulary order and ``order`` is None (no sort needed).
     """
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    temperature = _upload([p.temperature for p in params], torch.float32, device)
     scaled = logits.float() / temperature[:, None]
     vocab = scaled.shape[1]
     # A disabled filter becomes a no-op value so rows with different filters share one pass.
@@ -77,14 +77,14 @@ def filtered_probs(logits: Tensor, params: Sequence[SamplingParams]) -> tuple[Te
         return torch.softmax(scaled, dim=-1), None
     # stable=True keeps equal logits in id order, so top_k=1 picks the same token as argmax.
     ordered, order = scaled.sort(dim=-1, descending=True, stable=True)
-    keep = torch.arange(vocab, device=device)[None, :] < torch.tensor(top_k, device=device)[:, None]
+    keep = torch.arange(vocab, device=device)[None, :] < _upload(top_k, torch.long, device)[:, None]
     ordered = ordered.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(ordered, dim=-1)
     # Nucleus: keep a token while the mass strictly before it is below top_p; the first always stays.
     mass_before = probs.cumsum(dim=-1) - probs
-    keep &= mass_before < torch.tensor(top_p, dtype=torch.float32, device=device)[:, None]
+    keep &= mass_before < _upload(top_p, torch.float32, device)[:, None]
     # min-p compares with the most likely token; renormalising keeps that ratio, so order is irrelevant.
-    threshold = probs[:, :1] * torch.tensor(min_p, dtype=torch.float32, device=device)[:, None]
+    threshold = probs[:, :1] * _upload(min_p, torch.float32, device)[:, None]
     keep &= probs >= threshold
     probs = torch.softmax(ordered.masked_fill(~keep, float("-inf")), dim=-1)
     return probs, order
@@ -95,9 +95,17 @@ def _draw(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor
     picked = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     shared = [i for i, g in enumerate(generators) if g is None]
     if shared:
-        index = torch.tensor(shared, device=probs.device)
+        index = _upload(shared, torch.long, probs.device)
         picked[index] = torch.multinomial(probs[index], 1).squeeze(1)
     for i, generator in enumerate(generators):
         if generator is not None:
             picked[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
     return picked
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A list as a tensor on `device`. On CUDA it goes through pinned memory without waiting: a plain copy
+    would wait for the step still running, which overlapped stepping must not."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

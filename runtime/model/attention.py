@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch import AttentionGroup, ForwardBatch
+from .batch import AttentionGroup, ForwardBatch, table_slots
 from .config import ModelConfig
 from .kernels import KernelPath
 from .layers import RMSNorm, linear
-from .mla_decode import paged_mla_decode
+from .mla_decode import default_num_splits, paged_mla_decode
 from .rope import RotaryEmbedding
 
 AttentionPath = Literal["auto", "naive", "absorbed"]
@@ -66,18 +66,18 @@ class MLAttention(nn.Module):
         cache[batch.slot_mapping] = latent.to(cache.dtype)
 
         if batch.decode is not None and batch.prefill is None:  # a decode-only step: one row per sequence
-            out = self._decode(q_nope, q_pe, cache, batch, batch.decode.seqs, path)
+            out = self._decode(q_nope, q_pe, cache, batch, path)
         else:
             out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
             if batch.decode is not None:
                 rows = batch.decode.rows
-                out[rows] = self._decode(q_nope[rows], q_pe[rows], cache, batch, batch.decode.seqs, path)
+                out[rows] = self._decode(q_nope[rows], q_pe[rows], cache, batch, path)
             if batch.prefill is not None:
                 out[batch.prefill.token_rows] = self._attend(batch.prefill, q_nope, q_pe, cache, path)
         return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.v_dim))
 
-    def _decode(self, q_nope, q_pe, cache, batch: ForwardBatch, seqs, path: AttentionPath) -> torch.Tensor:
-        """Single-token queries [D, H, d] of sequences `seqs` -> [D, H, v_dim].
+    def _decode(self, q_nope, q_pe, cache, batch: ForwardBatch, path: AttentionPath) -> torch.Tensor:
+        """The decodes' single-token queries [D, H, d] -> [D, H, v_dim].
 
         The kernel path reads each context through its block table; the torch path (the reference) gathers
         every slot of the table into a padded copy and masks beyond the context length. Neither waits on
@@ -85,16 +85,22 @@ class MLAttention(nn.Module):
         """
         if path == "naive" or self.kernels == "torch":
             length = batch.block_tables.shape[1] * batch.block_size
-            context = cache[batch.context_slots(seqs, length)].to(q_nope.dtype)  # [D, Lk, latent_dim]
+            slots = table_slots(batch.decode.of(batch.block_tables), batch.block_size)
+            context = cache[slots].to(q_nope.dtype)  # [D, Lk, latent_dim]
             keys = torch.arange(length, device=context.device)
-            mask = (keys[None, :] < batch.context_lens[seqs, None])[:, None, None, :]  # [D, 1, 1, Lk]
+            lengths = batch.decode.of(batch.context_lens)
+            mask = (keys[None, :] < lengths[:, None])[:, None, None, :]  # [D, 1, 1, Lk]
             attend = self._naive if path == "naive" else self._absorbed
             return attend(q_nope[:, None], q_pe[:, None], context, mask)[:, 0]
         w_uk, w_uv = self._up_weights()
         q_latent = torch.einsum("dhn,hnc->dhc", q_nope, w_uk)
         q = torch.cat((q_latent, q_pe), dim=-1).to(cache.dtype)
-        out_latent = paged_mla_decode(q, cache, batch.block_tables[seqs], batch.context_lens[seqs],
-                                      batch.block_size, self.kv_lora_rank, self.softmax_scale)
+        # Splits from the batch size alone (not the table's width): a graph's padded, full-width tables and
+        # an eager step's narrow ones then split alike, and the graph computes what the eager step does.
+        splits = default_num_splits(q.shape[0], self.num_heads)
+        out_latent = paged_mla_decode(q, cache, batch.decode.of(batch.block_tables),
+                                      batch.decode.of(batch.context_lens), batch.block_size, self.kv_lora_rank,
+                                      self.softmax_scale, splits)
         return torch.einsum("dhc,hvc->dhv", out_latent.to(q_nope.dtype), w_uv)
 
     def _attend(self, group: AttentionGroup, q_nope, q_pe, cache, path: AttentionPath) -> torch.Tensor:

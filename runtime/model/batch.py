@@ -63,15 +63,16 @@ class AttentionGroup:
 class DecodeRows:
     """The single-token (decode) sequences of a step: their packed rows and their sequence indices [D].
 
-    `rows` is None when every token of the step is a decode (rows = sequences = 0 .. D-1), which is the
-    shape a captured CUDA graph replays.
+    Both are None when every token of the step is a decode (rows = sequences = 0 .. D-1): the shape a
+    captured CUDA graph replays, where the batch's block tables are used as they are, without a gather.
     """
 
     rows: torch.Tensor | None
-    seqs: torch.Tensor
+    seqs: torch.Tensor | None
 
-    def select(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.rows is None else x[self.rows]
+    def of(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """The decodes' rows of a per-sequence tensor (block tables, context lengths)."""
+        return per_sequence if self.seqs is None else per_sequence[self.seqs]
 
 
 @dataclass(frozen=True)
@@ -155,37 +156,50 @@ class ForwardBatch:
         seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens, output_size=num_tokens)
         starts = torch.cumsum(q_lens, 0) - q_lens
         positions = (k_lens - q_lens)[seq_of_token] + torch.arange(num_tokens) - starts[seq_of_token]
-        block_tables = block_tables.to(device, non_blocking=True)
-        positions_d = positions.to(device, non_blocking=True)
-        seq_d = seq_of_token.to(device, non_blocking=True)
+        to_device = _Uploader(device)
+        block_tables = to_device(block_tables)
+        positions_d = to_device(positions)
+        seq_d = to_device(seq_of_token)
         blocks = block_tables[seq_d, positions_d // block_size].long()
         is_decode = q_lens == 1
         decode = None
         if bool(is_decode.any()):
-            seqs = is_decode.nonzero().squeeze(1)
-            rows = None if bool(is_decode.all()) else starts[seqs].to(device, non_blocking=True)
-            decode = DecodeRows(rows, seqs.to(device, non_blocking=True))
+            if bool(is_decode.all()):
+                decode = DecodeRows(None, None)
+            else:
+                seqs = is_decode.nonzero().squeeze(1)
+                decode = DecodeRows(to_device(starts[seqs]), to_device(seqs))
         prefill = None
         if not bool(is_decode.all()):
             members = (~is_decode).nonzero().squeeze(1)
             prefill = _prefill_group(members, q_lens, k_lens, starts, block_tables, block_size, device)
         wanted = torch.as_tensor(list(want_logits), dtype=torch.bool)
         return cls(
-            input_ids=input_ids.to(device, non_blocking=True),
+            input_ids=to_device(input_ids),
             positions=positions_d,
             slot_mapping=blocks * block_size + positions_d % block_size,
             block_tables=block_tables,
-            context_lens=k_lens.to(torch.int32).to(device, non_blocking=True),
+            context_lens=to_device(k_lens.to(torch.int32)),
             block_size=block_size,
             decode=decode,
             prefill=prefill,
-            logits_indices=(starts + q_lens - 1)[wanted].to(device, non_blocking=True),
+            logits_indices=to_device((starts + q_lens - 1)[wanted]),
         )
 
-    def context_slots(self, seqs: torch.Tensor, length: int) -> torch.Tensor:
-        """[len(seqs), length] cache slots of the given sequences' first `length` positions (beyond a
-        sequence's table: whatever its padding entries give; callers mask by context length)."""
-        return table_slots(self.block_tables[seqs], self.block_size)[:, :length]
+
+class _Uploader:
+    """Copies host tensors to the device without making the host wait: on CUDA through pinned memory
+    (a copy from pageable memory may block until the device is idle, which overlapped steps must avoid)."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda" or tensor.device.type == "cuda":
+            return tensor.to(self.device)
+        if not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
 
 def table_slots(block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -199,11 +213,12 @@ def _prefill_group(members, q_lens, k_lens, starts, block_tables, block_size, de
     offsets = torch.arange(int(q.max()))[None, :]
     valid = offsets < q[:, None]
     context = table_slots(block_tables[members.to(block_tables.device)], block_size)[:, : int(k.max())]
+    to_device = _Uploader(device)
     return AttentionGroup(
         kind="prefill",
-        query_index=torch.where(valid, s[:, None] + offsets, 0).to(device),
-        query_valid=valid.to(device),
-        query_positions=torch.where(valid, (k - q)[:, None] + offsets, 0).to(device),
+        query_index=to_device(torch.where(valid, s[:, None] + offsets, 0)),
+        query_valid=to_device(valid),
+        query_positions=to_device(torch.where(valid, (k - q)[:, None] + offsets, 0)),
         context_slots=context,
         from_start=bool((k == q).all()),
     )

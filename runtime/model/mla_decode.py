@@ -45,11 +45,12 @@ MAX_SPLITS = 16
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def default_num_splits(num_tokens: int, num_heads: int, max_context: int) -> int:
-    """Splits per (token, head block) for a batch of num_tokens tokens whose block tables hold max_context."""
+def default_num_splits(num_tokens: int, num_heads: int, max_context: int | None = None) -> int:
+    """Splits per (token, head block) for a batch of num_tokens tokens whose block tables hold max_context
+    (None: by occupancy alone; each split then covers its share of each token's own context)."""
     programs = max(1, num_tokens * -(-num_heads // BLOCK_H))
     by_occupancy = -(-TARGET_PROGRAMS // programs)
-    by_length = -(-max_context // MIN_SPLIT_TOKENS)
+    by_length = MAX_SPLITS if max_context is None else -(-max_context // MIN_SPLIT_TOKENS)
     return max(1, min(MAX_SPLITS, by_occupancy, by_length))
 
 

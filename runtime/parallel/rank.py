@@ -56,9 +56,9 @@ class RankWorker:
         self.model = DeepseekV3ForCausalLM.from_checkpoint(
             config_dir, getattr(torch, spec.dtype), spec.device, experts=self.layout, progress=False
         )
-        # The all-to-all sizes its exchanges on the host, which a CUDA graph cannot capture: with more
-        # than one rank, decode steps run eagerly.
-        engine_config = replace(spec.engine, cuda_graphs=spec.engine.cuda_graphs and self.world_size == 1)
+        # The all-to-all sizes its exchanges on the host, which a CUDA graph cannot capture: a rank's
+        # decode steps run eagerly.
+        engine_config = replace(spec.engine, cuda_graphs=False)
         self.engine = LLMEngine(self.model, Tokenizer.from_dir(config_dir), engine_config)
         self._want_rebalance = False
         self._stop = False

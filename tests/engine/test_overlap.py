@@ -23,14 +23,16 @@ def tokenizer(tiny_checkpoint):
     return Tokenizer.from_dir(tiny_checkpoint)
 
 
-def _serve(model, tokenizer, overlap: bool, params: list[SamplingParams], monkeypatch=None) -> tuple[dict, LLMEngine, list]:
-    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=64, block_size=8, max_running=8, overlap=overlap))
-    launches: list[tuple[bool, int]] = []  # per forward: launched from device tokens?, rows
+def _serve(model, tokenizer, overlap: bool, params: list[SamplingParams], monkeypatch=None,
+           max_running: int = 8) -> tuple[dict, LLMEngine, list]:
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=64, block_size=8, max_running=max_running,
+                                                      overlap=overlap))
+    launches: list[tuple[bool, int, bool]] = []  # per forward: from device tokens?, rows, requests waiting?
     if monkeypatch is not None:
         run = engine.runner.run
 
         def counting(chunks, **kwargs):
-            launches.append((kwargs.get("input_ids") is not None, len(chunks)))
+            launches.append((kwargs.get("input_ids") is not None, len(chunks), bool(engine.scheduler.waiting)))
             return run(chunks, **kwargs)
 
         monkeypatch.setattr(engine.runner, "run", counting)
@@ -63,7 +65,7 @@ def test_sequences_that_stop_while_the_next_step_runs_end_exactly_as_step_by_ste
         assert "".join(o.text for o in got) == "".join(o.text for o in outs), rid
         assert got[-1].finish_reason == outs[-1].finish_reason and sum(o.finished for o in got) == 1, rid
     assert overlapped["r1"][-1].finish_reason == "stop" and len(_tokens(overlapped["r1"])) == 5
-    assert sum(from_device for from_device, _ in launches) >= 5, "decode steps were launched from device tokens"
+    assert sum(from_device for from_device, _, _ in launches) >= 5, "decode steps were launched from device tokens"
     assert engine.stats().kv_blocks_used == 0 and not engine.has_work
 
 
@@ -93,5 +95,39 @@ def test_sequences_ending_at_max_tokens_cost_no_extra_step(model, tokenizer, mon
     step_by_step, _, plain = _serve(model, tokenizer, False, params, monkeypatch)
     overlapped, _, launches = _serve(model, tokenizer, True, params, monkeypatch)
     assert {r: _tokens(o) for r, o in overlapped.items()} == {r: _tokens(o) for r, o in step_by_step.items()}
-    assert sum(rows for _, rows in launches) == sum(rows for _, rows in plain)
-    assert any(from_device for from_device, _ in launches)
+    assert sum(rows for _, rows, _ in launches) == sum(rows for _, rows, _ in plain)
+    assert any(from_device for from_device, _, _ in launches)
+
+
+def test_a_full_engine_keeps_overlapping_while_requests_wait(model, tokenizer, monkeypatch):
+    """With every running slot taken, waiting requests could not be admitted anyway: decode steps still
+    follow each other on the device, and the waiting ones start as slots free up."""
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (6, 10, 4, 8)]
+    step_by_step, _, _ = _serve(model, tokenizer, False, params, max_running=2)
+    overlapped, engine, launches = _serve(model, tokenizer, True, params, monkeypatch, max_running=2)
+    assert {r: _tokens(o) for r, o in overlapped.items()} == {r: _tokens(o) for r, o in step_by_step.items()}
+    assert any(from_device and waiting for from_device, _, waiting in launches)
+    assert engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("prompt", [[300], list(range(300, 309))], ids=["one token", "one past a cached block"])
+def test_a_prefill_engine_hands_off_what_it_would_without_overlap(model, tokenizer, prompt):
+    """A prefill step of single-token chunks looks like a decode step, but a prefill engine hands its
+    sequences off: no step may follow from their tokens (it would also advance a seeded generator)."""
+    params = SamplingParams(max_tokens=8, temperature=0.9, seed=5)
+    handoffs = []
+    for overlap in (False, True):
+        engine = LLMEngine(model, tokenizer, EngineConfig(role="prefill", num_blocks=64, block_size=8,
+                                                          overlap=overlap))
+        outputs: dict = {}
+        engine.add_request("warm", prompt[:8] + [1], SamplingParams(max_tokens=1))  # caches the first block
+        _drain(engine, outputs)
+        engine.add_request("a", prompt, params)
+        _drain(engine, outputs)
+        [out] = outputs["a"]
+        handoffs.append(out.handoff)
+        assert engine.stats().kv_blocks_used == 0
+    plain, overlapped = handoffs
+    assert overlapped.first_token_id == plain.first_token_id
+    assert torch.equal(overlapped.generator_state, plain.generator_state)
+    assert torch.equal(overlapped.latents, plain.latents)
