@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1serve.runtime.model.kernels import interpreted
+from r1serve.runtime.model.kernels import dot_options
 
 try:
     import triton
@@ -112,7 +112,7 @@ def fused_experts(x: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor, w2: t
     # The activation stays in sorted, padded row order: each down block then reads block_m contiguous rows,
     # and only the down kernel scatters back to copy order.
     h = torch.empty(sorted_ids.numel(), intermediate, dtype=x.dtype, device=x.device)
-    options = {**_compile_options(x.dtype), "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
+    options = {**dot_options(x.dtype), "BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n,
                "BLOCK_K": tiles.block_k, "num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
     _gate_up_kernel[(num_blocks, triton.cdiv(intermediate, tiles.block_n))](
         x, w13, h, sorted_ids, block_slot, n, hidden, intermediate,
@@ -123,16 +123,6 @@ def fused_experts(x: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor, w2: t
         h.stride(0), h.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), out.stride(1), **options,
     )
     return out
-
-
-def _compile_options(dtype: torch.dtype) -> dict:
-    # Triton's default for float32 dots is TF32 (10-bit mantissa); float32 must be float32 to match the
-    # torch path. bf16/fp16 operands take the default (native tensor-core dots, float32 accumulation).
-    precision = "ieee" if dtype == torch.float32 else None
-    # Triton's interpreter computes dots on bf16 operands wrongly (numpy has no bf16); upcasting the loaded
-    # tiles to float32 gives the exact products a bf16 dot with float32 accumulation would.
-    upcast = dtype == torch.bfloat16 and interpreted()
-    return {"DOT_PRECISION": precision, "UPCAST": upcast}
 
 
 if HAVE_TRITON:

@@ -40,3 +40,16 @@ def resolve_kernels(choice: str, device: torch.device | str) -> KernelPath:
         raise ValueError(f"kernels: triton needs a CUDA device (the model is on {torch.device(device)}); "
                          "use auto or torch, or set TRITON_INTERPRET=1 to run the kernels interpreted")
     return "triton"
+
+
+def dot_options(dtype: torch.dtype) -> dict:
+    """The compile-time switches of a kernel's dots for operands of `dtype`.
+
+    Triton's default for float32 dots is TF32 (10-bit mantissa); float32 must be float32 to match the
+    torch path, so it gets IEEE dots. bf16/fp16 operands take the default (tensor-core dots, float32
+    accumulation). Triton's interpreter computes dots on bf16 operands wrongly (numpy has no bf16):
+    there the loaded tiles are upcast to float32, which gives the products a bf16 dot would.
+    """
+    precision = "ieee" if dtype == torch.float32 else None
+    upcast = dtype == torch.bfloat16 and interpreted()
+    return {"DOT_PRECISION": precision, "UPCAST": upcast}

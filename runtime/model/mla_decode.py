@@ -17,7 +17,7 @@ Triton is optional: this module imports without it and `paged_mla_decode` raises
 from __future__ import annotations
 
 import torch
-from r1serve.runtime.model.kernels import interpreted
+from r1serve.runtime.model.kernels import dot_options
 
 try:
     import triton
@@ -114,7 +114,7 @@ def paged_mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.T
         partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
-        BLOCK_C=block_c, BLOCK_R=block_r, **_compile_options(q.dtype),
+        BLOCK_C=block_c, BLOCK_R=block_r, **dot_options(q.dtype),
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     if num_splits > 1:
@@ -141,14 +141,6 @@ def paged_mla_decode_torch(q: torch.Tensor, cache: torch.Tensor, block_tables: t
     probs = torch.softmax(scores.masked_fill(~valid[:, None], float("-inf")), dim=-1)
     probs = torch.where(valid[:, None], probs, 0.0)  # an empty context's row is all NaN before this
     return torch.einsum("dhp,dpc->dhc", probs, keys[..., :kv_lora_rank]).to(q.dtype)
-
-
-def _compile_options(dtype: torch.dtype) -> dict:
-    # As in fused_moe: float32 dots must be IEEE float32 (Triton's default is TF32) to match the reference;
-    # the interpreter computes dots on bf16 operands wrongly, so it gets the tiles upcast to float32.
-    precision = "ieee" if dtype == torch.float32 else None
-    upcast = dtype == torch.bfloat16 and interpreted()
-    return {"DOT_PRECISION": precision, "UPCAST": upcast}
 
 
 if HAVE_TRITON:

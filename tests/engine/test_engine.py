@@ -5,26 +5,13 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
 import r1serve.runtime.engine.engine as config_module
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.outputs import RequestError
 from r1serve.runtime.engine.sampling import SamplingParams
-from r1serve.runtime.model.model import DeepseekV3ForCausalLM
-from r1serve.runtime.tokenizer import Tokenizer
 
-from ..model.reference import load_reference, reference_greedy
-
-GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-SHARED = list(range(2000, 2040))  # a 40-token prefix that several prompts share
-
-
-def _prompts() -> list[list[int]]:
-    lengths = [3, 90, 17, 55, 1, 33, 70, 8]
-    prompts = [list(range(300 + 7 * i, 300 + 7 * i + n)) for i, n in enumerate(lengths)]
-    prompts += [SHARED + [5, 6, 7], SHARED + [9], SHARED + list(range(40))]
-    return prompts
+from .workload import GREEDY, drain as _drain, prompts as _prompts, tokens as _tokens
 
 
 @pytest.fixture(autouse=True, params=[False, True], ids=["step by step", "overlapped"])
@@ -34,35 +21,6 @@ def overlap(request, monkeypatch):
     monkeypatch.setitem(globals(), "EngineConfig", functools.partial(config_module.EngineConfig,
                                                                       overlap=request.param))
     return request.param
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, torch.float64, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint):
-    return Tokenizer.from_dir(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def expected(tiny_checkpoint):
-    ref = load_reference(tiny_checkpoint, torch.float64)
-    return [reference_greedy(ref, p, GREEDY.max_tokens) for p in _prompts()]
-
-
-def _drain(engine: LLMEngine, outputs: dict, max_steps: int = 10_000) -> None:
-    for _ in range(max_steps):
-        if not engine.has_work:
-            return
-        for out in engine.step():
-            outputs.setdefault(out.request_id, []).append(out)
-    raise AssertionError("engine did not finish")
-
-
-def _tokens(outs) -> list[int]:
-    return [t for o in outs for t in o.token_ids]
 
 
 def test_concurrent_requests_match_the_reference_alone(model, tokenizer, expected):

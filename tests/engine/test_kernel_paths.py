@@ -10,29 +10,10 @@ import torch
 
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine, runner_paths
 from r1serve.runtime.engine.model_runner import ModelRunner, RunnerPaths
-from r1serve.runtime.model.model import DeepseekV3ForCausalLM
-from r1serve.runtime.tokenizer import Tokenizer
 
-from ..model.reference import load_reference, reference_greedy
-from .test_engine import GREEDY, _drain, _prompts, _tokens
+from .workload import GREEDY, drain as _drain, prompts as _prompts, tokens as _tokens
 
 CONFIG = EngineConfig(num_blocks=30, block_size=8, max_batch_tokens=48, max_running=6, max_model_len=160)
-
-
-@pytest.fixture(scope="module")
-def model32(tiny_checkpoint):
-    return DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, torch.float32, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint):
-    return Tokenizer.from_dir(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def expected(tiny_checkpoint):
-    ref = load_reference(tiny_checkpoint, torch.float64)
-    return [reference_greedy(ref, p, GREEDY.max_tokens) for p in _prompts()]
 
 
 def _serve(engine: LLMEngine) -> tuple[list[list[int]], LLMEngine]:

@@ -7,20 +7,8 @@ import torch
 
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.sampling import SamplingParams
-from r1serve.runtime.model.model import DeepseekV3ForCausalLM
-from r1serve.runtime.tokenizer import Tokenizer
 
-from .test_engine import _drain, _prompts, _tokens
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, torch.float64, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint):
-    return Tokenizer.from_dir(tiny_checkpoint)
+from .workload import drain as _drain, prompts as _prompts, tokens as _tokens
 
 
 def _serve(model, tokenizer, overlap: bool, params: list[SamplingParams], monkeypatch=None,

@@ -147,7 +147,7 @@ HOPPER_SHARED = 227 * 1024
 dtypes = ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32"))
 for (dtype, pointer), tiles, kernel in itertools.product(dtypes, fm.ALL_TILES, (fm._gate_up_kernel, fm._down_kernel)):
     constexprs = {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k,
-                  **fm._compile_options(dtype)}
+                  **fm.dot_options(dtype)}
     names = kernel.arg_names
     signature = {
         name: "constexpr" if name in constexprs else "*i32" if name in ("sorted_ids_ptr", "block_slot_ptr")

@@ -215,7 +215,7 @@ def build(kernel, constexprs, pointers, opts):
 
 for dtype, pointer in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
     blocks = {"BLOCK_H": md.BLOCK_H, "BLOCK_N": md.BLOCK_N, "BLOCK_C": 512, "BLOCK_R": 64, "BLOCK_SIZE": 64,
-              **md._compile_options(dtype)}
+              **md.dot_options(dtype)}
     common = {"q_ptr": pointer, "cache_ptr": pointer, "block_tables_ptr": "*i32", "context_lens_ptr": "*i32",
               "lse_ptr": "*fp32"}
     # One split writes the output (q's dtype); several write float32 partials, then merge.
