@@ -7,7 +7,6 @@ Inputs are fresh random each run; the seed is printed and named in every failure
 from __future__ import annotations
 
 import importlib.util
-import random
 import sys
 
 import pytest
@@ -44,13 +43,6 @@ CASES = {
 # |fused - torch| <= 2**-5 * max|torch| element-wise, i.e. at most 4 bf16 units in the last place of the
 # largest output; 930 random cases of these shapes stayed under 0.018 * max|torch|.
 BF16_BOUND = 2**-5
-
-
-@pytest.fixture
-def seed():
-    value = random.SystemRandom().randrange(2**31)
-    print(f"seed={value}")
-    return value
 
 
 def make_experts(num_slots: int, dtype: torch.dtype, gen: torch.Generator) -> RoutedExperts:

@@ -17,7 +17,6 @@ units in the last place of the largest output; 660 random cases of these shapes 
 from __future__ import annotations
 
 import importlib.util
-import random
 import sys
 
 import pytest
@@ -51,13 +50,6 @@ CASES = {
     "non-power-of-two C": ([29, 70], 16, 3, 24, 8, 3),
     "strided q and cache": ([21, 66], 16, 4, 32, 8, 2),
 }
-
-
-@pytest.fixture
-def seed():
-    value = random.SystemRandom().randrange(2**31)
-    print(f"seed={value}")
-    return value
 
 
 def make_inputs(case: str, dtype: torch.dtype, gen: torch.Generator) -> dict:
