@@ -195,6 +195,8 @@ _DECODE_MIN = "double(self.decode.replicas.min > 0 ? self.decode.replicas.min : 
 
 _GPUS_FILL_A_NODE = _rule("self.gpusPerRank == 0 || self.gpusPerNode % self.gpusPerRank == 0",
                           "gpusPerNode must be a multiple of gpusPerRank", ".gpusPerNode")
+_TRITON_NEEDS_GPUS = _rule("self.kernels != 'triton' || self.gpusPerRank > 0",
+                           "kernels: triton needs GPUs (gpusPerRank > 0); use auto or torch on CPU", ".kernels")
 # CRD model name -> CEL rules on that object (self is the object).
 MODEL_RULES: dict[str, list[dict[str, Any]]] = {
     "Replicas": [
@@ -244,8 +246,8 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
         _rule("self.stepSizePercent <= self.maxSurgePercent",
               "upgrade.clusterUpgradeOptions.stepSizePercent must be <= maxSurgePercent",
               ".stepSizePercent")],
-    "PrefillPool": [_GPUS_FILL_A_NODE],
-    "DecodePool": [_GPUS_FILL_A_NODE, _rule(
+    "PrefillPool": [_GPUS_FILL_A_NODE, _TRITON_NEEDS_GPUS],
+    "DecodePool": [_GPUS_FILL_A_NODE, _TRITON_NEEDS_GPUS, _rule(
         "self.autoscaling.targetOngoingRequests <= self.maxRunningRequests + "
         "self.maxQueuedRequests",
         "decode.autoscaling.targetOngoingRequests must be <= maxRunningRequests + "

@@ -184,6 +184,8 @@ class _Pool(SpecModel):
         if self.gpus_per_rank and self.gpus_per_node % self.gpus_per_rank:
             raise FieldError("gpusPerNode", f"must be a multiple of gpusPerRank ({self.gpus_per_rank})",
                              self.gpus_per_node)
+        if self.kernels == "triton" and not self.gpus_per_rank:
+            raise FieldError("kernels", "triton needs GPUs (gpusPerRank > 0); use auto or torch on CPU", self.kernels)
         return self
 
 

@@ -190,6 +190,8 @@ INVALID = [
     case("zero_target_tokens", changed(spec__prefill__autoscaling={"targetQueuedTokens": 0}),
          "spec.prefill.autoscaling.targetQueuedTokens", "(got 0)"),
     case("kernels_unknown", changed(spec__decode__kernels="cuda"), "spec.decode.kernels", "'auto', 'torch' or 'triton'"),
+    case("triton_kernels_without_gpus", changed(spec__decode__kernels="triton", spec__decode__gpusPerRank=0),
+         "spec.decode.kernels", "triton needs GPUs", "gpusPerRank > 0"),
     case("cuda_graphs_not_a_bool", changed(spec__prefill__cudaGraphs="sometimes"), "spec.prefill.cudaGraphs"),
     case("block_size_not_power_of_two", changed(spec__prefill__blockSize=48),
          "spec.prefill.blockSize", "power of two", "(got 48)"),
