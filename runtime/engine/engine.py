@@ -181,8 +181,8 @@ class LLMEngine:
         if previous is not None:
             continued = self._continue_decoding(previous)
             if continued is not None:
-                chunks, rows = continued
-                self._inflight = self._launch(chunks, input_ids=_rows_of(previous.tokens, rows))
+                chunks, input_ids = continued
+                self._inflight = self._launch(chunks, input_ids=input_ids)
                 return self._complete(previous)
             outputs = self._complete(previous)
         self._admit_handoffs()
@@ -214,27 +214,37 @@ class LLMEngine:
         decoding = all(c.num_tokens == 1 for c in chunks) and len(completing) == len(chunks)
         return _Launched(chunks, completing, tokens, self.runner.to_host(tokens), decoding)
 
-    def _continue_decoding(self, previous: _Launched) -> tuple[list[ScheduledChunk], list[int]] | None:
-        """The next decode step of the previous step's sequences, if it can start before its tokens are
-        known: the previous step decoded only, nothing else runs or waits, and the cache has room. Those
-        that reach max_tokens with the pending token are left out; any other that turns out finished is
-        computed once more and dropped. Returns the chunks and their rows in the previous step's tokens."""
+    def _continue_decoding(self, previous: _Launched) -> tuple[list[ScheduledChunk], torch.Tensor] | None:
+        """The next decode step, launched before the previous step's tokens are known on the host: the
+        previous step's sequences continue from its tokens on the device, and sequences that joined since
+        with one token to compute (hand-offs admitted meanwhile) from theirs on the host. It needs a
+        previous step that only decoded, no prompt to prefill, and room in the cache. Sequences that reach
+        max_tokens with the pending token are left out; any other that turns out finished is computed once
+        more and dropped. Returns the chunks and their input ids on the device."""
         if not previous.decoding or self.config.role == "prefill":
             return None  # a prefill engine hands its sequences off after their first token
         room = len(self.scheduler.running) < self.config.max_running
         if room and (self.scheduler.waiting or self.pending_handoffs):
             return None  # let the scheduler admit them now (with no room it could not)
-        live = [(row, c.seq) for row, c in enumerate(previous.completing) if not c.seq.is_finished]
-        if len(live) != len(self.scheduler.running):  # something was admitted or preempted meanwhile
-            return None
-        going = [(row, seq) for row, seq in live if seq.num_output_tokens + 1 < seq.max_tokens]
+        continuing = {id(c.seq) for c in previous.completing}
+        joined = [seq for seq in self.scheduler.running if id(seq) not in continuing]
+        if any(seq.num_uncomputed_tokens != 1 for seq in joined):
+            return None  # a prompt (or a preempted sequence) to prefill: the scheduler's work
+        going = [(row, c.seq) for row, c in enumerate(previous.completing)
+                 if not c.seq.is_finished and c.seq.num_output_tokens + 1 < c.seq.max_tokens]
+        seqs = [seq for _, seq in going] + joined
         need = sum(max(0, self.blocks.blocks_needed(seq.num_computed_tokens + 1) - len(seq.block_table))
-                   for _, seq in going)
-        if not going or need > self.blocks.num_free_blocks:
+                   for seq in seqs)
+        if not seqs or need > self.blocks.num_free_blocks:
             return None
-        for _, seq in going:
+        for seq in seqs:
             self.blocks.grow(seq, seq.num_computed_tokens + 1)
-        return [ScheduledChunk(seq, 1) for _, seq in going], [row for row, _ in going]
+        ids = _rows_of(previous.tokens, [row for row, _ in going])
+        if joined:
+            host = torch.tensor([seq.token_ids[-1] for seq in joined], dtype=torch.long,
+                                pin_memory=ids.device.type == "cuda")
+            ids = torch.cat([ids, host.to(ids.device, non_blocking=True)])
+        return [ScheduledChunk(seq, 1) for seq in seqs], ids
 
     def _complete(self, launched: _Launched) -> list[RequestOutput]:
         """Wait for a launched step's tokens and emit them (the finished sequences' last, dropped, step aside)."""

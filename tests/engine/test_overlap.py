@@ -119,3 +119,44 @@ def test_a_prefill_engine_hands_off_what_it_would_without_overlap(model, tokeniz
     assert overlapped.first_token_id == plain.first_token_id
     assert torch.equal(overlapped.generator_state, plain.generator_state)
     assert torch.equal(overlapped.latents, plain.latents)
+
+
+def test_hand_offs_joining_a_decode_engine_keep_it_overlapping(model, tokenizer, monkeypatch):
+    """A decode pool admits a hand-off between steps; the next step still follows from the device tokens,
+    with the newcomer's first token uploaded beside them. Tokens equal the step-by-step decode engine's."""
+    params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0.7, seed=9, ignore_eos=True)] * 2
+    prefill = LLMEngine(model, tokenizer, EngineConfig(role="prefill", num_blocks=64, block_size=8))
+    handoffs = []
+    for i, (prompt, p) in enumerate(zip(_prompts()[:4], params)):
+        prefill.add_request(f"r{i}", prompt, p)
+    outputs: dict = {}
+    _drain(prefill, outputs)
+    handoffs = [outputs[f"r{i}"][0].handoff for i in range(4)]
+
+    results, joined_launches = [], []
+    for overlap in (False, True):
+        decode = LLMEngine(model, tokenizer, EngineConfig(role="decode", num_blocks=64, block_size=8,
+                                                          overlap=overlap))
+        launches: list[tuple[bool, int]] = []
+        run = decode.runner.run
+
+        def counting(chunks, launches=launches, run=run, **kwargs):
+            launches.append((kwargs.get("input_ids") is not None, len(chunks)))
+            return run(chunks, **kwargs)
+
+        monkeypatch.setattr(decode.runner, "run", counting)
+        streamed: dict = {}
+        for handoff in handoffs:  # one joins every other step
+            for out in decode.add_handoff(handoff):
+                streamed.setdefault(out.request_id, []).append(out)
+            for _ in range(2):
+                for out in decode.step():
+                    streamed.setdefault(out.request_id, []).append(out)
+        _drain(decode, streamed)
+        results.append({rid: _tokens(outs) for rid, outs in streamed.items()})
+        joined_launches.append(any(from_device and rows > prev_rows for (from_device, rows), (_, prev_rows)
+                                   in zip(launches[1:], launches)))
+        assert decode.stats().kv_blocks_used == 0
+    assert results[0] == results[1] and all(len(t) in (10, 12) for t in results[1].values())
+    assert joined_launches == [False, True]
