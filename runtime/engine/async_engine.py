@@ -9,13 +9,13 @@ from typing import AsyncIterator
 
 from .engine import LLMEngine
 from .interface import last_output
-from .outputs import EngineStats, KVHandoff, RequestOutput
+from .outputs import EngineStats, EngineUnavailableError, KVHandoff, RequestOutput
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
-class EngineDeadError(RuntimeError):
+class EngineDeadError(EngineUnavailableError):
     """The engine's step failed; every request it held has ended with an error."""
 
 

@@ -86,3 +86,8 @@ class EngineStats:
     @property
     def prefix_hit_rate(self) -> float:
         return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine can serve nothing more (its step failed, its expert-parallel group lost a rank): the
+    request was not refused for what it asked, so a client may retry it on another replica."""

@@ -13,7 +13,7 @@ from typing import AsyncIterator
 
 from r1serve.runtime.engine.engine import EngineConfig
 from r1serve.runtime.engine.interface import last_output
-from r1serve.runtime.engine.outputs import EngineStats, KVHandoff, RequestError, RequestOutput
+from r1serve.runtime.engine.outputs import EngineStats, EngineUnavailableError, KVHandoff, RequestError, RequestOutput
 from r1serve.runtime.engine.sampling import SamplingParams
 
 from .layout import GroupConfig, free_tcp_address
@@ -23,7 +23,7 @@ from .transport import ProcessTransport, RankTransport
 log = logging.getLogger(__name__)
 
 
-class GroupFailedError(RuntimeError):
+class GroupFailedError(EngineUnavailableError):
     """A rank died or a collective failed: the group serves nothing more."""
 
 

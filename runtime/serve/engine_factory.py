@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Mapping
@@ -14,7 +13,6 @@ from r1serve.runtime.engine.interface import EngineClient
 from r1serve.spec import Pool, R1Deployment
 from r1serve.spec.serve_config import rank_cpus
 
-log = logging.getLogger(__name__)
 
 EngineRole = Literal["both", "prefill", "decode"]
 # Sequences of maxModelLen tokens the KV cache holds when spec.<pool>.kvCacheBlocks is unset (a CPU
@@ -70,14 +68,13 @@ def make_engine_client(deployment: R1Deployment, role: EngineRole, checkpoint: P
     """The engine of one pool replica: one EP group of expertParallel ranks, or the engine in this process."""
     pool = pool_for(deployment, role)
     if pool.expert_parallel > 1:
+        # No fallback to one process: a resource that asks for N ranks gets N, or an error that says why.
         try:
             from r1serve.runtime.parallel.serve_group import make_ep_group_client
         except ImportError as exc:
-            log.warning("expertParallel %d asked for the %s pool, but expert-parallel groups are unavailable "
-                        "(%s); running the whole model in the replica process instead",
-                        pool.expert_parallel, role, exc)
-        else:
-            return make_ep_group_client(deployment, role, checkpoint)
+            raise RuntimeError(f"spec.{_spec_role(role)}.expertParallel: {pool.expert_parallel} ranks need the "
+                               f"expert-parallel runtime, which cannot be imported here: {exc}") from exc
+        return make_ep_group_client(deployment, role, checkpoint)
     return _local_engine(deployment, role, checkpoint, pool)
 
 

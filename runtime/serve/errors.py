@@ -8,7 +8,7 @@ import enum
 import logging
 import re
 
-from r1serve.runtime.engine.outputs import RequestError
+from r1serve.runtime.engine.outputs import EngineUnavailableError, RequestError
 from r1serve.runtime.engine.sampling import SamplingParamsError
 from r1serve.runtime.tokenizer import TokenizerError
 
@@ -32,6 +32,10 @@ class Status(enum.Enum):
     @property
     def http_status(self) -> int:
         return self.value[1]
+
+
+class EngineFailure(EngineUnavailableError):
+    """A pool replica's engine ended a request with an error, or stopped: the replica is unhealthy."""
 
 
 class ServeError(Exception):
@@ -83,7 +87,6 @@ def _classify_runtime(exc: BaseException) -> ServeError:
     from ray.serve import exceptions as serve_errors
 
     from .connector import KVTransferError
-    from .pool import EngineFailure
 
     if isinstance(exc, serve_errors.BackPressureError):
         return ServeError(Status.RESOURCE_EXHAUSTED, f"the server is overloaded, retry later ({exc.message})")
@@ -91,9 +94,10 @@ def _classify_runtime(exc: BaseException) -> ServeError:
         return ServeError(Status.CANCELLED, "the request was cancelled")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError, ray_errors.GetTimeoutError)):
         return ServeError(Status.DEADLINE_EXCEEDED, f"the request timed out: {exc}")
-    unavailable = (KVTransferError, EngineFailure, ray_errors.RayActorError, ray_errors.ActorUnavailableError,
-                   serve_errors.DeploymentUnavailableError, ray_errors.ObjectLostError)
-    if isinstance(exc, unavailable) or type(exc).__name__ == "EngineDeadError":
+    # EngineUnavailableError: the engine's step failed or its expert-parallel group lost a rank.
+    unavailable = (KVTransferError, EngineUnavailableError, ray_errors.RayActorError,
+                   ray_errors.ActorUnavailableError, serve_errors.DeploymentUnavailableError, ray_errors.ObjectLostError)
+    if isinstance(exc, unavailable):
         return ServeError(Status.UNAVAILABLE, f"no healthy replica could serve the request: {_first_line(exc)}")
     return ServeError(Status.INTERNAL, f"internal error: {type(exc).__name__}: {_first_line(exc)}")
 

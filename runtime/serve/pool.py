@@ -24,7 +24,7 @@ from r1serve.spec import R1Deployment, parse_r1deployment
 from .checkpoint import ensure_checkpoint
 from .connector import FaultyConnector, HandoffTicket, make_connector
 from .engine_factory import EngineRole, make_engine_client, make_mock_client
-from .errors import classify
+from .errors import EngineFailure, classify
 from .messages import PoolRequest, PrefillResult, merge_outputs, to_wire
 from .metrics import PoolMetrics
 from .status_board import publish_engine
@@ -45,10 +45,6 @@ BUSY_STREAM_INTERVAL_S = 0.2
 DRAIN_TIMEOUT_S = 60.0
 DRAIN_POLL_S = 0.1
 HANDOFF_GRACE_S = 5.0
-
-
-class EngineFailure(RuntimeError):
-    """The engine ended a request with an error (its step failed): the replica is unhealthy."""
 
 
 class PoolServer:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from r1serve.runtime.engine.async_engine import EngineDeadError
 from r1serve.runtime.engine.outputs import RequestOutput
+from r1serve.runtime.parallel.group import GroupFailedError
 from r1serve.runtime.serve import pipeline as pipeline_module
-from r1serve.runtime.serve.errors import ServeError, Status
+from r1serve.runtime.serve.errors import EngineFailure, ServeError, Status, classify
 from r1serve.runtime.serve.messages import PoolRequest, to_wire
 from r1serve.runtime.serve.pipeline import Pipeline
 from ray import exceptions as ray_errors
@@ -103,3 +105,19 @@ def test_client_errors_are_not_retried_and_retries_are_bounded():
     with pytest.raises(ServeError) as info:
         asyncio.run(_collect(decode))
     assert info.value.status is Status.UNAVAILABLE and decode.calls == attempts
+
+
+@pytest.mark.parametrize("failure", [
+    GroupFailedError("the expert-parallel group is down: rank 1 died"),
+    EngineDeadError("the engine is not running: RuntimeError('device lost')"),
+    EngineFailure("the decode engine stopped"),
+], ids=["expert-parallel group down", "engine dead", "replica engine failed"])
+def test_a_replica_whose_engine_is_down_is_unavailable_and_retried(failure):
+    """A new request that reaches a replica whose engine (or expert-parallel group) already failed is
+    UNAVAILABLE, not INTERNAL, so the Ingress retries it on another replica."""
+    assert classify(failure).status is Status.UNAVAILABLE
+    wrapped = ray_errors.RayTaskError("generate", "traceback", failure)  # as it arrives from the replica
+    assert classify(wrapped).status is Status.UNAVAILABLE
+    decode = _Decode([failure], [_out([5]), _out([6], finished=True)])
+    outs = asyncio.run(_collect(decode))
+    assert decode.calls == 2 and [t for o in outs for t in o.token_ids] == [5, 6]
