@@ -45,6 +45,10 @@ class AsyncEngine:
     def describe(self) -> dict[str, str]:
         return self.engine.describe()
 
+    def cached_prefix_hashes(self, limit: int) -> list[int]:
+        with self._lock:
+            return self.engine.cached_prefix_hashes(limit)
+
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         queue = self._open(request_id, lambda: self.engine.add_request(request_id, prompt_token_ids, params))
         async for out in self._stream(request_id, queue):

@@ -126,6 +126,10 @@ class BlockManager:
                 block.hash = h
                 self._by_hash[h] = block.block_id
 
+    def cached_hashes(self, limit: int) -> list[int]:
+        """The hashes of the newest `limit` cached prefix blocks, newest last (insertion is commit order)."""
+        return list(self._by_hash)[-limit:] if limit > 0 else []
+
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks (newest first, so a prefix's head stays cached the longest)."""
         for block_id in reversed(seq.block_table):

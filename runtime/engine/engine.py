@@ -345,6 +345,10 @@ class LLMEngine:
     def describe(self) -> dict[str, str]:
         return self.runner.describe()
 
+    def cached_prefix_hashes(self, limit: int) -> list[int]:
+        """Hashes of the newest `limit` prefix blocks the cache holds (what the prefill router matches)."""
+        return self.blocks.cached_hashes(limit)
+
     def stats(self) -> EngineStats:
         b = self.blocks.stats()
         sched = self.scheduler

@@ -32,6 +32,14 @@ class EngineClient(Protocol):
         """How the engine runs (device, kernel path, CUDA graphs), for the start-up log and `r1serve status`."""
         ...
 
+    def cached_prefix_hashes(self, limit: int) -> list[int]:
+        """Hashes of the newest `limit` prefix blocks the engine's cache holds (published to the router)."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop stepping and release the device (after the pool has drained)."""
+        ...
+
     @property
     def healthy(self) -> bool: ...
 

@@ -35,6 +35,12 @@ class MockEngine:
     def describe(self) -> dict[str, str]:
         return {"device": "none", "kernels": "mock", "cudaGraphs": "off"}
 
+    def cached_prefix_hashes(self, limit: int) -> list[int]:
+        return []  # it caches nothing
+
+    def shutdown(self) -> None:
+        pass
+
     def stats(self) -> EngineStats:
         used = sum(self.running.values())
         return EngineStats(self.role, 0, len(self.running), 0, self.num_blocks, used, self.num_blocks - used,

@@ -120,7 +120,14 @@ class ExpertParallelGroup:
                 totals[layer] = [a + b for a, b in zip(totals.get(layer, [0] * len(counts)), counts)]
         return totals
 
-    def _ask_every_rank(self, command: str, timeout_s: float) -> list:
+    def cached_prefix_hashes(self, limit: int) -> list[int]:
+        """Every rank's newest cached prefix blocks (each rank caches its own sequences), `limit` in all."""
+        merged: dict[int, None] = {}
+        for hashes in self._ask_every_rank("prefix_hashes", 5.0, limit):
+            merged.update(dict.fromkeys(hashes))
+        return list(merged)[-limit:] if limit > 0 else []
+
+    def _ask_every_rank(self, command: str, timeout_s: float, *args) -> list:
         if not self.healthy:
             raise GroupFailedError(f"the expert-parallel group is down: {self.error}")
         reply: queue.Queue = queue.Queue()
@@ -129,7 +136,7 @@ class ExpertParallelGroup:
         self._replies[token] = reply
         try:
             for rank in range(self.world_size):
-                self._transport.send(rank, (command,))
+                self._transport.send(rank, (command, *args))
             results = [reply.get(timeout=timeout_s) for _ in range(self.world_size)]
         except queue.Empty:
             raise GroupFailedError(f"ranks did not answer {command!r} within {timeout_s:.0f}s") from None

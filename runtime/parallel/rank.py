@@ -118,6 +118,8 @@ class RankWorker:
                     outbox.put(("outputs", self.rank, [out]))
             elif kind == "stats":
                 outbox.put(("reply", self.rank, self.engine.stats()))
+            elif kind == "prefix_hashes":
+                outbox.put(("reply", self.rank, self.engine.cached_prefix_hashes(command[1])))
             elif kind == "describe":
                 outbox.put(("reply", self.rank, self.engine.describe()))
             elif kind == "load":

@@ -117,7 +117,7 @@ class PoolServer:
             "waiting": stats.waiting,
             "kv_usage": round(stats.kv_usage, 3),
             "block_size": self._block_size(),
-            "prefix_hashes": cached_prefix_hashes(self.engine, PUBLISHED_PREFIX_HASHES) if self.role != "decode" else [],
+            "prefix_hashes": self.engine.cached_prefix_hashes(PUBLISHED_PREFIX_HASHES) if self.role != "decode" else [],
         }
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -139,9 +139,7 @@ class PoolServer:
         # The last hand-offs live in this replica's object store until decode replicas fetch them.
         await asyncio.sleep(max(0.0, self._last_handoff + HANDOFF_GRACE_S - time.monotonic()))
         self._stopping.set()
-        shutdown = getattr(self.engine, "shutdown", None)
-        if shutdown is not None:
-            await asyncio.get_running_loop().run_in_executor(None, shutdown)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
 
     async def drain(self, timeout_s: float) -> bool:
         """Waits until the engine runs and queues nothing (True), or `timeout_s` passes (False)."""
@@ -196,23 +194,5 @@ async def _checked(source: AsyncIterator[RequestOutput], min_interval) -> AsyncI
 def _raise_if_failed(out: RequestOutput) -> None:
     if out.error:
         raise EngineFailure(f"{out.request_id}: {out.error}")
-
-
-def cached_prefix_hashes(engine: Any, limit: int) -> list[int]:
-    """Hashes of the prefix blocks an engine holds, newest last (for the prefill router).
-
-    An EP group client may offer `cached_prefix_hashes(limit)`; for the in-process engine the block
-    manager's hash table is read under the engine lock (its insertion order is commit order).
-    """
-    method = getattr(engine, "cached_prefix_hashes", None)
-    if method is not None:
-        return list(method(limit))
-    inner = getattr(engine, "engine", None)
-    table = getattr(getattr(inner, "blocks", None), "_by_hash", None)
-    if table is None:
-        return []
-    with engine._lock:
-        keys = list(table)
-    return keys[-limit:]
 
 

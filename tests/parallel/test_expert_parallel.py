@@ -10,11 +10,13 @@ import time
 import pytest
 import torch
 
+from r1serve.runtime.engine.block_manager import prefix_hashes
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.sampling import SamplingParams
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
 from r1serve.runtime.parallel.group import ExpertParallelGroup, GroupFailedError
 from r1serve.runtime.parallel.harness import run_moe_layer
+from r1serve.runtime.serve.router import matched_blocks
 
 pytestmark = pytest.mark.slow
 
@@ -140,5 +142,22 @@ def test_the_triton_kernels_run_each_ranks_local_experts_after_the_all_to_all(ti
         assert _through_group(group, prompts) == expected
         group.rebalance()
         assert _through_group(group, prompts, prefix="again") == {f"again{k[1:]}": v for k, v in expected.items()}
+    finally:
+        group.shutdown()
+
+
+def test_the_group_publishes_the_prefix_blocks_its_ranks_cache(tiny_checkpoint):
+    """An expert-parallel replica tells the prefill router which prompt prefixes it holds: the hashes the
+    router computes from a served prompt are among the group's published ones."""
+    prompts = _prompts()
+    group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 2, engine=ENGINE, timeout_s=30)
+    try:
+        assert group.cached_prefix_hashes(64) == []
+        _through_group(group, prompts)
+        published = group.cached_prefix_hashes(256)
+        for prompt in prompts:
+            router_view = matched_blocks(prefix_hashes(prompt[:-1], ENGINE.block_size), [set(published)])
+            assert router_view == (len(prompt) - 1) // ENGINE.block_size, prompt
+        assert len(group.cached_prefix_hashes(3)) == 3
     finally:
         group.shutdown()
