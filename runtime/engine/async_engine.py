@@ -11,6 +11,7 @@ from .engine import LLMEngine
 from .interface import last_output
 from .outputs import EngineStats, EngineUnavailableError, KVHandoff, RequestOutput
 from .sampling import SamplingParams
+from .stream_relay import StreamRelay
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class AsyncEngine:
         self.engine = engine
         self._lock = threading.Lock()  # the engine is single-threaded: every call holds this
         self._wakeup = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._relay = StreamRelay()
         self._idle_wait_s = idle_wait_s
         self._stopping = False
         self.error: BaseException | None = None
@@ -51,7 +52,7 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         queue = self._open(request_id, lambda: self.engine.add_request(request_id, prompt_token_ids, params))
-        async for out in self._stream(request_id, queue):
+        async for out in self._relay.stream(request_id, queue, self.abort):
             yield out
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestOutput:
@@ -59,7 +60,7 @@ class AsyncEngine:
 
     async def generate_from_handoff(self, handoff: KVHandoff) -> AsyncIterator[RequestOutput]:
         queue = self._open(handoff.request_id, lambda: self.engine.add_handoff(handoff))
-        async for out in self._stream(handoff.request_id, queue):
+        async for out in self._relay.stream(handoff.request_id, queue, self.abort):
             yield out
 
     async def abort(self, request_id: str) -> None:
@@ -75,26 +76,17 @@ class AsyncEngine:
     def _open(self, request_id: str, submit) -> asyncio.Queue:
         if not self.healthy:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            immediate = submit()  # raises RequestError for a bad request: nothing was registered
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        queue = self._relay.open(request_id)
+        try:
+            with self._lock:
+                immediate = submit()  # raises RequestError for a bad request
+        except BaseException:
+            self._relay.close(request_id)
+            raise
         for out in immediate or ():
             queue.put_nowait(out)
         self._wakeup.set()
         return queue
-
-    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                out = await queue.get()
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:  # the consumer went away (cancelled, disconnected): free the request now
-                self._abort(request_id)
-            self._streams.pop(request_id, None)
 
     def _abort(self, request_id: str) -> None:
         with self._lock:
@@ -121,7 +113,4 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            target = self._streams.get(out.request_id)
-            if target is not None:
-                loop, queue = target
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+            self._relay.deliver(out.request_id, out)

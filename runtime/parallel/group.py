@@ -15,6 +15,7 @@ from r1serve.runtime.engine.engine import EngineConfig
 from r1serve.runtime.engine.interface import last_output
 from r1serve.runtime.engine.outputs import EngineStats, EngineUnavailableError, KVHandoff, RequestError, RequestOutput
 from r1serve.runtime.engine.sampling import SamplingParams
+from r1serve.runtime.engine.stream_relay import StreamRelay
 
 from .layout import GroupConfig, free_tcp_address
 from .rank import RankSpec
@@ -46,14 +47,14 @@ class ExpertParallelGroup:
         self._watch_every_s = watch_every_s
         self._stopping = False
         self.expert_bytes = self._await_ready(start_timeout_s)
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams = StreamRelay()
         self._owner: dict[str, tuple[int, int]] = {}  # request id -> (rank, tokens it may occupy)
         self._replies: dict[str, queue.Queue] = {}
         self._asking = threading.Lock()  # one question to the ranks at a time: replies carry no token
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._relay = threading.Thread(target=self._relay_loop, name="r1serve-ep-relay", daemon=True)
-        self._relay.start()
+        self._relay_thread = threading.Thread(target=self._relay_loop, name="r1serve-ep-relay", daemon=True)
+        self._relay_thread.start()
 
     @classmethod
     def in_processes(cls, checkpoint: str, world_size: int, *, engine: EngineConfig = EngineConfig(),
@@ -181,38 +182,21 @@ class ExpertParallelGroup:
             return min(range(self.world_size), key=lambda r: (load[r], r))
 
     def _open(self, request_id: str, rank: int, size: int) -> asyncio.Queue:
+        q = self._streams.open(request_id)
         with self._lock:
-            if request_id in self._streams:
-                raise RequestError("request_id", f"{request_id!r} is already running")
-            q: asyncio.Queue = asyncio.Queue()
-            self._streams[request_id] = (asyncio.get_running_loop(), q)
             self._owner[request_id] = (rank, size)
         return q
 
-    def _close(self, request_id: str) -> None:
-        with self._lock:
-            self._streams.pop(request_id, None)
-            self._owner.pop(request_id, None)
-
     async def _stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
         try:
-            while not finished:
-                item = await q.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
+            async for out in self._streams.stream(request_id, q, self.abort):
+                yield out
         finally:
-            if not finished:
-                await self.abort(request_id)
-            self._close(request_id)
+            with self._lock:
+                self._owner.pop(request_id, None)
 
     def _deliver(self, request_id: str, item) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
+        self._streams.deliver(request_id, item)
 
     def _relay_loop(self) -> None:
         last_watch = time.monotonic()
@@ -248,7 +232,7 @@ class ExpertParallelGroup:
         if self.error is None:
             self.error = error
             log.error("expert-parallel group failed: %s", error)
-        for request_id in list(self._streams):
+        for request_id in self._streams.open_ids():
             self._deliver(request_id, RequestOutput(request_id, finished=True, finish_reason="error",
                                                      error=f"expert-parallel group failed: {error}"))
         self._transport.kill()
