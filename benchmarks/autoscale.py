@@ -177,8 +177,9 @@ class Clock:
 
 
 def simulate(setup: Setup, kind: str, clock: Clock) -> dict:
-    from r1serve.runtime.serve.autoscaling import DecodePolicy, PrefillPolicy
     from ray.serve import autoscaling_policy as rp
+
+    from r1serve.runtime.serve.autoscaling import DecodePolicy, PrefillPolicy
 
     wrap = rp._apply_autoscaling_config
     if kind == "queue-depth":

@@ -36,11 +36,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table, record
-from r1serve.runtime.serve.grpc_tls import TLSFront
-from r1serve.runtime.serve.self_signed import write_self_signed
 
 from r1serve.protos.r1serve.v1 import inference_pb2 as pb
 from r1serve.protos.r1serve.v1 import inference_pb2_grpc as pb_grpc
+from r1serve.runtime.serve.grpc_tls import TLSFront
+from r1serve.runtime.serve.self_signed import write_self_signed
 from r1serve.spec.constants import TLS_CERT_FILE, TLS_KEY_FILE
 
 HOST = "127.0.0.1"

@@ -60,7 +60,8 @@ def local_rows(model, tokens: int, repeats: int, device: str) -> list[list]:
         if device == "cuda":
             peak = _peak_bandwidth()
             bandwidth = f"{expert_bytes / seconds / peak:.0%}" if peak else ""
-        rows.append([f"local ({device})", tokens, name, f"{seconds * 1e3:.2f}", f"{tokens / seconds:,.0f}", "-", bandwidth])
+        rows.append([f"local ({device})", tokens, name, f"{seconds * 1e3:.2f}", f"{tokens / seconds:,.0f}", "-",
+                     bandwidth])
     return rows
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import kmock
 import yaml
+
 from r1serve.operator.testing import R1D, api_server, eventually, write_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -189,7 +189,6 @@ def table(rows: list[dict], bare: dict[float, float]) -> str:
 
 def deploy(doc: dict) -> None:
     from r1serve.runtime.serve import local
-
     from r1serve.spec import load_r1deployment
     from r1serve.spec.serve_config import build_serve_config
 
@@ -213,10 +212,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-    from r1serve.runtime.serve import local
-    from r1serve.runtime.serve.checkpoint import ensure_checkpoint
     from ray import serve
 
+    from r1serve.runtime.serve import local
+    from r1serve.runtime.serve.checkpoint import ensure_checkpoint
     from r1serve.spec import load_r1deployment
     from r1serve.spec.serve_config import build_serve_config
 
@@ -252,7 +251,8 @@ def main() -> None:
     if args.record:
         intro = (f"## Serving layer: bare engine vs single-pool and disaggregated graphs\n\n{args.requests} requests, "
                  f"prompts 16-128 tokens, outputs 16-96 tokens, greedy; expertParallel {args.expert_parallel}, "
-                 f"maxRunningRequests {args.max_running}, {args.rank_cpus} CPU per rank; goodput objectives TTFT <= {args.slo_ttft:g} s and "
+                 f"maxRunningRequests {args.max_running}, {args.rank_cpus} CPU per rank; "
+                 f"goodput objectives TTFT <= {args.slo_ttft:g} s and "
                  f"TPOT <= {args.slo_tpot * 1e3:g} ms. \"vs bare\" is output tokens/s relative to the bare engine "
                  "at the same arrival rate.\n\n")
         record("serve", intro + text + "\n\n" + ANALYSIS)

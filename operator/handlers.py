@@ -1,4 +1,6 @@
-"""kopf handlers: reconcile R1Deployments into KubeRay objects and follow KubeRay's status (API calls through kube_api)."""
+"""kopf handlers: reconcile R1Deployments into KubeRay objects and follow KubeRay's status.
+
+The API calls go through kube_api."""
 
 import contextvars
 import datetime
@@ -12,12 +14,12 @@ from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
+
 from r1serve.operator import constants as K
 from r1serve.operator import render, rollout
 from r1serve.operator import status as S
 from r1serve.operator.config import OperatorConfig
 from r1serve.operator.kube_api import KubeApi
-
 from r1serve.spec import R1Deployment, SpecError, parse_r1deployment
 from r1serve.spec import constants as C
 

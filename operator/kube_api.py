@@ -7,6 +7,7 @@ from typing import Any
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
+
 from r1serve.operator import constants as K
 
 _APPLY = "application/apply-patch+yaml"

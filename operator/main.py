@@ -35,6 +35,7 @@ def run_operator(argv: Sequence[str] | None = None, *,
     import dataclasses
 
     import kopf
+
     from r1serve.operator import handlers  # noqa: F401  (registers the handlers with kopf)
     from r1serve.operator.config import OperatorConfig
 

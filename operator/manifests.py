@@ -1,4 +1,6 @@
-"""Generated install artefacts (`python -m r1serve.operator.manifests`): CRD, RBAC, operator Deployment, chart copies."""
+"""Generated install artefacts: CRD, RBAC, operator Deployment, chart copies.
+
+Written by `python -m r1serve.operator.manifests`."""
 
 import argparse
 import sys
@@ -7,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from r1serve.operator import constants as K
-
 from r1serve.spec.crd import CRD_NAME, crd_yaml, to_yaml
 
 NAMESPACE = "r1serve-system"

@@ -5,7 +5,6 @@ from typing import Any
 
 from r1serve.operator import constants as K
 from r1serve.operator.config import OperatorConfig
-
 from r1serve.spec import constants as C
 from r1serve.spec.model import Pool, R1Deployment, Role
 from r1serve.spec.sections import SHM_MOUNT_PATH

@@ -8,7 +8,6 @@ from typing import Any
 
 from r1serve.operator import constants as K
 from r1serve.operator.render import endpoints, rayservice_name
-
 from r1serve.spec import constants as C
 from r1serve.spec.model import Pool, R1Deployment, Role
 from r1serve.spec.serve_config import nodes_per_replica

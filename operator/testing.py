@@ -1,4 +1,5 @@
-"""Test doubles of the operator, like kopf.testing: an in-process Kubernetes API server, the operator in a thread or a process.
+"""Test doubles of the operator, like kopf.testing: an in-process Kubernetes API server, the operator in a
+thread or a process.
 
 Needs the `test` extra (kmock). Used by tests/operator and benchmarks/operator.py.
 """

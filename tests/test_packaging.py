@@ -20,7 +20,8 @@ def test_every_package_folder_is_declared():
         for init in (ROOT / folder).rglob("__init__.py"):
             relative = init.parent.relative_to(ROOT / folder)
             found.add(".".join([package, *relative.parts]))
-    assert found == declared, f"declare these in pyproject.toml: {sorted(found - declared)}; stale: {sorted(declared - found)}"
+    assert found == declared, (f"declare these in pyproject.toml: {sorted(found - declared)}; "
+                               f"stale: {sorted(declared - found)}")
 
 
 def test_no_top_level_package_but_r1serve():

@@ -50,7 +50,8 @@ class AsyncEngine:
         with self._lock:
             return self.engine.cached_prefix_hashes(limit)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
         queue = self._open(request_id, lambda: self.engine.add_request(request_id, prompt_token_ids, params))
         async for out in self._relay.stream(request_id, queue, self.abort):
             yield out

@@ -42,7 +42,8 @@ class BlockTables:
             entry = self._rows.get(seq.request_id)
             blocks = seq.block_table
             if len(blocks) > self.width:
-                raise ValueError(f"sequence {seq.request_id!r} holds {len(blocks)} blocks; tables are {self.width} wide")
+                raise ValueError(f"sequence {seq.request_id!r} holds {len(blocks)} blocks; "
+                                 f"tables are {self.width} wide")
             if entry is None:
                 entry = self._rows[seq.request_id] = _Row(self._take_row(), 0, seq.num_preemptions)
             elif entry.preemptions != seq.num_preemptions or len(blocks) < entry.known:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+
 import torch
 
 from r1serve.runtime.model.batch import DecodeRows, ForwardBatch

@@ -46,7 +46,8 @@ class MockEngine:
         return EngineStats(self.role, 0, len(self.running), 0, self.num_blocks, used, self.num_blocks - used,
                            0, 0, 0, self.finished)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
         self._admit(request_id, prompt_token_ids, params)
         async for out in self._emit(request_id, prompt_token_ids, params, start=0):
             yield out
@@ -61,8 +62,8 @@ class MockEngine:
         first = self.token_at(prompt_token_ids, 0, self.vocab_size)
         handoff = KVHandoff(request_id, list(prompt_token_ids), first, params,
                             latents=torch.zeros(1, len(prompt_token_ids), 1))
-        return RequestOutput(request_id, [first], finished=True, finish_reason="stop", prompt_tokens=len(prompt_token_ids),
-                             completion_tokens=1, handoff=handoff)
+        return RequestOutput(request_id, [first], finished=True, finish_reason="stop",
+                             prompt_tokens=len(prompt_token_ids), completion_tokens=1, handoff=handoff)
 
     async def generate_from_handoff(self, handoff: KVHandoff) -> AsyncIterator[RequestOutput]:
         self._admit(handoff.request_id, handoff.prompt_token_ids, handoff.params)

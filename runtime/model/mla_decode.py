@@ -17,6 +17,7 @@ Triton is optional: this module imports without it and `paged_mla_decode` raises
 from __future__ import annotations
 
 import torch
+
 from r1serve.runtime.model.kernels import dot_options
 
 try:
@@ -183,7 +184,7 @@ if HAVE_TRITON:
             q_r = q_r.to(tl.float32)
 
         m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-        l = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        denom = tl.zeros((BLOCK_H,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
         table = block_tables_ptr + d.to(tl.int64) * stride_bt
         for n0 in range(start, end, BLOCK_N):
@@ -207,7 +208,7 @@ if HAVE_TRITON:
             m_new = tl.maximum(m, tl.max(scores, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(scores - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
+            denom = denom * alpha + tl.sum(p, 1)
             # The probabilities are rounded to the cache's dtype for a native tensor-core dot, as a bf16
             # flash attention does; under the interpreter the bf16 rounding is kept, then upcast.
             p = p.to(cache_ptr.dtype.element_ty)
@@ -216,12 +217,12 @@ if HAVE_TRITON:
             acc = tl.dot(p, k_c, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m = m_new
 
-        # An empty split has l = 0 and acc = 0: it stores zeros and lse = -inf, which the merge weighs 0.
-        out = acc / tl.where(l > 0, l, 1.0)[:, None]
+        # An empty split has denom = 0 and acc = 0: it stores zeros and lse = -inf, which the merge weighs 0.
+        out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
         p_rows = partial_ptr + d.to(tl.int64) * stride_pd + split * stride_ps + offs_h[:, None] * stride_ph
         tl.store(p_rows + offs_c[None, :] * stride_pc, out.to(partial_ptr.dtype.element_ty),
                  mask=h_ok[:, None] & c_ok[None, :])
-        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+        lse = tl.where(denom > 0, m + tl.log2(tl.where(denom > 0, denom, 1.0)), float("-inf"))
         tl.store(lse_ptr + d.to(tl.int64) * stride_ld + offs_h * stride_lh + split * stride_ls, lse, mask=h_ok)
 
     @triton.jit

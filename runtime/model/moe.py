@@ -155,7 +155,8 @@ class RoutedExperts(nn.Module):
 class ExpertDispatcher(Protocol):
     """Moves routed token copies to the experts that hold them and brings the results back."""
 
-    def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: RoutedExperts) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                 experts: RoutedExperts) -> torch.Tensor:
         """x [T, hidden], weights/ids [T, k] -> [T, hidden]: sum over k of weight * expert(x)."""
         ...
 

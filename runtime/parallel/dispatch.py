@@ -35,7 +35,8 @@ class AllToAllDispatcher:
         if not hasattr(self, "total_load"):  # cumulative, for metrics: survives placement changes
             self.total_load = torch.zeros_like(self.load)
 
-    def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: RoutedExperts) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                 experts: RoutedExperts) -> torch.Tensor:
         """x [T, hidden], weights/ids [T, k] -> [T, hidden]"""
         t, k = ids.shape
         hidden, device = x.shape[1], x.device

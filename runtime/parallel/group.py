@@ -71,7 +71,8 @@ class ExpertParallelGroup:
     def healthy(self) -> bool:
         return self.error is None
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
         rank = self._pick_rank(len(prompt_token_ids) + params.max_tokens)
         q = self._open(request_id, rank, len(prompt_token_ids) + params.max_tokens)
         self._transport.send(rank, ("add", request_id, list(prompt_token_ids), params))

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from r1serve.runtime.engine.outputs import KVHandoff
-
 from r1serve.spec import R1Deployment
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from r1serve.runtime.engine.interface import EngineClient
-
 from r1serve.spec import Pool, R1Deployment
 from r1serve.spec.serve_config import rank_cpus
-
 
 EngineRole = Literal["both", "prefill", "decode"]
 # Sequences of maxModelLen tokens the KV cache holds when spec.<pool>.kvCacheBlocks is unset (a CPU
@@ -80,6 +78,7 @@ def make_engine_client(deployment: R1Deployment, role: EngineRole, checkpoint: P
 
 def _local_engine(deployment: R1Deployment, role: EngineRole, checkpoint: Path, pool: Pool) -> EngineClient:
     import torch
+
     from r1serve.runtime.engine.async_engine import AsyncEngine
     from r1serve.runtime.engine.engine import LLMEngine
 

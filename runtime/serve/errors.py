@@ -96,7 +96,8 @@ def _classify_runtime(exc: BaseException) -> ServeError:
         return ServeError(Status.DEADLINE_EXCEEDED, f"the request timed out: {exc}")
     # EngineUnavailableError: the engine's step failed or its expert-parallel group lost a rank.
     unavailable = (KVTransferError, EngineUnavailableError, ray_errors.RayActorError,
-                   ray_errors.ActorUnavailableError, serve_errors.DeploymentUnavailableError, ray_errors.ObjectLostError)
+                   ray_errors.ActorUnavailableError, serve_errors.DeploymentUnavailableError,
+                   ray_errors.ObjectLostError)
     if isinstance(exc, unavailable):
         return ServeError(Status.UNAVAILABLE, f"no healthy replica could serve the request: {_first_line(exc)}")
     return ServeError(Status.INTERNAL, f"internal error: {type(exc).__name__}: {_first_line(exc)}")

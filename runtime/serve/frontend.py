@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from r1serve.runtime.tokenizer import Tokenizer, TokenizerError
-
 from r1serve.spec import R1Deployment
 
 from .errors import ServeError, Status, invalid

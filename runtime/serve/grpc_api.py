@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from r1serve.protos.r1serve.v1 import inference_pb2 as pb
 from r1serve.runtime.engine.outputs import RequestOutput
 from r1serve.runtime.engine.sampling import SamplingParams, SamplingParamsError
-
-from r1serve.protos.r1serve.v1 import inference_pb2 as pb
 
 from .errors import classify, invalid
 from .frontend import Frontend, ModelFacts, new_request_id

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 
-from r1serve.runtime.engine.outputs import EngineStats
 from ray.util import metrics
+
+from r1serve.runtime.engine.outputs import EngineStats
 
 # Seconds; from a few ms (tiny models, short prompts) to minutes (long R1 prompts under load).
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from r1serve.runtime.engine.outputs import RequestOutput
 from ray.serve.handle import DeploymentHandle
+
+from r1serve.runtime.engine.outputs import RequestOutput
 
 from .errors import ServeError, Status, classify
 from .messages import PoolRequest, PrefillResult, from_wire, merge_outputs
 from .metrics import IngressMetrics
 from .streams import coalesced
-
 
 # A replica that dies before the request's first output (killed, engine failed, KV hand-off lost): Serve
 # routes the retry to another (or the replacement) replica.

@@ -18,7 +18,6 @@ from typing import Any
 from r1serve.runtime.engine.description import format_engine
 from r1serve.runtime.engine.outputs import RequestError, RequestOutput
 from r1serve.runtime.engine.sampling import SamplingParamsError
-
 from r1serve.spec import R1Deployment, parse_r1deployment
 
 from .checkpoint import ensure_checkpoint

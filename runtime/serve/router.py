@@ -17,13 +17,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from r1serve.runtime.engine.block_manager import prefix_hashes
 from ray.serve.request_router import (
     PendingRequest,
     ReplicaID,
     RequestRouter,
     RunningReplica,
 )
+
+from r1serve.runtime.engine.block_manager import prefix_hashes
 
 # Prefix hashes remembered per replica from requests this router sent (stats lag by up to a period).
 RECENT_PREFIXES_PER_REPLICA = 4096

@@ -58,7 +58,8 @@ def queue_depth_replicas(load: float, target: float, current: int, bounds: Bound
         return bounds.clamp(needed), f"{per_replica:.1f} per replica > target {target:g}"
     keep = max(1, math.ceil(load / (target * (1 - dead_band))))
     if keep < current:
-        return bounds.clamp(keep), f"{per_replica:.1f} per replica < {(1 - dead_band) * target:.1f} ({1 - dead_band:.0%} of target)"
+        floor = (1 - dead_band) * target
+        return bounds.clamp(keep), f"{per_replica:.1f} per replica < {floor:.1f} ({1 - dead_band:.0%} of target)"
     return bounds.clamp(current), f"{per_replica:.1f} per replica, within the dead band of target {target:g}"
 
 

@@ -11,9 +11,8 @@ import logging
 import time
 from typing import Any
 
-from r1serve.spec import constants as C
-
 from r1serve.runtime.engine.description import format_engine
+from r1serve.spec import constants as C
 
 from .scaling import Decision
 

@@ -12,7 +12,6 @@ from r1serve.operator.manifests import NAMESPACE
 from .conftest import DOCUMENTED, MANIFESTS
 
 
-
 def test_every_install_file_creates_its_namespace_before_using_it():
     # `kubectl apply -f manifests/` reads the files alphabetically and `-f a -f b` in the order
     # given: whichever file comes first must not need a namespace that a later one creates.

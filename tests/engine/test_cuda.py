@@ -98,7 +98,7 @@ def test_a_rebalance_in_place_keeps_captured_graphs_valid(tiny_checkpoint):
     weights = {name: tensor.clone() for name, tensor in model.checkpoint_tensors()}
     ids = list(layer.experts.expert_ids)
     ids[0], ids[1] = ids[1], ids[0]
-    moe_index = next(i for i, l in enumerate(model.model.layers) if l.mlp is layer)
+    moe_index = next(i for i, decoder in enumerate(model.model.layers) if decoder.mlp is layer)
     w13 = layer.experts.w13.data_ptr()
     model.replace_experts(moe_index, ids)
     for name, tensor in weights.items():

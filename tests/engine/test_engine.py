@@ -11,7 +11,10 @@ from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.outputs import RequestError
 from r1serve.runtime.engine.sampling import SamplingParams
 
-from .workload import GREEDY, drain as _drain, prompts as _prompts, tokens as _tokens
+from .workload import GREEDY
+from .workload import drain as _drain
+from .workload import prompts as _prompts
+from .workload import tokens as _tokens
 
 
 @pytest.fixture(autouse=True, params=[False, True], ids=["step by step", "overlapped"])

@@ -11,7 +11,10 @@ import torch
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine, runner_paths
 from r1serve.runtime.engine.model_runner import ModelRunner, RunnerPaths
 
-from .workload import GREEDY, drain as _drain, prompts as _prompts, tokens as _tokens
+from .workload import GREEDY
+from .workload import drain as _drain
+from .workload import prompts as _prompts
+from .workload import tokens as _tokens
 
 CONFIG = EngineConfig(num_blocks=30, block_size=8, max_batch_tokens=48, max_running=6, max_model_len=160)
 

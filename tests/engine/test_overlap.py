@@ -8,7 +8,9 @@ import torch
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.sampling import SamplingParams
 
-from .workload import drain as _drain, prompts as _prompts, tokens as _tokens
+from .workload import drain as _drain
+from .workload import prompts as _prompts
+from .workload import tokens as _tokens
 
 
 def _serve(model, tokenizer, overlap: bool, params: list[SamplingParams], monkeypatch=None,

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+
 from r1serve.runtime.model import fused_moe
 from r1serve.runtime.model.moe import RoutedExperts
 from r1serve.runtime.model.tiny import tiny_config

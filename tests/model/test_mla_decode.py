@@ -21,6 +21,7 @@ import sys
 
 import pytest
 import torch
+
 from r1serve.runtime.model import mla_decode
 
 from .hopper import compile_for_hopper, triton_sites
@@ -157,7 +158,8 @@ def test_reference_names_mismatched_arguments(bad, message):
 
 def valid_arguments() -> dict:
     return {"q": torch.zeros(2, 4, 40), "cache": torch.zeros(64, 40),
-            "block_tables": torch.zeros(2, 4, dtype=torch.int32), "context_lens": torch.ones(2, dtype=torch.int32), "block_size": 16, "kv_lora_rank": 32,
+            "block_tables": torch.zeros(2, 4, dtype=torch.int32), "context_lens": torch.ones(2, dtype=torch.int32),
+            "block_size": 16, "kv_lora_rank": 32,
             "softmax_scale": 0.1}
 
 

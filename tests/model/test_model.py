@@ -116,7 +116,8 @@ def test_gate_respects_groups_bias_and_scaling():
         assert len({int(i) // per_group for i in row_ids}) <= config.topk_group
     assert torch.allclose(weights.sum(-1), torch.full((64,), config.routed_scaling_factor))
     scores = torch.sigmoid(x @ gate.weight.T)
-    assert torch.allclose(weights / config.routed_scaling_factor, scores.gather(1, ids) / scores.gather(1, ids).sum(-1, keepdim=True))
+    chosen = scores.gather(1, ids)
+    assert torch.allclose(weights / config.routed_scaling_factor, chosen / chosen.sum(-1, keepdim=True))
 
 
 def test_expert_subset_holds_only_its_experts():

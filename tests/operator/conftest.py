@@ -10,6 +10,7 @@ import kubernetes
 import pytest
 import pytest_asyncio
 import yaml
+
 from r1serve.operator.testing import (
     OperatorProcess,
     OperatorThread,

@@ -8,6 +8,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+
 from r1serve.operator.manifests import (
     REGENERATE,
     build_operator,
@@ -19,7 +20,6 @@ from r1serve.operator.manifests import (
     operator_container,
     stale_files,
 )
-
 from r1serve.spec.crd import crd_yaml
 
 ROOT = Path(__file__).resolve().parents[2]

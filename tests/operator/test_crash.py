@@ -1,4 +1,5 @@
-"""The operator SIGKILLed in the middle of a reconcile, then restarted: it converges, nothing duplicated, nothing orphaned.
+"""The operator SIGKILLed in the middle of a reconcile, then restarted: it converges, nothing duplicated,
+nothing orphaned.
 
 The operator runs as a child process (r1serve.operator.testing.OperatorProcess) against the
 in-process API server; `kube.hold(...)` stops a chosen API call, the test kills the operator while
@@ -15,9 +16,9 @@ from pathlib import Path
 import kmock
 import pytest
 import yaml
+
 from r1serve.operator import render
 from r1serve.operator.config import OperatorConfig
-
 from r1serve.spec import parse_r1deployment
 
 pytestmark = [

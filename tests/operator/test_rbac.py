@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from r1serve.operator.manifests import build_rbac
 
 pytestmark = [

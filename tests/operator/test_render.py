@@ -6,6 +6,8 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+
+from r1serve import __version__
 from r1serve.operator import constants as K
 from r1serve.operator.config import OperatorConfig
 from r1serve.operator.render import (
@@ -17,8 +19,6 @@ from r1serve.operator.render import (
     render_services,
     scale_quantity,
 )
-
-from r1serve import __version__
 from r1serve.spec import SpecError, load_r1deployment
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -1,4 +1,5 @@
-"""What KubeRay does with each kind of spec change, checked on the rendering and on the table in docs/KUBERNETES.md, and the bounds patch the operator adds."""
+"""What KubeRay does with each kind of spec change, checked on the rendering and on the table in
+docs/KUBERNETES.md, and the bounds patch the operator adds."""
 
 import copy
 import re
@@ -7,10 +8,10 @@ from pathlib import Path
 import jsonpatch
 import pytest
 import yaml
+
 from r1serve.operator import constants as K
 from r1serve.operator.render import render_rayservice, render_services
 from r1serve.operator.rollout import rollout_effect, worker_bounds_patch
-
 from r1serve.spec import SpecError, load_r1deployment
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "KUBERNETES.md"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from r1serve.operator import constants as K
 from r1serve.operator.manifests import build_operator
 from r1serve.operator.render import pod_security_level, render_rayservice, render_services
-
 from r1serve.spec import constants as C
 from r1serve.spec import load_r1deployment
 

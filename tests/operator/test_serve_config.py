@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from r1serve.operator.render import render_rayservice
 
+from r1serve.operator.render import render_rayservice
 from r1serve.spec import constants as C
 from r1serve.spec import load_r1deployment
 from r1serve.spec.serve_config import (

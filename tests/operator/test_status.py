@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from r1serve.operator.status import (
     RAYSERVICE_SILENCE_S,
     Observed,
@@ -14,7 +15,6 @@ from r1serve.operator.status import (
     kuberay_missing_message,
     status_silence_left,
 )
-
 from r1serve.spec import load_r1deployment
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

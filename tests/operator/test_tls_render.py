@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from r1serve.operator import constants as K
 from r1serve.operator.render import render_rayservice, render_services
-
 from r1serve.spec import SpecError, load_r1deployment
 from r1serve.spec import constants as C
 from r1serve.spec.serve_config import build_serve_config

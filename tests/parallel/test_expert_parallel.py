@@ -84,7 +84,8 @@ def test_greedy_generation_through_the_group_equals_one_process_before_and_after
 ):
     prompts = _prompts()
     expected = _single_process(tiny_checkpoint, prompts)
-    group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), world, engine=ENGINE, dtype="float64", redundant=redundant)
+    group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), world, engine=ENGINE, dtype="float64",
+                                             redundant=redundant)
     try:
         assert _through_group(group, prompts) == expected
         tokens = sum(len(p) + GREEDY.max_tokens - 1 for p in prompts)  # every token ran every MoE layer once

@@ -32,7 +32,8 @@ def test_every_expert_has_a_slot_and_slots_divide(experts, redundant, world):
 
 
 def test_indivisible_layouts_are_refused_with_a_suggestion():
-    with pytest.raises(PlacementError, match=r"16 experts \+ 0 redundant = 16 slots do not divide over 3 ranks \(add 2"):
+    with pytest.raises(PlacementError,
+                       match=r"16 experts \+ 0 redundant = 16 slots do not divide over 3 ranks \(add 2"):
         uniform_placement(16, 3)
 
 

@@ -91,9 +91,10 @@ def cluster(tmp_path_factory):
     import os
 
     import ray
+    from ray import serve
+
     from r1serve.runtime.serve import local
     from r1serve.runtime.serve.checkpoint import CACHE_ENV, ensure_checkpoint
-    from ray import serve
 
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("r1serve-cache"))
     # Replicas push autoscaling metrics every 10 s by default; the autoscaling tests need 1 s. Set

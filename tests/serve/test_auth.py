@@ -12,6 +12,9 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from r1serve.protos.r1serve.v1 import inference_pb2 as pb
+from r1serve.protos.r1serve.v1 import inference_pb2_grpc as pb_grpc
 from r1serve.runtime.serve import client
 from r1serve.runtime.serve.auth import (
     AuthConfigError,
@@ -20,9 +23,6 @@ from r1serve.runtime.serve.auth import (
     resolve_token,
 )
 from r1serve.runtime.serve.errors import ServeError, Status
-
-from r1serve.protos.r1serve.v1 import inference_pb2 as pb
-from r1serve.protos.r1serve.v1 import inference_pb2_grpc as pb_grpc
 from r1serve.spec import constants as C
 from r1serve.spec.sections import ApiAuth
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
 from r1serve.runtime.serve.autoscaling import (
     DecodePolicy,
     PrefillPolicy,

@@ -15,11 +15,11 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
-from r1serve.runtime.engine.sampling import SamplingParams
 
 from r1serve.protos.r1serve.v1 import inference_pb2 as pb
 from r1serve.protos.r1serve.v1 import inference_pb2_grpc as pb_grpc
+from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
+from r1serve.runtime.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

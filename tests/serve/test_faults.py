@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-from r1serve.runtime.serve import client
 
 from r1serve.protos.r1serve.v1 import inference_pb2 as pb
 from r1serve.protos.r1serve.v1 import inference_pb2_grpc as pb_grpc
+from r1serve.runtime.serve import client
 from r1serve.spec import constants as C
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,8 @@ def request(tokens: int = 8, text: str = "tell me a story") -> pb.GenerateReques
     return pb.GenerateRequest(text=text, sampling=pb.SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
 
 
-def run(target: str, req: pb.GenerateRequest, first_token: threading.Event | None = None) -> tuple[str, list[int], float]:
+def run(target: str, req: pb.GenerateRequest,
+        first_token: threading.Event | None = None) -> tuple[str, list[int], float]:
     """(final status, token ids received, seconds); `first_token` is set when the first token arrives."""
     start, tokens = time.monotonic(), []
     with grpc.insecure_channel(target) as channel:

@@ -14,10 +14,10 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from r1serve.runtime.serve import client
 
 from r1serve.protos.r1serve.v1 import inference_pb2 as pb
 from r1serve.protos.r1serve.v1 import inference_pb2_grpc as pb_grpc
+from r1serve.runtime.serve import client
 
 pytestmark = pytest.mark.slow
 MOCK = {"kind": "mock", "token_delay_s": 0.0}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from ray import exceptions as ray_errors
+
 from r1serve.runtime.engine.async_engine import EngineDeadError
 from r1serve.runtime.engine.outputs import RequestOutput
 from r1serve.runtime.parallel.group import GroupFailedError
@@ -12,7 +14,6 @@ from r1serve.runtime.serve import pipeline as pipeline_module
 from r1serve.runtime.serve.errors import EngineFailure, ServeError, Status, classify
 from r1serve.runtime.serve.messages import PoolRequest, to_wire
 from r1serve.runtime.serve.pipeline import Pipeline
-from ray import exceptions as ray_errors
 
 
 class _Timer:

@@ -7,6 +7,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
+
 from r1serve.runtime.engine.block_manager import prefix_hashes
 from r1serve.runtime.serve.router import (
     Candidate,

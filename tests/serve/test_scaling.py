@@ -58,7 +58,8 @@ def test_decode_scales_on_kv_use_when_sequences_are_few_but_long():
 def test_the_decision_says_why():
     d = prefill_decision(1, 5000, 1000, BOUNDS)
     assert d.to_dict() == {"pool": "prefill", "current": 1, "desired": 5, "signal": "queued prompt tokens",
-                           "value": 5000, "target": 1000, "reason": "queued prompt tokens: 5000.0 per replica > target 1000"}
+                           "value": 5000, "target": 1000,
+                           "reason": "queued prompt tokens: 5000.0 per replica > target 1000"}
 
 
 @pytest.mark.parametrize("p,d,expected", [(1, 4, (2, 4)), (6, 2, (6, 3)), (2, 4, (2, 4))])

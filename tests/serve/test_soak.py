@@ -13,14 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import pytest
+
+from r1serve.protos.r1serve.v1 import inference_pb2 as pb
+from r1serve.protos.r1serve.v1 import inference_pb2_grpc as pb_grpc
 from r1serve.runtime.engine.detokenizer import IncrementalDetokenizer
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.sampling import SamplingParams
 from r1serve.runtime.serve import client
 from r1serve.runtime.tokenizer import Tokenizer
-
-from r1serve.protos.r1serve.v1 import inference_pb2 as pb
-from r1serve.protos.r1serve.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 CONCURRENT = 256
@@ -193,7 +193,8 @@ def test_thousands_of_short_requests_leak_nothing(graph, reliability):
     ok = warm + rest
     reliability("soak-short-requests", "load", what=f"{SHORT_REQUESTS} short greedy gRPC requests (2 tokens, "
                 f"{SHORT_CONCURRENCY} at a time) after a 256-request warm-up; replica RSS after / before: worst "
-                f"×{worst:.3f} over {len(growth)} Ray actor processes (replicas, EP ranks, Serve); KV blocks back to 0 after {settle:.1f} s",
+                f"×{worst:.3f} over {len(growth)} Ray actor processes (replicas, EP ranks, Serve); "
+                f"KV blocks back to 0 after {settle:.1f} s",
                 requests=len(ok), failed=ok.count(False), failures="; ".join(failures[:5]), duration_s=duration)
     assert not failures and all(ok), failures[:10]
     replicas = {pid for pid, (title, _) in before.items() if "ServeReplica" in title}

@@ -49,7 +49,8 @@ def test_publishing_without_ray_never_fails_the_policy():
 
 def test_status_shows_how_each_pools_engine_runs():
     board = StatusBoard()
-    board.record_engine("decode", {"device": "cuda:0", "kernels": "triton", "cudaGraphs": "12 graphs, batch 1-256, 850 MiB"})
+    graphs = "12 graphs, batch 1-256, 850 MiB"
+    board.record_engine("decode", {"device": "cuda:0", "kernels": "triton", "cudaGraphs": graphs})
     board.record_engine("prefill", {"device": "cuda:0", "kernels": "triton", "cudaGraphs": "off", "ranks": "8"})
     status = pool_status(board.get(), {"prefill": 1, "decode": 1})
     assert status["pools"]["decode"]["engine"]["kernels"] == "triton"

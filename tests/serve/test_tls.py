@@ -16,12 +16,12 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from r1serve.runtime.serve import client, local
-from r1serve.runtime.serve.grpc_tls import TLSFront, TLSFrontThread, forwardable
-from r1serve.runtime.serve.self_signed import write_self_signed
 
 from r1serve.protos.r1serve.v1 import inference_pb2 as pb
 from r1serve.protos.r1serve.v1 import inference_pb2_grpc as pb_grpc
+from r1serve.runtime.serve import client, local
+from r1serve.runtime.serve.grpc_tls import TLSFront, TLSFrontThread, forwardable
+from r1serve.runtime.serve.self_signed import write_self_signed
 from r1serve.spec import load_r1deployment
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
