@@ -4,7 +4,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 
-from r1serve.spec.base import check_quantity
+from r1serve.spec import quantity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +24,7 @@ class OperatorConfig:
                              f"(got {self.kuberay_retry_seconds!r})")
         for field in ("rank_memory", "shm_size", "head_cpu", "head_memory"):
             try:
-                check_quantity(getattr(self, field))
+                quantity.check(getattr(self, field))
             except ValueError as exc:
                 raise ValueError(f"operator setting {field}: {exc} "
                                  f"(got {getattr(self, field)!r})") from None

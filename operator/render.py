@@ -1,11 +1,11 @@
 """Pure rendering of an R1Deployment into its child objects: the KubeRay RayService and the client Service."""
 
-import re
 from typing import Any
 
 from r1serve.operator import constants as K
 from r1serve.operator.config import OperatorConfig
 from r1serve.spec import constants as C
+from r1serve.spec import quantity
 from r1serve.spec.model import Pool, R1Deployment, Role
 from r1serve.spec.sections import SHM_MOUNT_PATH
 from r1serve.spec.serve_config import (
@@ -16,25 +16,6 @@ from r1serve.spec.serve_config import (
     serve_grpc_port,
 )
 from r1serve.spec.workers import Workers
-
-_MANTISSA = re.compile(r"([0-9.]+(?:[eE][+-]?\d+)?)(.*)")
-
-
-def _format_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def scale_quantity(quantity: str, factor: int) -> str:
-    """'64Gi' x 4 -> '256Gi': the unit is kept, so the result reads like the input."""
-    match = _MANTISSA.fullmatch(quantity)
-    if match is None:
-        raise ValueError(f"not a Kubernetes quantity: {quantity!r}")
-    return _format_number(float(match.group(1)) * factor) + match.group(2)
-
-
-def cpu_quantity(cores: float) -> str:
-    """Cores as a Kubernetes CPU quantity: whole cores plain, fractions in millicores."""
-    return _format_number(cores) if float(cores).is_integer() else f"{round(cores * 1000)}m"
 
 
 def labels_for(deployment: R1Deployment, component: str) -> dict[str, str]:
@@ -218,8 +199,8 @@ def _worker_resources(pool: Pool, workers: Workers, config: OperatorConfig) -> d
     memory = workers.resources.memory if workers.resources and workers.resources.memory else None
     # One extra core for bundle 0, the replica actor, so a STRICT_PACKed group fits one pod.
     amounts = {
-        "cpu": cpu_quantity(ranks * rank_cpus(workers) + C.REPLICA_ACTOR_CPUS),
-        "memory": scale_quantity(memory or config.rank_memory, ranks),
+        "cpu": quantity.cpu(ranks * rank_cpus(workers) + C.REPLICA_ACTOR_CPUS),
+        "memory": quantity.scale(memory or config.rank_memory, ranks),
     }
     if pool.gpus_per_rank:
         amounts[K.GPU_RESOURCE] = str(ranks * pool.gpus_per_rank)

@@ -6,6 +6,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 from pydantic.alias_generators import to_camel
 
+from r1serve.spec import quantity
+
 
 class SpecModel(BaseModel):
     """Frozen, camelCase-aliased base of every spec section."""
@@ -29,8 +31,6 @@ _DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 DNS_1123_SUBDOMAIN_PATTERN = re.compile(
     r"[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 )
-# Kubernetes resource.Quantity, minus signs and exotic forms nobody uses for cpu/memory/shm.
-QUANTITY_PATTERN = re.compile(r"(\d+(\.\d+)?|\.\d+)([eE][+-]?\d+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Kubernetes label keys and values (apimachinery's IsQualifiedName and IsValidLabelValue): a key is
 # an optional DNS-subdomain prefix and '/', then a name of at most 63 characters; a value is empty
@@ -112,14 +112,6 @@ def _number_to_text(value: Any) -> Any:
     return value
 
 
-def check_quantity(value: str) -> str:
-    if not QUANTITY_PATTERN.fullmatch(value):
-        raise ValueError(
-            "must be a Kubernetes quantity such as '8', '500m', '64Gi' or '1.5G'"
-        )
-    return value
-
-
-Quantity = Annotated[str, BeforeValidator(_number_to_text), AfterValidator(check_quantity)]
+Quantity = Annotated[str, BeforeValidator(_number_to_text), AfterValidator(quantity.check)]
 ObjectName = Annotated[str, AfterValidator(check_dns_1123_subdomain)]
 NonBlank = Annotated[str, AfterValidator(check_no_whitespace)]

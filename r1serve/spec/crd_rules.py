@@ -4,6 +4,7 @@ pydantic validators, attached to the generated schema by r1serve.spec.crd."""
 from typing import Any
 
 from r1serve.spec import constants as C
+from r1serve.spec import quantity
 from r1serve.spec.base import (
     DNS_1035_LABEL_PATTERN,
     DNS_1123_SUBDOMAIN_PATTERN,
@@ -13,7 +14,6 @@ from r1serve.spec.base import (
     LABEL_PREFIX_LENGTH_PATTERN,
     LABEL_VALUE_PATTERN,
     MAX_NAME_LENGTH,
-    QUANTITY_PATTERN,
 )
 from r1serve.spec.sections import (
     NORMAL_ABSOLUTE_PATTERN,
@@ -42,7 +42,7 @@ def _rule(rule: str, message: str, field_path: str | None = None,
     return out
 
 
-_QUANTITY_FIELD = {"x-kubernetes-int-or-string": True, "pattern": _anchored(QUANTITY_PATTERN.pattern)}
+_QUANTITY_FIELD = {"x-kubernetes-int-or-string": True, "pattern": _anchored(quantity.PATTERN.pattern)}
 _OBJECT_NAME = {"pattern": _anchored(DNS_1123_SUBDOMAIN_PATTERN.pattern), "maxLength": 253}
 _NON_BLANK = {"pattern": r"^\S+$"}
 _RESERVED = ", ".join(f"{port} ({what})" for port, what in sorted(RESERVED_PORTS.items()))

@@ -1,32 +1,19 @@
 """The Ray Serve config of an R1Deployment: one pure function shared by the local runner and the operator."""
 
-import re
 from typing import Any
 
 import yaml
 
 from r1serve.spec import constants as C
+from r1serve.spec import quantity
 from r1serve.spec.model import Pool, R1Deployment, Role
 from r1serve.spec.workers import Workers
-
-_CPU_SUFFIXES = {"m": 1e-3, "": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
-                 "E": 1e18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
-                 "Ei": 2**60}
-_QUANTITY_PARTS = re.compile(r"([0-9.]+(?:[eE][+-]?\d+)?)([a-zA-Z]*)")
-
-
-def quantity_to_float(quantity: str) -> float:
-    """A Kubernetes quantity ('500m', '8', '1.5', '2k') as a plain number."""
-    match = _QUANTITY_PARTS.fullmatch(quantity)
-    if match is None or match.group(2) not in _CPU_SUFFIXES:
-        raise ValueError(f"not a Kubernetes quantity: {quantity!r}")
-    return float(match.group(1)) * _CPU_SUFFIXES[match.group(2)]
 
 
 def rank_cpus(workers: Workers) -> float:
     """Ray CPUs reserved per expert-parallel rank (spec.workers.resources.cpu or 1)."""
     cpu = workers.resources.cpu if workers.resources is not None else None
-    return quantity_to_float(cpu) if cpu is not None else C.DEFAULT_RANK_CPUS
+    return quantity.to_float(cpu) if cpu is not None else C.DEFAULT_RANK_CPUS
 
 
 def ranks_per_node(pool: Pool) -> int:

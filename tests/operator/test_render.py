@@ -17,9 +17,9 @@ from r1serve.operator.render import (
     render_children,
     render_rayservice,
     render_services,
-    scale_quantity,
 )
 from r1serve.spec import SpecError, load_r1deployment
+from r1serve.spec import quantity as quantity_module
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 TINY = yaml.safe_load((EXAMPLES / "tiny.yaml").read_text())
@@ -278,7 +278,7 @@ def test_pod_security_level_follows_the_model_volume(variant, level):
 @pytest.mark.parametrize("quantity, factor, expected", [
     ("64Gi", 4, "256Gi"), ("1.5G", 3, "4.5G"), ("8", 2, "16"), ("200Gi", 8, "1600Gi")])
 def test_scale_quantity(quantity, factor, expected):
-    assert scale_quantity(quantity, factor) == expected
+    assert quantity_module.scale(quantity, factor) == expected
 
 
 def test_four_gpu_nodes_get_four_gpu_worker_pods():

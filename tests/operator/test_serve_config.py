@@ -11,12 +11,11 @@ import yaml
 
 from r1serve.operator.render import render_rayservice
 from r1serve.spec import constants as C
-from r1serve.spec import load_r1deployment
+from r1serve.spec import load_r1deployment, quantity
 from r1serve.spec.serve_config import (
     build_serve_config,
     local_ray_resources,
     nodes_per_replica,
-    quantity_to_float,
     ranks_per_node,
     serve_config_yaml,
 )
@@ -241,9 +240,10 @@ def test_local_ray_resources_cover_every_replica():
     assert resources == {"r1serve_prefill_rank": 2.0, "r1serve_decode_rank": 4.0}
 
 
-@pytest.mark.parametrize("text, value", [("8", 8.0), ("500m", 0.5), ("1.5", 1.5), ("2k", 2000.0)])
+@pytest.mark.parametrize("text, value", [("8", 8.0), ("500m", 0.5), ("1.5", 1.5), ("2k", 2000.0),
+                                         ("1Gi", 2.0**30), ("2e3", 2000.0), (".5", 0.5)])
 def test_quantity_to_float(text, value):
-    assert quantity_to_float(text) == value
+    assert quantity.to_float(text) == value
 
 
 def test_ratio_band_adds_one_application_level_policy_with_both_pools_targets():
