@@ -11,6 +11,7 @@ import torch
 
 from r1serve.runtime.model.kernels import KERNEL_CHOICES, resolve_kernels
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
+from r1serve.runtime.model.uploads import upload
 from r1serve.runtime.tokenizer import Tokenizer
 
 from .block_manager import BlockManager
@@ -69,8 +70,7 @@ def _rows_of(tokens: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """tokens[rows] on the device without waiting for it (indexing with a list copies it synchronously)."""
     if rows == list(range(tokens.shape[0])):
         return tokens
-    index = torch.tensor(rows, dtype=torch.long, pin_memory=tokens.device.type == "cuda")
-    return tokens.index_select(0, index.to(tokens.device, non_blocking=True))
+    return tokens.index_select(0, upload(rows, tokens.device, torch.long))
 
 
 @dataclass
@@ -241,9 +241,7 @@ class LLMEngine:
             self.blocks.grow(seq, seq.num_computed_tokens + 1)
         ids = _rows_of(previous.tokens, [row for row, _ in going])
         if joined:
-            host = torch.tensor([seq.token_ids[-1] for seq in joined], dtype=torch.long,
-                                pin_memory=ids.device.type == "cuda")
-            ids = torch.cat([ids, host.to(ids.device, non_blocking=True)])
+            ids = torch.cat([ids, upload([seq.token_ids[-1] for seq in joined], ids.device, torch.long)])
         return [ScheduledChunk(seq, 1) for seq in seqs], ids
 
     def _complete(self, launched: _Launched) -> list[RequestOutput]:

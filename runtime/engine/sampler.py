@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from r1serve.runtime.engine.sampling import SamplingParams
+from r1serve.runtime.model.uploads import upload
 
 __all__ = ["filtered_probs", "make_generator", "sample"]
 
@@ -46,10 +47,10 @@ def sample(
     tokens = torch.empty(batch, dtype=torch.long, device=logits.device)
     sampled = [i for i, p in enumerate(params) if not p.is_greedy]
     if greedy:
-        index = _upload(greedy, torch.long, logits.device)
+        index = upload(greedy, logits.device, torch.long)
         tokens[index] = logits[index].argmax(dim=-1)
     if sampled:
-        index = _upload(sampled, torch.long, logits.device)
+        index = upload(sampled, logits.device, torch.long)
         chosen = [params[i] for i in sampled]
         probs, order = filtered_probs(logits[index], chosen)
         picked = _draw(probs, [generators[i] for i in sampled])
@@ -65,7 +66,7 @@ def filtered_probs(logits: Tensor, params: Sequence[SamplingParams]) -> tuple[Te
     otherwise they are in vocabulary order and ``order`` is None (no sort needed).
     """
     device = logits.device
-    temperature = _upload([p.temperature for p in params], torch.float32, device)
+    temperature = upload([p.temperature for p in params], device, torch.float32)
     scaled = logits.float() / temperature[:, None]
     vocab = scaled.shape[1]
     # A disabled filter becomes a no-op value so rows with different filters share one pass.
@@ -77,14 +78,14 @@ def filtered_probs(logits: Tensor, params: Sequence[SamplingParams]) -> tuple[Te
         return torch.softmax(scaled, dim=-1), None
     # stable=True keeps equal logits in id order, so top_k=1 picks the same token as argmax.
     ordered, order = scaled.sort(dim=-1, descending=True, stable=True)
-    keep = torch.arange(vocab, device=device)[None, :] < _upload(top_k, torch.long, device)[:, None]
+    keep = torch.arange(vocab, device=device)[None, :] < upload(top_k, device, torch.long)[:, None]
     ordered = ordered.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(ordered, dim=-1)
     # Nucleus: keep a token while the mass strictly before it is below top_p; the first always stays.
     mass_before = probs.cumsum(dim=-1) - probs
-    keep &= mass_before < _upload(top_p, torch.float32, device)[:, None]
+    keep &= mass_before < upload(top_p, device, torch.float32)[:, None]
     # min-p compares with the most likely token; renormalising keeps that ratio, so order is irrelevant.
-    threshold = probs[:, :1] * _upload(min_p, torch.float32, device)[:, None]
+    threshold = probs[:, :1] * upload(min_p, device, torch.float32)[:, None]
     keep &= probs >= threshold
     probs = torch.softmax(ordered.masked_fill(~keep, float("-inf")), dim=-1)
     return probs, order
@@ -95,17 +96,9 @@ def _draw(probs: Tensor, generators: Sequence[torch.Generator | None]) -> Tensor
     picked = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     shared = [i for i, g in enumerate(generators) if g is None]
     if shared:
-        index = _upload(shared, torch.long, probs.device)
+        index = upload(shared, probs.device, torch.long)
         picked[index] = torch.multinomial(probs[index], 1).squeeze(1)
     for i, generator in enumerate(generators):
         if generator is not None:
             picked[i] = torch.multinomial(probs[i], 1, generator=generator)[0]
     return picked
-
-
-def _upload(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A list as a tensor on `device`. On CUDA it goes through pinned memory without waiting: a plain copy
-    would wait for the step still running, which overlapped stepping must not."""
-    if torch.device(device).type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

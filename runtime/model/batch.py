@@ -8,10 +8,13 @@ plain generator address it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
+
+from .uploads import upload
 
 GroupKind = Literal["decode", "prefill"]
 
@@ -156,7 +159,7 @@ class ForwardBatch:
         seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens, output_size=num_tokens)
         starts = torch.cumsum(q_lens, 0) - q_lens
         positions = (k_lens - q_lens)[seq_of_token] + torch.arange(num_tokens) - starts[seq_of_token]
-        to_device = _Uploader(device)
+        to_device = functools.partial(upload, device=device)
         block_tables = to_device(block_tables)
         positions_d = to_device(positions)
         seq_d = to_device(seq_of_token)
@@ -187,21 +190,6 @@ class ForwardBatch:
         )
 
 
-class _Uploader:
-    """Copies host tensors to the device without making the host wait: on CUDA through pinned memory
-    (a copy from pageable memory may block until the device is idle, which overlapped steps must avoid)."""
-
-    def __init__(self, device: torch.device | str):
-        self.device = torch.device(device)
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cuda" or tensor.device.type == "cuda":
-            return tensor.to(self.device)
-        if not tensor.is_pinned():
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
-
-
 def table_slots(block_tables: torch.Tensor, block_size: int) -> torch.Tensor:
     """[B, max_blocks] block tables -> [B, max_blocks * block_size] slots in position order."""
     offsets = torch.arange(block_size, device=block_tables.device)
@@ -213,7 +201,7 @@ def _prefill_group(members, q_lens, k_lens, starts, block_tables, block_size, de
     offsets = torch.arange(int(q.max()))[None, :]
     valid = offsets < q[:, None]
     context = table_slots(block_tables[members.to(block_tables.device)], block_size)[:, : int(k.max())]
-    to_device = _Uploader(device)
+    to_device = functools.partial(upload, device=device)
     return AttentionGroup(
         kind="prefill",
         query_index=to_device(torch.where(valid, s[:, None] + offsets, 0)),
