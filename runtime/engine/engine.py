@@ -212,7 +212,7 @@ class LLMEngine:
         states = [self.requests[c.seq.request_id] for c in completing]
         tokens = sample(logits, [s.params for s in states], [s.generator for s in states]) if states else None
         decoding = all(c.num_tokens == 1 for c in chunks) and len(completing) == len(chunks)
-        return _Launched(chunks, completing, tokens, self.runner.to_host(tokens), decoding)
+        return _Launched(chunks, completing, tokens, HostCopy(tokens) if tokens is not None else None, decoding)
 
     def _continue_decoding(self, previous: _Launched) -> tuple[list[ScheduledChunk], torch.Tensor] | None:
         """The next decode step, launched before the previous step's tokens are known on the host: the
@@ -248,7 +248,7 @@ class LLMEngine:
         """Wait for a launched step's tokens and emit them (the finished sequences' last, dropped, step aside)."""
         if launched.tokens is None:
             return []
-        tokens = self.runner.from_host(launched.host)
+        tokens = launched.host.wait()
         outputs = []
         for chunk, token in zip(launched.completing, tokens):
             state = self.requests.get(chunk.seq.request_id)

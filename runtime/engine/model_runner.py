@@ -98,14 +98,6 @@ class ModelRunner:
         return ForwardBatch.paged(input_ids, query_lens, context_lens, self.tables.gather(rows, width),
                                   self.block_size, want_logits, self.device)
 
-    def to_host(self, tokens: torch.Tensor | None) -> HostCopy | None:
-        """Start copying sampled tokens to the host without waiting for them."""
-        return None if tokens is None else HostCopy(tokens)
-
-    @staticmethod
-    def from_host(copy: HostCopy) -> list[int]:
-        return copy.wait()
-
     def release(self, seq: Sequence) -> None:
         """The sequence left the engine (finished, aborted or handed off): its table row is free."""
         self.tables.release(seq.request_id)
