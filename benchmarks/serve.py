@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import dataclasses
 import random
 import sys
 import time
@@ -118,9 +119,11 @@ async def bare_engine(deployment, checkpoint, requests, times) -> tuple[list[Res
     from r1serve.runtime.engine.async_engine import AsyncEngine
     from r1serve.runtime.engine.engine import LLMEngine
     from r1serve.runtime.engine.sampling import SamplingParams
-    from r1serve.runtime.serve.engine_factory import engine_config
+    from r1serve.runtime.serve.pool_plan import engine_config
 
-    engine = AsyncEngine(LLMEngine.from_checkpoint(checkpoint, engine_config(deployment, "both")))
+    # The decode pool's engine, doing prefill too: the served graph without its Serve hops.
+    config = dataclasses.replace(engine_config(deployment, "decode"), role="both")
+    engine = AsyncEngine(LLMEngine.from_checkpoint(checkpoint, config))
     counter = iter(range(10**9))
 
     async def send(prompt, n, result):

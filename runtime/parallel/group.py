@@ -19,7 +19,7 @@ from r1serve.runtime.engine.stream_relay import StreamRelay
 
 from .layout import GroupConfig, free_tcp_address
 from .rank import RankSpec
-from .transport import ProcessTransport, RankTransport
+from .transport import ProcessTransport, RankTransport, RayTransport, rank0_address
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,17 @@ class ExpertParallelGroup:
         return cls(ProcessTransport(rank_specs(checkpoint, world_size, engine=engine, dtype=dtype, device=device,
                                                redundant=redundant, timeout_s=timeout_s)),
                    start_timeout_s=start_timeout_s)
+
+    @classmethod
+    def on_ray(cls, checkpoint: str, bundles: list[dict[str, float]], *, engine: EngineConfig, dtype: str,
+               device: str, redundant: int, placement_group=None, timeout_s: float = 60.0) -> ExpertParallelGroup:
+        """One rank per bundle, as Ray actors in bundles 1..N of `placement_group` (a Serve replica's own,
+        whose bundle 0 is the replica); without one the ranks are scheduled freely."""
+        address = rank0_address(placement_group, timeout_s)
+        specs = rank_specs(checkpoint, len(bundles), engine=engine, dtype=dtype, device=device,
+                           redundant=redundant, timeout_s=timeout_s, address=address)
+        log.info("starting %d %s ranks at %s", len(bundles), engine.role, address)
+        return cls(RayTransport(specs, bundles, placement_group=placement_group))
 
     # -- EngineClient ------------------------------------------------------------------------------
 

@@ -88,6 +88,30 @@ class _RankActor:
         return self._thread.is_alive()
 
 
+def _node_address() -> str:
+    """Runs in rank 0's bundle: an address on that node which every rank can reach."""
+    import socket
+
+    import ray
+
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+def rank0_address(placement_group, timeout_s: float, first_bundle: int = 1) -> str:
+    """The rendezvous address of a group whose rank 0 runs in bundle `first_bundle` of `placement_group`."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    strategy = None
+    if placement_group is not None:
+        strategy = PlacementGroupSchedulingStrategy(placement_group, first_bundle)
+    probe = ray.remote(_node_address).options(num_cpus=0, scheduling_strategy=strategy)
+    return ray.get(probe.remote(), timeout=timeout_s)
+
+
 class RayTransport:
     """Rank r is an actor in bundle `first_bundle + r` of the caller's placement group, so that Ray schedules
     the whole group together (a Serve replica reserves the bundles); outputs come back on a Ray queue."""

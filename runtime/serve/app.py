@@ -20,8 +20,10 @@ from r1serve.spec import constants as C
 from r1serve.spec.serve_config import build_serve_config
 
 from .checkpoint import checkpoint_dir
+from .engine_factory import EngineSource
 from .ingress import Ingress
 from .pool import PoolServer
+from .pool_plan import PoolPlan, plan_pools
 
 # Replicas publish routing stats this often; routers add their own in-flight work in between.
 ROUTING_STATS_PERIOD_S = 1.0
@@ -30,7 +32,8 @@ ROUTERS = {
     C.PREFILL_DEPLOYMENT: "r1serve.runtime.serve.router:PrefillRouter",
     C.DECODE_DEPLOYMENT: "r1serve.runtime.serve.router:DecodeRouter",
 }
-# args["engine"] = {"kind": "mock", "token_delay_s": ...} swaps in the mock engine (tests of the graph).
+# args["engine"]: an EngineSource as a mapping, e.g. {"kind": "mock", "token_delay_s": 0.01}, for testing
+# the serving layers without a model (engine_factory.py says what each field does).
 ARG_ENGINE = "engine"
 
 
@@ -47,19 +50,21 @@ def _router_config(name: str) -> RequestRouterConfig:
 
 
 def build_app(args: Mapping[str, Any]) -> Application:
-    """The graph Ingress -> (PrefillServer ->) DecodeServer for args = {"deployment": <R1Deployment manifest>}."""
-    manifest = dict(args[C.APP_ARG_DEPLOYMENT])
-    deployment = parse_r1deployment(manifest)
+    """The graph Ingress -> (PrefillServer ->) DecodeServer for args = {"deployment": <R1Deployment manifest>}.
+
+    The manifest is parsed here, once; the deployments are bound the parsed resource and each pool its plan."""
+    deployment = parse_r1deployment(dict(args[C.APP_ARG_DEPLOYMENT]))
+    source = EngineSource.from_args(args.get(ARG_ENGINE), where=f"args.{ARG_ENGINE}")
     checkpoint = str(checkpoint_dir(deployment.spec.model))
-    engine = args.get(ARG_ENGINE)
     options = deployment_options(deployment)
-    pools = deployment.spec.active_pools()
+    plans = plan_pools(deployment, options)
 
-    def pool(name: str, role: str):
-        return (serve.deployment(PoolServer).options(**options[name], request_router_config=_router_config(name))
-                .bind(manifest, role, checkpoint, engine))
+    def pool(plan: PoolPlan):
+        return (serve.deployment(PoolServer)
+                .options(**options[plan.deployment], request_router_config=_router_config(plan.deployment))
+                .bind(plan, deployment, checkpoint, source))
 
-    decode = pool(C.DECODE_DEPLOYMENT, "decode" if "prefill" in pools else "both")
-    prefill = pool(C.PREFILL_DEPLOYMENT, "prefill") if "prefill" in pools else None
+    decode = pool(plans["decode"])
+    prefill = pool(plans["prefill"]) if "prefill" in plans else None
     ingress = serve.deployment(Ingress).options(**options[C.INGRESS_DEPLOYMENT])
-    return ingress.bind(manifest, checkpoint, decode, prefill)
+    return ingress.bind(deployment, checkpoint, decode, prefill)

@@ -111,16 +111,18 @@ def connector_name(deployment: R1Deployment) -> str:
     return OBJECT_STORE
 
 
-def make_connector(deployment: R1Deployment) -> KVConnector:
+def make_connector(deployment: R1Deployment, fault: str | None = None) -> KVConnector:
+    """The deployment's connector; with `fault` (lost or timeout) wrapped in a FaultyConnector."""
     timeout = deployment.spec.kv_transfer.timeout_seconds
     connectors = {OBJECT_STORE: ObjectStoreConnector, NCCL: NcclConnector}
-    return connectors[connector_name(deployment)](timeout)
+    connector = connectors[connector_name(deployment)](timeout)
+    return FaultyConnector(connector, fault, timeout) if fault is not None else connector
 
 
 class FaultyConnector:
     """Test double around a real connector: every `receive` fails, as a lost or a late hand-off would.
 
-    Selected with engine options {"kv_fault": "lost" | "timeout"} (tests of the graph only)."""
+    For testing the serving layers: the application's `engine` argument selects it (EngineSource.kv_fault)."""
 
     def __init__(self, inner: KVConnector, mode: str, timeout_s: float):
         if mode not in ("lost", "timeout"):

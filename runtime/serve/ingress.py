@@ -8,9 +8,8 @@ this module only speaks the two wire formats.
 # pickles the class by value, so string annotations could not be resolved in the replica.
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
@@ -19,8 +18,8 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from r1serve.spec import R1Deployment
 from r1serve.spec import constants as C
-from r1serve.spec import parse_r1deployment
 
 from . import grpc_api, openai_api, status_api
 from .auth import BearerAuth, resolve_token
@@ -57,10 +56,10 @@ def _openai_error(error: ServeError) -> JSONResponse:
 
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, manifest: Mapping[str, Any], checkpoint: str, decode: DeploymentHandle,
+    def __init__(self, deployment: R1Deployment, checkpoint: str, decode: DeploymentHandle,
                  prefill: DeploymentHandle | None = None):
         quiet_client_errors()
-        self.deployment = parse_r1deployment(dict(manifest))
+        self.deployment = deployment
         self.frontend = Frontend(self.deployment, Path(checkpoint))
         self.auth = BearerAuth(resolve_token(self.deployment.spec.api.auth))
         self.pipeline = Pipeline(decode, prefill, IngressMetrics(self.frontend.facts.name))
@@ -72,7 +71,7 @@ class Ingress:
         try:
             self.auth.check_grpc(grpc_context)
             pool_request, client_id = grpc_api.prepare(self.frontend, request)
-            async for out in self.pipeline.stream(pool_request, field_prefix=grpc_api.FIELD_PREFIX):
+            async for out in self.pipeline.stream(pool_request, fields=grpc_api.FIELDS):
                 yield grpc_api.to_proto(out, client_id)
         except ServeError as error:
             _set_grpc_status(grpc_context, error)
@@ -82,7 +81,7 @@ class Ingress:
         try:
             self.auth.check_grpc(grpc_context)
             pool_request, client_id = grpc_api.prepare(self.frontend, request)
-            out = await self.pipeline.complete(pool_request, field_prefix=grpc_api.FIELD_PREFIX)
+            out = await self.pipeline.complete(pool_request, fields=grpc_api.FIELDS)
             return grpc_api.to_proto(out, client_id)
         except ServeError as error:
             # Unary calls can carry the status on the context without raising (no error log per client
@@ -166,9 +165,9 @@ class Ingress:
             self.auth.check(request.headers.get("authorization"))
             parsed = parse(self.frontend, openai_api.parse_body(await request.body()))
             if not parsed.stream:
-                out = await self.pipeline.complete(parsed.pool)
+                out = await self.pipeline.complete(parsed.pool, fields=parsed.fields)
                 return JSONResponse(openai_api.full_response(parsed, self.frontend.facts.name, out))
-            stream = self.pipeline.stream(parsed.pool)
+            stream = self.pipeline.stream(parsed.pool, fields=parsed.fields)
             first = await anext(stream)  # failures before the first token still get a status code
         except ServeError as error:
             return _openai_error(error)

@@ -94,7 +94,7 @@ def wait_until_running(app_name: str, timeout_s: float) -> None:
 
 
 def with_engine(config: Mapping[str, Any], engine: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of the config whose replicas use another engine (tests: {"kind": "mock"})."""
+    """A copy of the config whose replicas use another engine: an EngineSource as a mapping, e.g. {"kind": "mock"}."""
     patched = copy.deepcopy(dict(config))
     patched["applications"][0]["args"][ARG_ENGINE] = dict(engine)
     return patched

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,15 @@ from typing import Any
 from r1serve.runtime.engine.description import format_engine
 from r1serve.runtime.engine.outputs import RequestError, RequestOutput
 from r1serve.runtime.engine.sampling import SamplingParamsError
-from r1serve.spec import R1Deployment, parse_r1deployment
+from r1serve.spec import R1Deployment
 
 from .checkpoint import ensure_checkpoint
-from .connector import FaultyConnector, HandoffTicket, make_connector
-from .engine_factory import EngineRole, make_engine_client, make_mock_client
+from .connector import HandoffTicket, make_connector
+from .engine_factory import MODEL, EngineSource, make_engine_client
 from .errors import EngineFailure, classify
 from .messages import PoolRequest, PrefillResult, merge_outputs, to_wire
 from .metrics import PoolMetrics
+from .pool_plan import PoolPlan
 from .status_board import publish_engine
 from .streams import coalesced
 
@@ -47,25 +48,17 @@ HANDOFF_GRACE_S = 5.0
 
 
 class PoolServer:
-    def __init__(self, manifest: Mapping[str, Any], role: EngineRole, checkpoint: str,
-                 engine_options: Mapping[str, Any] | None = None):
-        self.deployment: R1Deployment = parse_r1deployment(dict(manifest))
-        self.role = role
-        options = dict(engine_options or {})
-        if options.get("kind") == "mock":
-            self.engine = make_mock_client(self.deployment, role, options)
-        else:
-            path = Path(checkpoint)
-            if self.deployment.spec.model.is_tiny and not (path / "config.json").is_file():
-                path = ensure_checkpoint(self.deployment.spec.model)  # a node the driver could not write to
-            self.engine = make_engine_client(self.deployment, role, path)
-        self.connector = make_connector(self.deployment)
+    def __init__(self, plan: PoolPlan, deployment: R1Deployment, checkpoint: str,
+                 source: EngineSource = MODEL):
+        self.plan, self.deployment, self.role = plan, deployment, plan.engine_role
+        path = Path(checkpoint)
+        if source.kind == "model" and deployment.spec.model.is_tiny and not (path / "config.json").is_file():
+            path = ensure_checkpoint(deployment.spec.model)  # a node the driver could not write to
+        self.engine = make_engine_client(plan, path, source)
+        self.connector = make_connector(deployment, fault=source.kv_fault)
         self._publish_engine()
-        if options.get("kv_fault"):  # tests: a hand-off that never arrives
-            self.connector = FaultyConnector(self.connector, options["kv_fault"],
-                                             self.deployment.spec.kv_transfer.timeout_seconds)
-        self.metrics = PoolMetrics(role)
-        self._busy_at = max(1, self._pool().max_running_requests // 2)
+        self.metrics = PoolMetrics(self.role)
+        self._busy_at = max(1, plan.engine.max_running // 2)
         self._stream_interval = 0.0
         self._last_handoff = -HANDOFF_GRACE_S
         # A thread, not a task: the constructor may run outside the replica's event loop.
@@ -115,7 +108,7 @@ class PoolServer:
             "running": stats.running,
             "waiting": stats.waiting,
             "kv_usage": round(stats.kv_usage, 3),
-            "block_size": self._block_size(),
+            "block_size": self.plan.engine.block_size,
             "prefix_hashes": self.engine.cached_prefix_hashes(PUBLISHED_PREFIX_HASHES) if self.role != "decode" else [],
         }
 
@@ -167,13 +160,7 @@ class PoolServer:
             log.warning("could not read how the %s engine runs", self.role, exc_info=True)
             return
         log.info("%s replica engine: %s", self.role, format_engine(description))
-        publish_engine("prefill" if self.role == "prefill" else "decode", description)
-
-    def _pool(self):
-        return self.deployment.spec.prefill if self.role == "prefill" else self.deployment.spec.decode
-
-    def _block_size(self) -> int:
-        return self._pool().block_size
+        publish_engine(self.plan.pool, description)
 
 
 def _busy(stats) -> bool:

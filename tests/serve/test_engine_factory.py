@@ -2,22 +2,64 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from r1serve.runtime.serve.engine_factory import make_engine_client
-from r1serve.spec import load_r1deployment
+from r1serve.runtime.serve.app import deployment_options
+from r1serve.runtime.serve.engine_factory import EngineSource, make_engine_client
+from r1serve.runtime.serve.pool_plan import plan_pools
+from r1serve.spec import load_r1deployment, parse_r1deployment
 
 TINY = Path(__file__).resolve().parents[2] / "examples" / "tiny.yaml"
 
 
-@pytest.mark.parametrize("role,pool", [("decode", "decode"), ("prefill", "prefill")])
-def test_a_pool_asking_for_ranks_never_silently_runs_in_one_process(monkeypatch, tmp_path, role, pool):
+def _plans(deployment):
+    return plan_pools(deployment, deployment_options(deployment))
+
+
+@pytest.mark.parametrize("pool", ["decode", "prefill"])
+def test_a_pool_asking_for_ranks_never_silently_runs_in_one_process(monkeypatch, tmp_path, pool):
     deployment = load_r1deployment(TINY)
-    assert getattr(deployment.spec, pool).expert_parallel == 2
-    monkeypatch.setitem(sys.modules, "r1serve.runtime.parallel.serve_group", None)  # cannot be imported
+    plan = _plans(deployment)[pool]
+    assert plan.expert_parallel == 2
+    monkeypatch.setitem(sys.modules, "r1serve.runtime.parallel.group", None)  # cannot be imported
     with pytest.raises(RuntimeError, match=rf"spec\.{pool}\.expertParallel: 2 ranks need the expert-parallel "
                                            "runtime, which cannot be imported here"):
-        make_engine_client(deployment, role, tmp_path)
+        make_engine_client(plan, tmp_path)
+
+
+def test_each_pool_plan_follows_its_own_section_and_the_engine_roles_follow_disaggregation():
+    doc = yaml.safe_load(TINY.read_text())
+    plans = _plans(parse_r1deployment(doc))
+    assert {p: (plan.engine_role, plan.deployment, plan.engine.max_batch_tokens) for p, plan in plans.items()} == {
+        "prefill": ("prefill", "PrefillServer", 1024), "decode": ("decode", "DecodeServer", 512)}
+    # The rank bundles are the ones the Serve config reserves for the pool, rank by rank.
+    options = deployment_options(parse_r1deployment(doc))
+    assert list(plans["decode"].rank_bundles) == options["DecodeServer"]["placement_group_bundles"][1:]
+
+    alone = copy.deepcopy(doc)
+    alone["spec"]["disaggregation"] = False
+    del alone["spec"]["prefill"]
+    plans = _plans(parse_r1deployment(alone))
+    assert list(plans) == ["decode"] and plans["decode"].engine_role == "both"
+
+
+@pytest.mark.parametrize("args,message", [
+    ({"kind": "fake"}, r"args\.engine\.kind: must be model or mock \(got 'fake'\)"),
+    ({"kind": "mock", "kv_fault": "slow"}, r"args\.engine\.kv_fault: must be lost or timeout \(got 'slow'\)"),
+    ({"kind": "mock", "delay": 1}, r"args\.engine: unknown field\(s\) delay"),
+])
+def test_a_bad_engine_argument_is_refused_naming_its_field(args, message):
+    with pytest.raises(ValueError, match=message):
+        EngineSource.from_args(args)
+
+
+def test_the_mock_engine_is_sized_like_the_pools_engine():
+    plan = _plans(load_r1deployment(TINY))["decode"]
+    engine = make_engine_client(plan, Path("/nonexistent"), EngineSource(kind="mock", token_delay_s=0.5))
+    assert (engine.role, engine.block_size, engine.num_blocks, engine.token_delay_s) == (
+        "decode", plan.engine.block_size, plan.engine.num_blocks, 0.5)
