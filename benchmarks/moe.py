@@ -26,7 +26,9 @@ from common import markdown_table, record  # noqa: E402
 
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM  # noqa: E402
 from r1serve.runtime.model.tiny import make_tiny  # noqa: E402
-from r1serve.runtime.parallel.harness import run_moe_layer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test-support package
+from r1serve_testing.moe_harness import run_moe_layer  # noqa: E402
 
 LAYER = 1
 CONFIG = {"vocab_size": 1024, "hidden_size": 512, "moe_intermediate_size": 256, "intermediate_size": 1024,

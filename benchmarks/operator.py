@@ -5,7 +5,7 @@
 (`-P` keeps benchmarks/ off sys.path: this file's name would shadow the standard library's
 `operator` for anything imported late.) The operator runs as in its pod, `python -m
 r1serve.operator`, in a child process against an in-process Kubernetes API
-(r1serve.operator.testing.FakeApiServer, built on kmock) that plays the API server but not
+(tests/r1serve_testing/fake_api.py: FakeApiServer, built on kmock) that plays the API server but not
 KubeRay: no RayService ever gets a status, so this measures the operator alone. N copies of
 examples/tiny.yaml are created 50 at a time; an object's latency runs from its creation to the
 creation of its last child (the client Service, applied after the RayService). Memory is the
@@ -31,9 +31,10 @@ from pathlib import Path
 import kmock
 import yaml
 
-from r1serve.operator.testing import R1D, api_server, eventually, write_kubeconfig
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the test-support package: the fake API server
+from r1serve_testing.fake_api import R1D, api_server, eventually, write_kubeconfig  # noqa: E402
+
 README = ROOT / "benchmarks" / "README.md"
 SECTION = "operator"
 TINY = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())

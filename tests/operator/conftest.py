@@ -1,4 +1,4 @@
-"""Fixtures of the operator tests: the in-process API server (r1serve.operator.testing), schema and CEL checks."""
+"""Fixtures of the operator tests: the in-process API server (r1serve_testing.fake_api), schema and CEL checks."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import kubernetes
 import pytest
 import pytest_asyncio
 import yaml
-
-from r1serve.operator.testing import (
+from r1serve_testing.fake_api import (
     OperatorProcess,
     OperatorThread,
     api_server,

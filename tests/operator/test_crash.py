@@ -1,7 +1,7 @@
 """The operator SIGKILLed in the middle of a reconcile, then restarted: it converges, nothing duplicated,
 nothing orphaned.
 
-The operator runs as a child process (r1serve.operator.testing.OperatorProcess) against the
+The operator runs as a child process (r1serve_testing.fake_api.OperatorProcess) against the
 in-process API server; `kube.hold(...)` stops a chosen API call, the test kills the operator while
 that call is open, then lets the call fail (dropped: it never got through) or land (released: it
 had reached the server before the kill), and starts a fresh operator.

@@ -9,13 +9,13 @@ import time
 
 import pytest
 import torch
+from r1serve_testing.moe_harness import run_moe_layer
 
 from r1serve.runtime.engine.block_manager import prefix_hashes
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.sampling import SamplingParams
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
 from r1serve.runtime.parallel.group import ExpertParallelGroup, GroupFailedError
-from r1serve.runtime.parallel.harness import run_moe_layer
 from r1serve.runtime.serve.router import matched_blocks
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """Test doubles of the operator, like kopf.testing: an in-process Kubernetes API server, the operator in a
 thread or a process.
 
-Needs the `test` extra (kmock). Used by tests/operator and benchmarks/operator.py.
+Needs the `test` extra (kmock). Used by tests/operator and benchmarks/operator.py; not part of the product.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing as tmp
 
-from .layout import ExpertParallelLayout, GroupConfig, free_tcp_address, join_group, leave_group
+from r1serve.runtime.parallel.layout import ExpertParallelLayout, GroupConfig, free_tcp_address, join_group, leave_group
 
 
 @dataclass(frozen=True)
