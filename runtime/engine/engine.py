@@ -16,6 +16,7 @@ from r1serve.runtime.tokenizer import Tokenizer
 
 from .block_manager import BlockManager
 from .description import format_engine
+from .limits import check_fits
 from .model_runner import HostCopy, ModelRunner, RunnerPaths
 from .outputs import EngineStats, KVHandoff, RequestError, RequestOutput, Role
 from .request_state import RequestState
@@ -123,7 +124,7 @@ class LLMEngine:
         if self.config.role == "decode":
             raise RequestError("role", "a decode engine takes hand-offs (add_handoff), not prompts")
         self._validate(request_id, prompt_token_ids, params)
-        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params.max_tokens)
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids))
         self.requests[request_id] = self._state(seq, params)
         self.scheduler.add(seq)
 
@@ -134,7 +135,7 @@ class LLMEngine:
         self._validate(handoff.request_id, handoff.prompt_token_ids, handoff.params)
         handoff.validate(len(self.runner.caches), self.model.config.latent_dim)
         prompt = list(handoff.prompt_token_ids)
-        seq = Sequence(handoff.request_id, prompt + [handoff.first_token_id], len(prompt), handoff.params.max_tokens)
+        seq = Sequence(handoff.request_id, prompt + [handoff.first_token_id], len(prompt))
         state = self._state(seq, handoff.params)
         if state.generator is not None and handoff.generator_state is not None:
             state.generator.set_state(handoff.generator_state)
@@ -231,7 +232,8 @@ class LLMEngine:
         if any(seq.num_uncomputed_tokens != 1 for seq in joined):
             return None  # a prompt (or a preempted sequence) to prefill: the scheduler's work
         going = [(row, c.seq) for row, c in enumerate(previous.completing)
-                 if not c.seq.is_finished and c.seq.num_output_tokens + 1 < c.seq.max_tokens]
+                 if not c.seq.is_finished
+                 and c.seq.num_output_tokens + 1 < self.requests[c.seq.request_id].params.max_tokens]
         seqs = [seq for _, seq in going] + joined
         need = sum(max(0, self.blocks.blocks_needed(seq.num_computed_tokens + 1) - len(seq.block_table))
                    for seq in seqs)
@@ -321,18 +323,8 @@ class LLMEngine:
         if bad is not None:
             raise RequestError("prompt_token_ids", f"each id must be an integer in [0, {vocab}) (got {bad!r})")
         params.check_against(vocab)
-        if len(prompt) >= self.max_model_len:
-            raise RequestError(
-                "prompt",
-                f"has {len(prompt)} tokens; the model's context is {self.max_model_len}, leaving no room to generate",
-            )
+        check_fits(len(prompt), params.max_tokens, self.max_model_len)
         total = len(prompt) + params.max_tokens
-        if total > self.max_model_len:
-            raise RequestError(
-                "max_tokens",
-                f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is {total} tokens, "
-                f"more than the model's context of {self.max_model_len}",
-            )
         if self.blocks.blocks_needed(total) > self.config.num_blocks:
             raise RequestError(
                 "max_tokens",

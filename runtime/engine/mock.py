@@ -7,6 +7,7 @@ from typing import AsyncIterator
 
 import torch
 
+from .limits import check_fits
 from .outputs import EngineStats, KVHandoff, RequestError, RequestOutput, Role
 from .sampling import SamplingParams
 
@@ -78,8 +79,7 @@ class MockEngine:
             raise RequestError("request_id", f"{request_id!r} is already running")
         if not prompt:
             raise RequestError("prompt", "is empty")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise RequestError("max_tokens", f"prompt plus max_tokens exceeds the context of {self.max_model_len}")
+        check_fits(len(prompt), params.max_tokens, self.max_model_len)
         self.running[request_id] = -(-(len(prompt) + params.max_tokens) // self.block_size)
 
     def _release(self, request_id: str) -> None:

@@ -16,9 +16,9 @@ Role = Literal["both", "prefill", "decode"]
 class RequestError(ValueError):
     """A request the engine refuses; the message names the field and the value."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
 
 
 @dataclass

@@ -10,6 +10,8 @@ from typing import Any
 
 __all__ = ["MAX_STOP_STRINGS", "MAX_STOP_STRING_LEN", "SamplingParams", "SamplingParamsError"]
 
+# max_tokens when a caller of the engine or of the gRPC API sets none (lowered to what the context leaves).
+DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_TEMPERATURE = 100.0
@@ -18,11 +20,18 @@ GREEDY_EPSILON = 1e-5
 
 
 class SamplingParamsError(ValueError):
-    """A sampling parameter with the wrong type or out of range; the message names the field."""
+    """A sampling parameter with the wrong type or out of range; the message names the field.
+
+    `field` is None when the problem is not one field's (the message then names what it is about)."""
+
+    def __init__(self, message: str, field: str | None = None, problem: str | None = None):
+        super().__init__(message)
+        self.field, self.problem = field, problem if problem is not None else message
 
 
 def _fail(field: str, problem: str, value: Any) -> SamplingParamsError:
-    return SamplingParamsError(f"{field}: {problem} (got {value!r})")
+    problem = f"{problem} (got {value!r})"
+    return SamplingParamsError(f"{field}: {problem}", field, problem)
 
 
 def _require_int(field: str, value: Any) -> int:
@@ -57,7 +66,7 @@ def _require_bool(field: str, value: Any) -> bool:
 class SamplingParams:
     """How to pick tokens and when to stop, with the names and meanings vLLM and SGLang use."""
 
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0 disables top-k

@@ -23,7 +23,6 @@ class Sequence:
     request_id: str
     token_ids: list[int]
     prompt_len: int
-    max_tokens: int
     arrival_time: float = field(default_factory=time.monotonic)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import re
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from r1serve.runtime.engine.outputs import EngineUnavailableError, RequestError
 from r1serve.runtime.engine.sampling import SamplingParamsError
@@ -39,14 +40,21 @@ class EngineFailure(EngineUnavailableError):
 
 
 class ServeError(Exception):
-    """A request failure as clients see it; `param` is the offending request field, if any."""
+    """A request failure as clients see it; `param` is the offending request field, if any, and `problem`
+    what is wrong with it (the message is "param: problem")."""
 
-    def __init__(self, status: Status, message: str, param: str | None = None):
+    def __init__(self, status: Status, message: str, param: str | None = None, problem: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.problem = status, message, param, problem
 
     def __reduce__(self):  # crosses process boundaries (replica -> Ingress -> proxy) intact
-        return ServeError, (self.status, self.message, self.param)
+        return ServeError, (self.status, self.message, self.param, self.problem)
+
+    def named_by(self, fields: Mapping[str, str]) -> ServeError:
+        """The same error naming its field as the API does (`fields`: the engine's names -> the API's)."""
+        if self.param is None or self.problem is None or self.param not in fields:
+            return self
+        return ServeError(self.status, f"{fields[self.param]}: {self.problem}", fields[self.param], self.problem)
 
     def openai_body(self) -> dict:
         _, _, kind, code = self.status.value
@@ -55,30 +63,24 @@ class ServeError(Exception):
 
 def invalid(param: str, problem: str) -> ServeError:
     """INVALID_ARGUMENT whose message starts with the field's name, like the engine's own errors."""
-    return ServeError(Status.INVALID_ARGUMENT, f"{param}: {problem}", param)
+    return ServeError(Status.INVALID_ARGUMENT, f"{param}: {problem}", param, problem)
 
 
-_FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
-
-
-def classify(exc: BaseException, *, field_prefix: str = "") -> ServeError:
+def classify(exc: BaseException, *, fields: Mapping[str, str] = MappingProxyType({})) -> ServeError:
     """The ServeError for any exception raised while serving a request (locally or in a replica).
 
-    `field_prefix` is put before field names from sampling-parameter errors (e.g. "sampling." for gRPC).
+    `fields` maps the engine's field names (max_tokens, temperature, prompt, ...) to the names the
+    client's API uses (sampling.max_tokens over gRPC, max_completion_tokens, messages, ...).
     """
     exc = _unwrap(exc)
     if isinstance(exc, ServeError):
-        return exc
-    if isinstance(exc, SamplingParamsError):
-        return _field_error(str(exc), field_prefix)
-    if isinstance(exc, RequestError):
-        field = exc.field
-        message = str(exc)
-        if field in ("max_tokens",):
-            field, message = field_prefix + field, field_prefix + message
-        return ServeError(Status.INVALID_ARGUMENT, message, field)
+        return exc.named_by(fields)
+    if isinstance(exc, (SamplingParamsError, RequestError)):
+        if exc.field is None:  # e.g. "unknown sampling parameter(s): ..." names the fields itself
+            return ServeError(Status.INVALID_ARGUMENT, str(exc))
+        return invalid(exc.field, exc.problem).named_by(fields)
     if isinstance(exc, TokenizerError):
-        return ServeError(Status.INVALID_ARGUMENT, f"messages: {exc}", "messages")
+        return invalid("messages", str(exc))
     return _classify_runtime(exc)
 
 
@@ -101,13 +103,6 @@ def _classify_runtime(exc: BaseException) -> ServeError:
     if isinstance(exc, unavailable):
         return ServeError(Status.UNAVAILABLE, f"no healthy replica could serve the request: {_first_line(exc)}")
     return ServeError(Status.INTERNAL, f"internal error: {type(exc).__name__}: {_first_line(exc)}")
-
-
-def _field_error(message: str, prefix: str) -> ServeError:
-    match = _FIELD_PREFIX.match(message)
-    if match is None:  # e.g. "unknown sampling parameter(s): ..." names the fields itself
-        return ServeError(Status.INVALID_ARGUMENT, message, None)
-    return ServeError(Status.INVALID_ARGUMENT, prefix + message, prefix + match.group(1))
 
 
 def _unwrap(exc: BaseException) -> BaseException:

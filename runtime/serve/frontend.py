@@ -7,12 +7,24 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from r1serve.runtime.engine import sampling
+from r1serve.runtime.engine.limits import check_fits, room_after
+from r1serve.runtime.engine.outputs import RequestError
 from r1serve.runtime.tokenizer import Tokenizer, TokenizerError
 from r1serve.spec import R1Deployment
 
-from .errors import ServeError, Status, invalid
+from .errors import ServeError, Status, classify, invalid
+
+Api = Literal["grpc", "chat", "completion"]
+# max_tokens when the client sets none, per API; None: the rest of the context (as vLLM's chat API).
+# Each is lowered to what the context leaves after the prompt.
+DEFAULT_MAX_TOKENS: dict[Api, int | None] = {
+    "grpc": sampling.DEFAULT_MAX_TOKENS,  # the engine's own default
+    "chat": None,
+    "completion": 16,  # OpenAI's default for /v1/completions
+}
 
 
 @dataclass(frozen=True)
@@ -68,18 +80,21 @@ class Frontend:
                 raise invalid(param, f"each id must be an integer in [0, {vocab}) (got {token!r})")
         return list(ids)
 
-    def check_lengths(self, prompt: list[int], max_tokens: int, *, prompt_param: str, max_tokens_param: str) -> None:
-        limit = self.facts.max_model_len
-        if len(prompt) >= limit:
-            raise invalid(prompt_param, f"has {len(prompt)} tokens; the model's context is {limit}, "
-                                        "leaving no room to generate")
-        if len(prompt) + max_tokens > limit:
-            raise invalid(max_tokens_param, f"the prompt ({len(prompt)} tokens) plus {max_tokens} tokens to "
-                                            f"generate exceeds the model's context of {limit}")
+    def max_tokens(self, api: Api, requested: Any, prompt: list[int]) -> Any:
+        """What the client asked for, or its API's default lowered to what the context leaves."""
+        if requested is not None:
+            return requested
+        room = room_after(len(prompt), self.facts.max_model_len)
+        default = DEFAULT_MAX_TOKENS[api]
+        return room if default is None else min(default, room)
 
-    def room_after(self, prompt: list[int]) -> int:
-        """Tokens left to generate after this prompt (at least 1 when the prompt fits)."""
-        return max(self.facts.max_model_len - len(prompt), 1)
+    def check_lengths(self, prompt: list[int], max_tokens: int, fields: Mapping[str, str]) -> None:
+        """The engine's rule for prompt plus max_tokens, checked before the request reaches a pool; errors
+        name the fields as `fields` (the engine's names -> the API's) says."""
+        try:
+            check_fits(len(prompt), max_tokens, self.facts.max_model_len)
+        except RequestError as exc:
+            raise classify(exc, fields=fields) from None
 
 
 def new_request_id(prefix: str) -> str:

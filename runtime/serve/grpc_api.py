@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from r1serve.protos.r1serve.v1 import inference_pb2 as pb
 from r1serve.runtime.engine.outputs import RequestOutput
 from r1serve.runtime.engine.sampling import SamplingParams, SamplingParamsError
@@ -11,9 +13,10 @@ from .frontend import Frontend, ModelFacts, new_request_id
 from .grpc_servicer import UndecodableRequest
 from .messages import PoolRequest
 
-DEFAULT_MAX_TOKENS = 256  # the engine's default, lowered to what the context leaves
-FIELD_PREFIX = "sampling."
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "skip_special_tokens")
+# The engine's field names -> this API's: the sampling parameters live in `sampling`.
+FIELDS = {**{f.name: f"sampling.{f.name}" for f in dataclasses.fields(SamplingParams)},
+          "prompt_token_ids": "prompt.token_ids.ids"}
 FINISH_REASONS = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
                   "abort": pb.FINISH_REASON_ABORT, "error": pb.FINISH_REASON_ABORT}
 
@@ -25,12 +28,13 @@ def prepare(frontend: Frontend, request: pb.GenerateRequest) -> tuple[PoolReques
                                  f"that is not UTF-8): {request.problem}")
     frontend.check_model(request.model)
     prompt = _prompt(frontend, request)
-    params = _sampling(request.sampling, default_max_tokens=min(DEFAULT_MAX_TOKENS, frontend.room_after(prompt)))
-    frontend.check_lengths(prompt, params.max_tokens, prompt_param="prompt", max_tokens_param="sampling.max_tokens")
+    requested = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
+    params = _sampling(request.sampling, frontend.max_tokens("grpc", requested, prompt))
+    frontend.check_lengths(prompt, params.max_tokens, FIELDS)
     try:
         params.check_against(frontend.facts.vocab_size)
     except SamplingParamsError as exc:
-        raise classify(exc, field_prefix=FIELD_PREFIX) from None
+        raise classify(exc, fields=FIELDS) from None
     internal = new_request_id(request.request_id or "grpc")
     return PoolRequest(internal, prompt, params), request.request_id or internal
 
@@ -47,9 +51,9 @@ def _prompt(frontend: Frontend, request: pb.GenerateRequest) -> list[int]:
     raise invalid("prompt", "set one of text, token_ids or chat")
 
 
-def _sampling(msg: pb.SamplingParams, *, default_max_tokens: int) -> SamplingParams:
+def _sampling(msg: pb.SamplingParams, max_tokens: int) -> SamplingParams:
     data: dict = {name: getattr(msg, name) for name in _OPTIONAL if msg.HasField(name)}
-    data.setdefault("max_tokens", default_max_tokens)
+    data["max_tokens"] = max_tokens
     for name in ("temperature", "top_p", "min_p"):
         if name in data:  # float32 on the wire: 0.9 arrives as 0.8999999761...; keep what the client wrote
             data[name] = float(f"{data[name]:.7g}")
@@ -58,7 +62,7 @@ def _sampling(msg: pb.SamplingParams, *, default_max_tokens: int) -> SamplingPar
     try:
         return SamplingParams.from_dict(data)
     except SamplingParamsError as exc:
-        raise classify(exc, field_prefix=FIELD_PREFIX) from None
+        raise classify(exc, fields=FIELDS) from None
 
 
 def to_proto(out: RequestOutput, request_id: str) -> pb.GenerateResponse:

@@ -17,7 +17,7 @@ from r1serve.runtime.engine.outputs import RequestOutput
 from r1serve.runtime.engine.sampling import SamplingParams, SamplingParamsError
 
 from .errors import classify, invalid
-from .frontend import Frontend, new_request_id
+from .frontend import Api, Frontend, new_request_id
 from .messages import PoolRequest
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
@@ -31,13 +31,14 @@ IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "
            "stream_options", "model", "response_format"}
 CHAT_FIELDS = {"messages", "max_tokens", "max_completion_tokens", *SAMPLING_FIELDS, *NEUTRAL, *IGNORED}
 COMPLETION_FIELDS = {"prompt", "max_tokens", *SAMPLING_FIELDS, *NEUTRAL, *IGNORED}
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+RESPONSE_ID_PREFIXES = {"chat": "chatcmpl", "completion": "cmpl"}
 
 
 @dataclass(frozen=True)
 class OpenAIRequest:
-    kind: str  # "chat" | "completion"
+    kind: Api  # "chat" | "completion"
     pool: PoolRequest
+    fields: Mapping[str, str]  # the engine's field names -> this request's (errors name what the client sent)
     response_id: str
     stream: bool
     include_usage: bool
@@ -74,20 +75,14 @@ def chat_request(frontend: Frontend, body: Mapping[str, Any]) -> OpenAIRequest:
     _common_checks(frontend, body, CHAT_FIELDS)
     messages = body.get("messages")
     prompt = frontend.encode_chat(_plain_messages(messages), "messages")
-    cap = body.get("max_completion_tokens", body.get("max_tokens"))
-    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    params = _sampling(body, cap, frontend.room_after(prompt), param)
-    frontend.check_lengths(prompt, params.max_tokens, prompt_param="messages", max_tokens_param=param)
-    return _request("chat", frontend, body, prompt, params, "chatcmpl")
+    cap = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return _request("chat", frontend, body, prompt, cap, {"prompt": "messages", "max_tokens": cap})
 
 
 def completion_request(frontend: Frontend, body: Mapping[str, Any]) -> OpenAIRequest:
     _common_checks(frontend, body, COMPLETION_FIELDS)
     prompt = _completion_prompt(frontend, body.get("prompt"))
-    cap = body.get("max_tokens")
-    params = _sampling(body, cap, min(COMPLETION_DEFAULT_MAX_TOKENS, frontend.room_after(prompt)), "max_tokens")
-    frontend.check_lengths(prompt, params.max_tokens, prompt_param="prompt", max_tokens_param="max_tokens")
-    return _request("completion", frontend, body, prompt, params, "cmpl")
+    return _request("completion", frontend, body, prompt, "max_tokens", {"prompt_token_ids": "prompt"})
 
 
 def _common_checks(frontend: Frontend, body: Mapping[str, Any], allowed: set[str]) -> None:
@@ -144,28 +139,23 @@ def _completion_prompt(frontend: Frontend, prompt: Any) -> list[int]:
     raise invalid("prompt", "must be a string or a list of token ids (batches of several prompts are not supported)")
 
 
-def _sampling(body: Mapping[str, Any], cap: Any, default: int, cap_param: str) -> SamplingParams:
+def _request(kind: Api, frontend: Frontend, body: Mapping[str, Any], prompt: list[int], cap: str,
+             fields: Mapping[str, str]) -> OpenAIRequest:
+    """`cap`: the body's field that holds max_tokens; `fields`: the engine's field names -> the body's."""
     data = {name: body[name] for name in SAMPLING_FIELDS if name in body}
-    # Unset max_tokens: the rest of the context for chat (as vLLM), OpenAI's 16 for completions.
-    data["max_tokens"] = default if cap is None else cap
+    data["max_tokens"] = frontend.max_tokens(kind, body.get(cap), prompt)
     try:
-        return SamplingParams.from_dict(data)
+        params = SamplingParams.from_dict(data)
     except SamplingParamsError as exc:
-        error = classify(exc)
-        if error.param == "max_tokens" and cap_param != "max_tokens":
-            error.param, error.message = cap_param, error.message.replace("max_tokens", cap_param, 1)
-        raise error from None
-
-
-def _request(kind: str, frontend: Frontend, body: Mapping[str, Any], prompt: list[int], params: SamplingParams,
-             prefix: str) -> OpenAIRequest:
+        raise classify(exc, fields=fields) from None
+    frontend.check_lengths(prompt, params.max_tokens, fields)
     try:
         params.check_against(frontend.facts.vocab_size)
     except SamplingParamsError as exc:
-        raise classify(exc) from None
-    response_id = new_request_id(prefix)
+        raise classify(exc, fields=fields) from None
+    response_id = new_request_id(RESPONSE_ID_PREFIXES[kind])
     include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
-    return OpenAIRequest(kind, PoolRequest(response_id, prompt, params), response_id,
+    return OpenAIRequest(kind, PoolRequest(response_id, prompt, params), fields, response_id,
                          bool(body.get("stream", False)), include_usage)
 
 

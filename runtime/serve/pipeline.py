@@ -9,7 +9,8 @@ which aborts the engine's request and frees its blocks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from types import MappingProxyType
 
 from ray.serve.handle import DeploymentHandle
 
@@ -24,6 +25,7 @@ from .streams import coalesced
 # routes the retry to another (or the replacement) replica.
 RETRIES_BEFORE_FIRST_OUTPUT = 2
 RETRY_BACKOFF_S = 0.5
+NO_RENAMES: Mapping[str, str] = MappingProxyType({})
 
 
 class Pipeline:
@@ -36,32 +38,34 @@ class Pipeline:
     def disaggregated(self) -> bool:
         return self._prefill is not None
 
-    async def stream(self, request: PoolRequest, *, field_prefix: str = "") -> AsyncIterator[RequestOutput]:
-        """The request's outputs, coalesced when the consumer lags; failures raise ServeError."""
+    async def stream(self, request: PoolRequest, *, fields: Mapping[str, str] = NO_RENAMES
+                     ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs, coalesced when the consumer lags; failures raise ServeError naming fields as
+        `fields` (the engine's names -> the client API's) says."""
         timer = self._metrics.request()
         status = "OK"
         try:
-            async for out in coalesced(self._retrying(request, field_prefix), merge_outputs):
+            async for out in coalesced(self._retrying(request, fields), merge_outputs):
                 timer.tokens(len(out.token_ids), out.prompt_tokens)
                 yield out
         except (asyncio.CancelledError, GeneratorExit):
             status = "CANCELLED"
             raise
         except Exception as exc:  # noqa: BLE001 - every failure reaches the client as a ServeError
-            error = classify(exc, field_prefix=field_prefix)
+            error = classify(exc, fields=fields)
             status = error.status.grpc_name
             raise error from None
         finally:
             timer.finish(status)
 
-    async def complete(self, request: PoolRequest, *, field_prefix: str = "") -> RequestOutput:
+    async def complete(self, request: PoolRequest, *, fields: Mapping[str, str] = NO_RENAMES) -> RequestOutput:
         """The whole generation merged into one output."""
-        outputs = [out async for out in self.stream(request, field_prefix=field_prefix)]
+        outputs = [out async for out in self.stream(request, fields=fields)]
         if not outputs:
             raise ServeError(Status.INTERNAL, "the engine produced no output")
         return merge_outputs(outputs)
 
-    async def _retrying(self, request: PoolRequest, field_prefix: str) -> AsyncIterator[RequestOutput]:
+    async def _retrying(self, request: PoolRequest, fields: Mapping[str, str]) -> AsyncIterator[RequestOutput]:
         """The pools' outputs; a request whose replica fails before any output is sent again, transparently
         (the client has seen nothing, so a second replica's answer is indistinguishable from the first's)."""
         for attempt in range(RETRIES_BEFORE_FIRST_OUTPUT + 1):
@@ -74,7 +78,7 @@ class Pipeline:
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - classified: only UNAVAILABLE is retried
-                error = classify(exc, field_prefix=field_prefix)
+                error = classify(exc, fields=fields)
                 if produced or error.status is not Status.UNAVAILABLE or attempt == RETRIES_BEFORE_FIRST_OUTPUT:
                     raise error from None
             await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))

@@ -9,7 +9,7 @@ from r1serve.runtime.engine.sequence import Sequence
 
 
 def _seq(tokens, rid="r") -> Sequence:
-    return Sequence(rid, list(tokens), len(tokens), max_tokens=8)
+    return Sequence(rid, list(tokens), len(tokens))
 
 
 def _computed(blocks: BlockManager, seq: Sequence) -> None:

@@ -170,7 +170,7 @@ def test_streamed_text_is_the_decoded_output(model, tokenizer):
         (dict(prompt=[1, -1]), "prompt_token_ids", "got -1"),
         (dict(prompt=[1] * 5000), "prompt", "has 5000 tokens; the model's context is 4096"),
         (dict(prompt=[1] * 4090), "max_tokens", "more than the model's context of 4096"),
-        (dict(params=SamplingParams(max_tokens=4094)), "max_tokens", "plus max_tokens (4094)"),
+        (dict(params=SamplingParams(max_tokens=4094)), "max_tokens", "plus 4094 tokens to generate"),
         (dict(params=SamplingParams(stop_token_ids=(129_280,))), "stop_token_ids", "129280"),
         (dict(request_id=""), "request_id", "non-empty"),
     ],

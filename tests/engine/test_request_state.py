@@ -16,7 +16,7 @@ def tok(tiny_checkpoint):
 
 
 def _run(tok, prompt_ids, output_ids, params=SamplingParams(max_tokens=200), reasoning=True):
-    seq = Sequence("r", list(prompt_ids), len(prompt_ids), params.max_tokens)
+    seq = Sequence("r", list(prompt_ids), len(prompt_ids))
     state = RequestState(seq, params, tok, max_model_len=4096, reasoning=reasoning)
     outs = []
     for token in output_ids:

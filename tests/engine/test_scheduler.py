@@ -25,10 +25,10 @@ def _scheduler(num_blocks=64, block_size=4, budget=32, max_running=8) -> Schedul
 
 def test_long_prompt_is_chunked_and_decodes_keep_running():
     sched = _scheduler(budget=16)
-    short = Sequence("short", [1, 2, 3], 3, 8)
+    short = Sequence("short", [1, 2, 3], 3)
     sched.add(short)
     _run_step(sched)
-    long = Sequence("long", list(range(100, 150)), 50, 8)
+    long = Sequence("long", list(range(100, 150)), 50)
     sched.add(long)
     sizes = []
     while long.num_computed_tokens < 50:
@@ -41,7 +41,7 @@ def test_long_prompt_is_chunked_and_decodes_keep_running():
 
 def test_max_running_caps_admission_and_the_rest_wait_in_order():
     sched = _scheduler(max_running=2)
-    seqs = [Sequence(f"r{i}", [i + 1] * 3, 3, 8) for i in range(4)]
+    seqs = [Sequence(f"r{i}", [i + 1] * 3, 3) for i in range(4)]
     for s in seqs:
         sched.add(s)
     _run_step(sched)
@@ -53,8 +53,8 @@ def test_max_running_caps_admission_and_the_rest_wait_in_order():
 
 def test_full_cache_preempts_the_newest_and_recomputes_it_later():
     sched = _scheduler(num_blocks=4, block_size=4, budget=64)
-    a = Sequence("a", list(range(7)), 7, 16)
-    b = Sequence("b", list(range(20, 27)), 7, 16)
+    a = Sequence("a", list(range(7)), 7)
+    b = Sequence("b", list(range(20, 27)), 7)
     sched.add(a)
     sched.add(b)
     _run_step(sched)  # both prefilled: 2 blocks each, cache full
@@ -71,9 +71,9 @@ def test_full_cache_preempts_the_newest_and_recomputes_it_later():
 
 def test_a_waiting_request_that_does_not_fit_blocks_the_queue_without_failing():
     sched = _scheduler(num_blocks=3, block_size=4)
-    big = Sequence("big", list(range(10)), 10, 2)
-    small = Sequence("small", [1], 1, 2)
-    hog = Sequence("hog", list(range(50, 58)), 8, 2)
+    big = Sequence("big", list(range(10)), 10)
+    small = Sequence("small", [1], 1)
+    hog = Sequence("hog", list(range(50, 58)), 8)
     sched.add(hog)
     _run_step(sched)
     sched.add(big)
