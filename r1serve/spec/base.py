@@ -50,34 +50,31 @@ LABEL_VALUE_RULE = ("must be a Kubernetes label value: empty or at most 63 lette
 MAX_NAME_LENGTH = 40
 
 
+def _matching(value: str, pattern: re.Pattern, max_length: int, rule: str) -> str:
+    if len(value) > max_length:
+        raise ValueError(f"must be at most {max_length} characters (is {len(value)})")
+    if not pattern.fullmatch(value):
+        raise ValueError(rule)
+    return value
+
+
 def check_dns_1035_label(value: str) -> str:
     """Kubernetes resource names that become Service names must be DNS-1035 labels."""
-    if len(value) > MAX_NAME_LENGTH:
-        raise ValueError(f"must be at most {MAX_NAME_LENGTH} characters (is {len(value)})")
-    if not DNS_1035_LABEL_PATTERN.fullmatch(value):
-        raise ValueError(
-            "must be a DNS-1035 label: lowercase letters, digits and '-', "
-            "starting with a letter and ending with a letter or digit"
-        )
-    return value
+    return _matching(value, DNS_1035_LABEL_PATTERN, MAX_NAME_LENGTH,
+                     "must be a DNS-1035 label: lowercase letters, digits and '-', "
+                     "starting with a letter and ending with a letter or digit")
 
 
 def check_dns_1123_label(value: str) -> str:
-    if len(value) > 63 or not _DNS_1123_LABEL.fullmatch(value):
-        raise ValueError(
-            "must be a DNS-1123 label: at most 63 lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit"
-        )
-    return value
+    return _matching(value, _DNS_1123_LABEL, 63,
+                     "must be a DNS-1123 label: at most 63 lowercase letters, digits and '-', "
+                     "starting and ending with a letter or digit")
 
 
 def check_dns_1123_subdomain(value: str) -> str:
-    if len(value) > 253 or not DNS_1123_SUBDOMAIN_PATTERN.fullmatch(value):
-        raise ValueError(
-            "must be a Kubernetes object name (DNS-1123 subdomain): lowercase letters, "
-            "digits, '-' and '.', starting and ending with a letter or digit"
-        )
-    return value
+    return _matching(value, DNS_1123_SUBDOMAIN_PATTERN, 253,
+                     "must be a Kubernetes object name (DNS-1123 subdomain): lowercase letters, "
+                     "digits, '-' and '.', starting and ending with a letter or digit")
 
 
 def is_label_key(value: str) -> bool:
