@@ -67,6 +67,16 @@ def test_a_minimal_spec_is_defaulted_like_the_spec_model(cluster, namespace):
     assert created["spec"] == load_r1deployment(doc).to_manifest()["spec"]
 
 
+def test_explicit_nulls_of_optional_fields_are_accepted_as_the_loader_accepts_them(cluster, namespace):
+    # The server's CEL sees a null optional field as absent (has() is false), like the loader's None.
+    doc = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    doc["spec"]["prefill"]["replicas"]["initial"] = None
+    doc["spec"]["decode"]["kvCacheBlocks"] = None
+    load_r1deployment(copy.deepcopy(doc))
+    created = _create(cluster, namespace, doc)
+    assert created["spec"]["prefill"]["replicas"].get("initial") is None
+
+
 def test_an_object_is_stored_and_read_back(cluster, namespace):
     doc = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     doc["metadata"]["name"] = "stored"

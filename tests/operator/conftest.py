@@ -201,9 +201,18 @@ class CustomResourceValidator:
         return apply_defaults(self.schema, copy.deepcopy(obj))
 
     def errors(self, obj: dict) -> list[str]:
-        """Schema errors, else CEL violations of the defaulted object (the server's order)."""
+        """Schema errors, else CEL violations of the defaulted object (the server's order). CEL sees a
+        null-valued (nullable) field as absent, as the API server's does: has() is false for it."""
         defaulted = self.defaulted(obj)
-        return self.schema_errors(defaulted) or cel_violations(self.schema, defaulted)
+        return self.schema_errors(defaulted) or cel_violations(self.schema, _without_nulls(defaulted))
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 @pytest.fixture(scope="session")
