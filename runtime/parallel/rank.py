@@ -52,13 +52,15 @@ class RankWorker:
         from r1serve.runtime.model.config import ModelConfig
 
         config = ModelConfig.from_file(config_dir)
-        self.layout = ExpertParallelLayout(config, self.rank, self.world_size, spec.redundant)
+        # A group of one rank (a GPU pool with expertParallel 1) holds every expert itself: no dispatch.
+        self.layout = ExpertParallelLayout(config, self.rank, self.world_size, spec.redundant) \
+            if self.world_size > 1 else None
         self.model = DeepseekV3ForCausalLM.from_checkpoint(
             config_dir, getattr(torch, spec.dtype), spec.device, experts=self.layout, progress=False
         )
-        # The all-to-all sizes its exchanges on the host, which a CUDA graph cannot capture: a rank's
-        # decode steps run eagerly.
-        engine_config = replace(spec.engine, cuda_graphs=False)
+        # The all-to-all sizes its exchanges on the host, which a CUDA graph cannot capture: the decode
+        # steps of a rank that dispatches run eagerly.
+        engine_config = spec.engine if self.layout is None else replace(spec.engine, cuda_graphs=False)
         self.engine = LLMEngine(self.model, Tokenizer.from_dir(config_dir), engine_config)
         self._want_rebalance = False
         self._stop = False
@@ -123,10 +125,12 @@ class RankWorker:
             elif kind == "describe":
                 outbox.put(("reply", self.rank, self.engine.describe()))
             elif kind == "load":
-                load = {layer: d.total_load.tolist() for layer, d in self.layout.dispatchers.items()}
+                dispatchers = self.layout.dispatchers if self.layout is not None else {}
+                load = {layer: d.total_load.tolist() for layer, d in dispatchers.items()}
                 outbox.put(("reply", self.rank, load))
             elif kind == "placements":
-                placements = {layer: p.physical_to_logical for layer, p in self.layout.placements.items()}
+                layers = self.layout.placements if self.layout is not None else {}
+                placements = {layer: p.physical_to_logical for layer, p in layers.items()}
                 outbox.put(("reply", self.rank, placements))
             elif kind == "rebalance":
                 self._want_rebalance = True
@@ -140,6 +144,8 @@ class RankWorker:
         """Collective: sum every rank's per-expert load, compute the same balanced placement everywhere,
         and load the experts that moved onto this rank from the checkpoint. Runs between steps."""
         self._want_rebalance = False
+        if self.layout is None:
+            return  # one rank holds every expert
         for layer, placement in list(self.layout.placements.items()):
             dispatcher = self.layout.dispatcher(layer)
             load = dispatcher.take_load()

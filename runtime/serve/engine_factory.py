@@ -53,17 +53,16 @@ def make_engine_client(plan: PoolPlan, checkpoint: Path, source: EngineSource = 
     """The engine of one pool replica: one EP group of expertParallel ranks, or the engine in this process."""
     if source.kind == "mock":
         return _mock_engine(plan, source)
-    if plan.expert_parallel > 1:
-        # The ranks hold the GPUs their bundles reserve, not this replica: the device is the spec's.
+    if plan.expert_parallel > 1 or plan.gpus_per_rank:
+        # The GPUs belong to the rank bundles, not to the replica actor (which reserves none): a GPU pool
+        # runs its engine in rank actors even with one rank, so the device is the spec's.
         device = "cuda" if plan.gpus_per_rank else "cpu"
         return _expert_parallel_group(plan, checkpoint, device, torch_dtype(plan.dtype, device))
     import torch
 
-    device = "cuda" if plan.gpus_per_rank and torch.cuda.is_available() else "cpu"
-    dtype = torch_dtype(plan.dtype, device)
-    if device == "cpu":
-        # The replica actor reserves one CPU, but the model runs for the rank the spec sized.
-        torch.set_num_threads(max(1, min(plan.cpu_threads, os.cpu_count() or 1)))
+    device, dtype = "cpu", torch_dtype(plan.dtype, "cpu")
+    # The replica actor reserves one CPU, but the model runs for the rank the spec sized.
+    torch.set_num_threads(max(1, min(plan.cpu_threads, os.cpu_count() or 1)))
 
     from r1serve.runtime.engine.async_engine import AsyncEngine
     from r1serve.runtime.engine.engine import LLMEngine
@@ -87,8 +86,9 @@ def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype)
 
         from r1serve.runtime.parallel.group import ExpertParallelGroup
     except ImportError as exc:
-        raise RuntimeError(f"{plan.field('expertParallel')}: {plan.expert_parallel} ranks need the "
-                           f"expert-parallel runtime, which cannot be imported here: {exc}") from exc
+        raise RuntimeError(f"{plan.field('expertParallel')}: {plan.expert_parallel} rank(s) with "
+                           f"{plan.gpus_per_rank} GPU(s) each need the expert-parallel runtime, which cannot be "
+                           f"imported here: {exc}") from exc
     placement_group = ray.util.get_current_placement_group()
     # Serve reserved the replica's bundles from the same Serve config the plan was read from.
     bundles = placement_group.bundle_specs[1:] if placement_group is not None else plan.rank_bundles

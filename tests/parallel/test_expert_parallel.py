@@ -103,6 +103,20 @@ def test_greedy_generation_through_the_group_equals_one_process_before_and_after
         group.shutdown()
 
 
+def test_a_group_of_one_rank_holds_every_expert_and_generates_like_one_process(tiny_checkpoint):
+    # What a GPU pool with expertParallel 1 runs: the engine in the rank that holds the GPU, no dispatch.
+    prompts = _prompts()
+    group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 1, engine=ENGINE, dtype="float64")
+    try:
+        expected = _single_process(tiny_checkpoint, prompts)
+        assert _through_group(group, prompts) == expected
+        assert group.placements() == [{}] and group.expert_load() == {}
+        group.rebalance()
+        assert list(_through_group(group, prompts, prefix="again").values()) == list(expected.values())
+    finally:
+        group.shutdown()
+
+
 def test_a_killed_rank_fails_requests_within_a_bounded_time(tiny_checkpoint):
     group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 2, engine=ENGINE, timeout_s=10)
 

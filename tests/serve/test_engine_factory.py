@@ -27,8 +27,20 @@ def test_a_pool_asking_for_ranks_never_silently_runs_in_one_process(monkeypatch,
     plan = _plans(deployment)[pool]
     assert plan.expert_parallel == 2
     monkeypatch.setitem(sys.modules, "r1serve.runtime.parallel.group", None)  # cannot be imported
-    with pytest.raises(RuntimeError, match=rf"spec\.{pool}\.expertParallel: 2 ranks need the expert-parallel "
-                                           "runtime, which cannot be imported here"):
+    with pytest.raises(RuntimeError, match=rf"spec\.{pool}\.expertParallel: 2 rank\(s\) with 0 GPU\(s\) each "
+                                           "need the expert-parallel runtime, which cannot be imported here"):
+        make_engine_client(plan, tmp_path)
+
+
+def test_a_gpu_pool_of_one_rank_runs_its_engine_in_the_rank_that_holds_the_gpu(monkeypatch, tmp_path):
+    # The replica actor reserves no GPU: an engine built in it would land on the CPU without a word.
+    doc = yaml.safe_load(TINY.read_text())
+    doc["spec"]["decode"].update(expertParallel=1, gpusPerRank=1)
+    doc["spec"]["prefill"].update(gpusPerRank=1)
+    plan = _plans(parse_r1deployment(doc))["decode"]
+    assert plan.rank_bundles[0]["GPU"] == 1.0
+    monkeypatch.setitem(sys.modules, "r1serve.runtime.parallel.group", None)
+    with pytest.raises(RuntimeError, match=r"spec\.decode\.expertParallel: 1 rank\(s\) with 1 GPU\(s\) each"):
         make_engine_client(plan, tmp_path)
 
 
