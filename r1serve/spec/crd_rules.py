@@ -16,6 +16,7 @@ from r1serve.spec.base import (
     MAX_NAME_LENGTH,
 )
 from r1serve.spec.sections import (
+    NCCL_REFUSED,
     NORMAL_ABSOLUTE_PATTERN,
     PRESET_PATTERN,
     RESERVED_MOUNT_PATHS,
@@ -265,10 +266,8 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
         _divisible("decode"),
         _kv_cache_fits("prefill"),
         _kv_cache_fits("decode"),
-        _rule("self.kvTransfer.connector != 'nccl' || !self.disaggregation || "
-              "(self.decode.gpusPerRank > 0 && (!has(self.prefill) || self.prefill.gpusPerRank > 0))",
-              "kvTransfer.connector nccl needs GPUs: prefill.gpusPerRank and "
-              "decode.gpusPerRank must be >= 1", ".kvTransfer.connector"),
+        _rule("self.kvTransfer.connector != 'nccl' || !self.disaggregation",
+              f"kvTransfer.connector {NCCL_REFUSED}", ".kvTransfer.connector"),
         _rule("!has(self.ratio) || !has(self.prefill) || double(self.ratio.min) <= "
               f"double(self.prefill.replicas.max) / {_DECODE_MIN}",
               "ratio.min is above the highest reachable ratio prefill.replicas.max / "

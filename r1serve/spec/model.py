@@ -8,7 +8,7 @@ from pydantic import AfterValidator, Field, model_validator
 from r1serve.spec.base import SpecModel, check_dns_1035_label, check_dns_1123_label
 from r1serve.spec.errors import FieldError, raise_all
 from r1serve.spec.pool import DecodePool, PrefillPool
-from r1serve.spec.sections import ApiSpec, Experts, KVTransfer, ModelSpec, Ratio
+from r1serve.spec.sections import NCCL_REFUSED, ApiSpec, Experts, KVTransfer, ModelSpec, Ratio
 from r1serve.spec.upgrade import INCREMENTAL, Upgrade
 from r1serve.spec.workers import Workers
 
@@ -125,12 +125,7 @@ def _check_kv_cache(spec: "R1DeploymentSpec") -> list[FieldError]:
 def _check_connector(spec: "R1DeploymentSpec") -> list[FieldError]:
     if spec.kv_transfer.connector != "nccl" or not spec.disaggregation:
         return []
-    cpu_pools = [r for r, p in spec.active_pools().items() if p.gpus_per_rank == 0]
-    if cpu_pools:
-        where = " and ".join(f"{r}.gpusPerRank" for r in cpu_pools)
-        return [FieldError("kvTransfer.connector", f"nccl needs GPUs but {where} is 0",
-                           spec.kv_transfer.connector)]
-    return []
+    return [FieldError("kvTransfer.connector", NCCL_REFUSED, spec.kv_transfer.connector)]
 
 
 def _check_upgrade(spec: "R1DeploymentSpec") -> list[FieldError]:

@@ -33,7 +33,10 @@ RESERVED_PORTS: dict[int, str] = {
 }
 
 Dtype = Literal["auto", "bfloat16", "float32", "float64"]
-Connector = Literal["auto", "object-store", "nccl"]
+Connector = Literal["auto", "object-store", "nixl", "nccl"]
+NCCL_REFUSED = ("nccl cannot serve elastic pools: Ray moves tensors over NCCL only between actors in "
+                "a fixed collective group, which cannot follow prefill and decode replicas as they "
+                "scale; use nixl (rank to rank, GPUs or CPUs) or auto")
 
 
 def _absolute(path: str) -> str:
@@ -247,9 +250,12 @@ class KVTransfer(SpecModel):
 
     connector: Connector = Field(
         "auto",
-        description="object-store: through the Ray object store (works everywhere); nccl: "
-        "GPU to GPU (both pools need gpusPerRank >= 1); auto: nccl when both pools have "
-        "GPUs, else object-store.",
+        description="nixl: rank to rank, one-sided (NIXL over UCX, GPU or CPU memory): the "
+        "prefill rank keeps the prompt's latents until the decode rank reads them; needs the "
+        "nixl package in the image. object-store: through Ray's object store (host memory, "
+        "works everywhere). auto: nixl where it can be imported, else object-store (the "
+        "choice shows in r1serve status). nccl is refused: Ray's NCCL transport needs fixed "
+        "collective groups, which cannot follow pools as they scale.",
     )
     timeout_seconds: float = Field(
         30.0,
