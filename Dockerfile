@@ -20,5 +20,5 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_IN
 
 # Ray's images run as `ray` (uid 1000, group users 100), as the rendered pods require.
 COPY --chown=1000:100 . /tmp/r1serve-src
-RUN pip install --no-cache-dir "/tmp/r1serve-src[operator]" && rm -rf /tmp/r1serve-src
+RUN pip install --no-cache-dir "/tmp/r1serve-src[operator,nixl]" && rm -rf /tmp/r1serve-src
 USER 1000

@@ -10,4 +10,7 @@ def format_engine(description: Mapping[str, str]) -> str:
     line = (f"on {description.get('device', '?')}, kernels {description.get('kernels', '?')}, "
             f"CUDA graphs {description.get('cudaGraphs', '?')}")
     ranks = description.get("ranks")
-    return f"{line}, {ranks} expert-parallel ranks" if ranks and ranks != "1" else line
+    if ranks and ranks != "1":
+        line = f"{line}, {ranks} expert-parallel ranks"
+    connector = description.get("kvConnector")
+    return f"{line}, KV hand-off {connector}" if connector else line

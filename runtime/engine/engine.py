@@ -42,6 +42,9 @@ class EngineConfig:
     kernels: str = "auto"  # auto: Triton kernels on CUDA, the torch path on CPU; or torch, triton
     overlap: bool | None = None  # read each step's tokens back one call later (None: on CUDA only)
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (on CUDA with the Triton kernels)
+    # A prefill engine's hand-offs keep their latents on its device, for a decode rank to read them
+    # there (rank to rank); otherwise they are copied to host memory.
+    handoff_on_device: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -272,7 +275,7 @@ class LLMEngine:
             prompt_token_ids=seq.token_ids[: seq.prompt_len],
             first_token_id=first_token,
             params=state.params,
-            latents=self.runner.read_latents(seq, seq.prompt_len),
+            latents=self.runner.read_latents(seq, seq.prompt_len, to_host=not self.config.handoff_on_device),
             generator_state=state.generator.get_state() if state.generator is not None else None,
             cached_tokens=seq.num_cached_tokens,
         )

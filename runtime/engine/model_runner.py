@@ -105,10 +105,12 @@ class ModelRunner:
     def run_empty(self) -> None:
         self.model(ForwardBatch.empty(self.device), self.caches)
 
-    def read_latents(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
-        """[num_layers, num_tokens, latent_dim] copy of the sequence's cached latents, on the CPU."""
+    def read_latents(self, seq: Sequence, num_tokens: int, to_host: bool = True) -> torch.Tensor:
+        """[num_layers, num_tokens, latent_dim] copy of the sequence's cached latents, on the CPU (or left on
+        the device)."""
         slots = self.slots(seq, num_tokens).to(self.device)
-        return torch.stack([cache[slots] for cache in self.caches]).cpu()
+        latents = torch.stack([cache[slots] for cache in self.caches])
+        return latents.cpu() if to_host else latents
 
     def write_latents(self, seq: Sequence, start: int, latents: torch.Tensor) -> None:
         """Store latents [num_layers, n, latent_dim] for the sequence's tokens start .. start + n."""

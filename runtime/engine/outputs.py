@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -39,6 +39,22 @@ class RequestOutput:
     handoff: KVHandoff | None = None
 
 
+@dataclass(frozen=True)
+class RemoteLatents:
+    """A hand-off's latents left where the prefill rank computed them, for the decode rank that takes the
+    hand-off to read (rank to rank); `ref` is the transport's reference to them."""
+
+    ref: Any
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    transport: str
+
+
+class KVTransferError(RuntimeError):
+    """A hand-off's latents could not be received (timed out, or their prefill rank is gone)."""
+
+
 @dataclass
 class KVHandoff:
     """A prefilled sequence, moved from a prefill engine to a decode engine.
@@ -51,16 +67,21 @@ class KVHandoff:
     prompt_token_ids: list[int]
     first_token_id: int
     params: SamplingParams
-    latents: torch.Tensor
+    latents: torch.Tensor | RemoteLatents
     generator_state: torch.Tensor | None = None
     cached_tokens: int = 0
 
     @property
     def nbytes(self) -> int:
+        if isinstance(self.latents, RemoteLatents):
+            return self.latents.nbytes
         return self.latents.numel() * self.latents.element_size()
 
     def validate(self, num_layers: int, latent_dim: int) -> None:
         expected = (num_layers, len(self.prompt_token_ids), latent_dim)
+        if isinstance(self.latents, RemoteLatents):
+            raise RequestError("handoff.latents", f"still on the prefill rank ({self.latents.transport}); the "
+                                                  "rank taking the hand-off reads them first")
         if tuple(self.latents.shape) != expected:
             raise RequestError("handoff.latents", f"expected shape {expected}, got {tuple(self.latents.shape)}")
 

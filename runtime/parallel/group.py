@@ -13,13 +13,20 @@ from typing import AsyncIterator
 
 from r1serve.runtime.engine.engine import EngineConfig
 from r1serve.runtime.engine.interface import last_output
-from r1serve.runtime.engine.outputs import EngineStats, EngineUnavailableError, KVHandoff, RequestError, RequestOutput
+from r1serve.runtime.engine.outputs import (
+    EngineStats,
+    EngineUnavailableError,
+    KVHandoff,
+    KVTransferError,
+    RequestError,
+    RequestOutput,
+)
 from r1serve.runtime.engine.sampling import SamplingParams
 from r1serve.runtime.engine.stream_relay import StreamRelay
 
 from .layout import GroupConfig, free_tcp_address
 from .rank import RankSpec
-from .transport import ProcessTransport, RankTransport, RayTransport, rank0_address
+from .transport import DirectLatents, ProcessTransport, RankTransport, RayTransport, rank0_address
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +74,16 @@ class ExpertParallelGroup:
 
     @classmethod
     def on_ray(cls, checkpoint: str, bundles: list[dict[str, float]], *, engine: EngineConfig, dtype: str,
-               device: str, redundant: int, placement_group=None, timeout_s: float = 60.0) -> ExpertParallelGroup:
+               device: str, redundant: int, placement_group=None, timeout_s: float = 60.0,
+               direct: DirectLatents | None = None) -> ExpertParallelGroup:
         """One rank per bundle, as Ray actors in bundles 1..N of `placement_group` (a Serve replica's own,
-        whose bundle 0 is the replica); without one the ranks are scheduled freely."""
+        whose bundle 0 is the replica); without one the ranks are scheduled freely. With `direct`, hand-offs
+        move rank to rank."""
         address = rank0_address(placement_group, timeout_s)
         specs = rank_specs(checkpoint, len(bundles), engine=engine, dtype=dtype, device=device,
                            redundant=redundant, timeout_s=timeout_s, address=address)
         log.info("starting %d %s ranks at %s", len(bundles), engine.role, address)
-        return cls(RayTransport(specs, bundles, placement_group=placement_group))
+        return cls(RayTransport(specs, bundles, placement_group=placement_group, direct=direct))
 
     # -- EngineClient ------------------------------------------------------------------------------
 
@@ -233,6 +242,9 @@ class ExpertParallelGroup:
         elif kind == "rejected":
             _, _, request_id, field, text = message
             self._deliver(request_id, RequestError(field, text.split(": ", 1)[-1]))
+        elif kind == "lost":  # a hand-off's latents could not be read from its prefill rank
+            _, _, request_id, text = message
+            self._deliver(request_id, KVTransferError(text))
         elif kind == "reply":
             for reply in list(self._replies.values()):
                 reply.put((message[1], message[2]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
-from r1serve.runtime.engine.outputs import RequestError
+from r1serve.runtime.engine.outputs import RemoteLatents, RequestError
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
 from r1serve.runtime.model.weights import checkpoint_shapes, expert_of
 from r1serve.runtime.tokenizer import Tokenizer
@@ -44,8 +45,10 @@ class RankWorker:
     ("rejected", rank, request_id, field, message), ("stats", rank, stats) or ("failed", rank, text).
     """
 
-    def __init__(self, spec: RankSpec):
+    def __init__(self, spec: RankSpec, park: Callable[[torch.Tensor], RemoteLatents] | None = None):
         self.spec = spec
+        # Rank to rank: a prefill rank keeps each hand-off's latents on its device and hands on a reference.
+        self._park = park if spec.engine.role == "prefill" else None
         self.rank, self.world_size = spec.group.rank, spec.group.world_size
         join_group(spec.group, spec.device)
         config_dir = Path(spec.checkpoint)
@@ -61,6 +64,7 @@ class RankWorker:
         # The all-to-all sizes its exchanges on the host, which a CUDA graph cannot capture: the decode
         # steps of a rank that dispatches run eagerly.
         engine_config = spec.engine if self.layout is None else replace(spec.engine, cuda_graphs=False)
+        engine_config = replace(engine_config, handoff_on_device=self._park is not None)
         self.engine = LLMEngine(self.model, Tokenizer.from_dir(config_dir), engine_config)
         self._want_rebalance = False
         self._stop = False
@@ -84,6 +88,10 @@ class RankWorker:
                 busy = bool(flags[0])
                 if busy:
                     outputs = self.engine.step(lockstep=True)
+                    if self._park is not None:
+                        for out in outputs:
+                            if out.handoff is not None:
+                                out.handoff.latents = self._park(out.handoff.latents)
                     if outputs:
                         outbox.put(("outputs", self.rank, outputs))
         except Exception as exc:  # noqa: BLE001 - a broken collective or rank must be reported, not hang
@@ -162,11 +170,11 @@ class RankWorker:
             dispatcher.set_placement(new)
 
 
-def rank_main(spec: RankSpec, inbox, outbox) -> None:
-    """Entry point of a rank process."""
+def rank_main(spec: RankSpec, inbox, outbox, park: Callable[[torch.Tensor], RemoteLatents] | None = None) -> None:
+    """Entry point of a rank process; `park` keeps a prefill rank's hand-off latents for a decode rank to read."""
     torch.set_num_threads(max(1, spec.options.get("threads", 1)))
     try:
-        worker = RankWorker(spec)
+        worker = RankWorker(spec, park)
     except Exception:  # noqa: BLE001
         outbox.put(("failed", spec.group.rank, traceback.format_exc(limit=3)))
         leave_group()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from typing import Protocol, Sequence
 
+import torch
 import torch.multiprocessing as tmp
+
+from r1serve.runtime.engine.outputs import KVHandoff, KVTransferError, RemoteLatents
 
 from .rank import RankSpec, rank_main
 
@@ -73,15 +77,69 @@ class ProcessTransport:
                 proc.kill()
 
 
-class _RankActor:
-    """A rank inside a Ray actor: the lockstep loop runs on a thread, commands arrive by method call."""
+class DirectLatents:
+    """Hand-offs rank to rank over one of Ray Direct Transport's one-sided transports (`nixl`).
 
-    def __init__(self, spec: RankSpec, outbox):
+    The prefill rank `park`s a hand-off's latents in its own RDT store, where they stay on its device, and
+    hands on only the reference; the decode rank that takes the hand-off `pull`s them straight from there.
+    They are freed when the last holder of the reference lets it go: once pulled, or when the request is
+    abandoned on the way. `waiting_bytes` counts what is parked and not freed yet."""
+
+    def __init__(self, transport: str, timeout_s: float):
+        self.transport, self.timeout_s = transport, timeout_s
+        self._parked: list[tuple[weakref.ref, int]] = []
+
+    def park(self, latents: torch.Tensor) -> RemoteLatents:
+        import ray
+
+        nbytes = latents.numel() * latents.element_size()
+        ref = ray.put(latents, _tensor_transport=self.transport)
+        self._parked = [(alive, size) for alive, size in self._parked if alive() is not None]
+        self._parked.append((weakref.ref(latents), nbytes))
+        return RemoteLatents(ref, tuple(latents.shape), str(latents.dtype).removeprefix("torch."), nbytes,
+                             self.transport)
+
+    def pull(self, handoff: KVHandoff) -> KVHandoff:
+        """The hand-off with its latents here; KVTransferError if they cannot be read in time."""
+        import ray
+
+        remote = handoff.latents
+        if not isinstance(remote, RemoteLatents):
+            return handoff
+        try:
+            latents = ray.get(remote.ref, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise KVTransferError(f"{handoff.request_id}: KV cache not received within {self.timeout_s:g}s "
+                                  "(kvTransfer.timeoutSeconds)") from None
+        except ray.exceptions.RayError as exc:
+            raise KVTransferError(f"{handoff.request_id}: KV cache lost in transfer ({remote.transport}): "
+                                  f"{type(exc).__name__}") from exc
+        handoff.latents = latents
+        return handoff
+
+    def waiting_bytes(self) -> int:
+        return sum(size for alive, size in self._parked if alive() is not None)
+
+
+class _RankActor:
+    """A rank inside a Ray actor: the lockstep loop runs on a thread, commands arrive by method call. With
+    `direct`, hand-offs move rank to rank: a decode rank reads a hand-off's latents here, off the lockstep
+    loop, before its engine takes it."""
+
+    def __init__(self, spec: RankSpec, outbox, direct: DirectLatents | None = None):
         self._inbox: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=rank_main, args=(spec, self._inbox, outbox), daemon=True)
+        self._outbox, self._rank, self._direct = outbox, spec.group.rank, direct
+        self._thread = threading.Thread(target=rank_main, args=(spec, self._inbox, outbox),
+                                        kwargs={"park": direct.park if direct is not None else None}, daemon=True)
         self._thread.start()
 
     def put(self, command: tuple) -> None:
+        if command[0] == "handoff" and self._direct is not None:
+            try:
+                command = ("handoff", self._direct.pull(command[1]))
+            except KVTransferError as exc:
+                self._outbox.put(("lost", self._rank, command[1].request_id, str(exc)))
+                return
         self._inbox.put(command)
 
     def alive(self) -> bool:
@@ -117,14 +175,14 @@ class RayTransport:
     the whole group together (a Serve replica reserves the bundles); outputs come back on a Ray queue."""
 
     def __init__(self, specs: Sequence[RankSpec], bundles: Sequence[dict[str, float]], *, placement_group=None,
-                 first_bundle: int = 1):
+                 first_bundle: int = 1, direct: DirectLatents | None = None):
         import ray
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.world_size = len(specs)
         self._outbox = Queue(actor_options={"num_cpus": 0})
-        actor = ray.remote(_RankActor)
+        actor = ray.remote(enable_tensor_transport=direct is not None)(_RankActor)
         self.actors = []
         for spec, bundle in zip(specs, bundles):
             resources = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
@@ -134,7 +192,7 @@ class RayTransport:
             self.actors.append(actor.options(
                 num_cpus=bundle.get("CPU", 1), num_gpus=bundle.get("GPU", 0), resources=resources,
                 scheduling_strategy=strategy, name=None, max_restarts=0,
-            ).remote(spec, self._outbox))
+            ).remote(spec, self._outbox, direct))
         self._dead: str | None = None
 
     def send(self, rank: int, command: tuple) -> None:

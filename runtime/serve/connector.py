@@ -12,17 +12,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from r1serve.runtime.engine.outputs import KVHandoff
+from r1serve.runtime.engine.outputs import KVHandoff, KVTransferError, RemoteLatents
 from r1serve.spec import R1Deployment
 
 log = logging.getLogger(__name__)
 
 OBJECT_STORE = "object-store"
-NCCL = "nccl"
-
-
-class KVTransferError(RuntimeError):
-    """The hand-off could not be received (timed out, or its owner died)."""
+NIXL = "nixl"
 
 
 @dataclass(frozen=True)
@@ -79,43 +75,57 @@ class ObjectStoreConnector:
             raise KVTransferError(f"{ticket.request_id}: KV cache lost in transfer: {exc}") from exc
 
 
-class NcclConnector:
-    """Design slot: GPU-to-GPU transfer of latents between the two pools' ranks.
+class DirectConnector:
+    """Rank to rank: the hand-off's latents stay on the prefill rank (RemoteLatents) and the decode rank that
+    takes it reads them from there (runtime/parallel/transport.py, DirectLatents); only the small hand-off
+    with its reference travels through the replicas and the Ingress. The decode rank's read is bounded by
+    kvTransfer.timeoutSeconds."""
 
-    Planned shape (as SGLang's and Ray Serve LLM's NIXL/NCCL connectors): each decode rank registers a
-    receive buffer; `send` returns a ticket holding the prefill rank's address and the cache block ids
-    instead of the tensor; `receive` asks the prefill rank to write its blocks straight into the decode
-    rank's paged cache over NCCL (send/recv on a communicator created per prefill-decode rank pair),
-    then releases the prefill blocks. The engine's KVHandoff already carries everything but the
-    transport, so only this class changes when it lands.
-    """
-
-    name = NCCL
+    name = NIXL
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
 
     def send(self, handoff: KVHandoff) -> HandoffTicket:
-        raise NotImplementedError("the NCCL KV connector is not implemented yet; use kvTransfer.connector: "
-                                  "object-store")
+        if not isinstance(handoff.latents, RemoteLatents):
+            raise KVTransferError(f"{handoff.request_id}: the prefill engine copied its KV cache to the host; "
+                                  "kvTransfer.connector nixl needs it left on the prefill rank")
+        return HandoffTicket(handoff.request_id, len(handoff.prompt_token_ids), handoff.nbytes, handoff)
 
     async def receive(self, ticket: HandoffTicket) -> KVHandoff:
-        raise NotImplementedError("the NCCL KV connector is not implemented yet")
+        return ticket.ref
+
+
+def nixl_importable() -> bool:
+    try:
+        import nixl  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install is as unusable as a missing one
+        return False
+    return True
 
 
 def connector_name(deployment: R1Deployment) -> str:
-    """The connector a deployment uses: `auto` is the object store until the NCCL connector exists."""
-    wanted = deployment.spec.kv_transfer.connector
-    if wanted == NCCL:
-        log.warning("kvTransfer.connector nccl is not implemented yet; using the object store")
-    return OBJECT_STORE
+    """The connector a deployment's replicas use."""
+    return resolve_connector(deployment.spec.kv_transfer.connector)
+
+
+def resolve_connector(wanted: str) -> str:
+    """What kvTransfer.connector names, `auto` resolved here. Never a silent substitute: a connector that
+    cannot run here is an error naming the field."""
+    if wanted == "auto":
+        return NIXL if nixl_importable() else OBJECT_STORE
+    if wanted == NIXL and not nixl_importable():
+        raise RuntimeError("spec.kvTransfer.connector: nixl needs the nixl package on every node "
+                           "(pip install 'r1serve[nixl]'); it cannot be imported here")
+    if wanted not in CONNECTORS:
+        raise RuntimeError(f"spec.kvTransfer.connector: {wanted} cannot be used here")
+    return wanted
 
 
 def make_connector(deployment: R1Deployment, fault: str | None = None) -> KVConnector:
     """The deployment's connector; with `fault` (lost or timeout) wrapped in a FaultyConnector."""
     timeout = deployment.spec.kv_transfer.timeout_seconds
-    connectors = {OBJECT_STORE: ObjectStoreConnector, NCCL: NcclConnector}
-    connector = connectors[connector_name(deployment)](timeout)
+    connector = CONNECTORS[connector_name(deployment)](timeout)
     return FaultyConnector(connector, fault, timeout) if fault is not None else connector
 
 
@@ -138,3 +148,6 @@ class FaultyConnector:
             raise KVTransferError(f"{ticket.request_id}: KV cache not received within {self.timeout_s:g}s "
                                   "(kvTransfer.timeoutSeconds; injected)")
         raise KVTransferError(f"{ticket.request_id}: KV cache lost in transfer (injected)")
+
+
+CONNECTORS = {OBJECT_STORE: ObjectStoreConnector, NIXL: DirectConnector}

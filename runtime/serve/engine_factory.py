@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from r1serve.runtime.engine.interface import EngineClient
 
+from .connector import NIXL, resolve_connector
 from .pool_plan import PoolPlan
 
 KV_FAULTS = ("lost", "timeout")
@@ -53,11 +54,13 @@ def make_engine_client(plan: PoolPlan, checkpoint: Path, source: EngineSource = 
     """The engine of one pool replica: one EP group of expertParallel ranks, or the engine in this process."""
     if source.kind == "mock":
         return _mock_engine(plan, source)
-    if plan.expert_parallel > 1 or plan.gpus_per_rank:
+    # Rank to rank, a hand-off's latents move between rank actors, never through this replica.
+    direct = plan.engine_role != "both" and resolve_connector(plan.kv_connector) == NIXL
+    if plan.expert_parallel > 1 or plan.gpus_per_rank or direct:
         # The GPUs belong to the rank bundles, not to the replica actor (which reserves none): a GPU pool
         # runs its engine in rank actors even with one rank, so the device is the spec's.
         device = "cuda" if plan.gpus_per_rank else "cpu"
-        return _expert_parallel_group(plan, checkpoint, device, torch_dtype(plan.dtype, device))
+        return _expert_parallel_group(plan, checkpoint, device, torch_dtype(plan.dtype, device), direct)
     import torch
 
     device, dtype = "cpu", torch_dtype(plan.dtype, "cpu")
@@ -79,12 +82,13 @@ def torch_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype) -> EngineClient:
+def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype, direct: bool) -> EngineClient:
     # No fallback to one process: a resource that asks for N ranks gets N, or an error that says why.
     try:
         import ray
 
         from r1serve.runtime.parallel.group import ExpertParallelGroup
+        from r1serve.runtime.parallel.transport import DirectLatents
     except ImportError as exc:
         raise RuntimeError(f"{plan.field('expertParallel')}: {plan.expert_parallel} rank(s) with "
                            f"{plan.gpus_per_rank} GPU(s) each need the expert-parallel runtime, which cannot be "
@@ -97,7 +101,8 @@ def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype)
                            f"placement group holds {len(bundles)} rank bundles")
     return ExpertParallelGroup.on_ray(str(checkpoint), [dict(b) for b in bundles], engine=plan.engine,
                                       dtype=str(dtype).removeprefix("torch."), device=device,
-                                      redundant=plan.redundant_experts, placement_group=placement_group)
+                                      redundant=plan.redundant_experts, placement_group=placement_group,
+                                      direct=DirectLatents(NIXL, plan.kv_timeout_s) if direct else None)
 
 
 def _mock_engine(plan: PoolPlan, source: EngineSource) -> EngineClient:

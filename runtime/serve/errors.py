@@ -9,7 +9,7 @@ import logging
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from r1serve.runtime.engine.outputs import EngineUnavailableError, RequestError
+from r1serve.runtime.engine.outputs import EngineUnavailableError, KVTransferError, RequestError
 from r1serve.runtime.engine.sampling import SamplingParamsError
 from r1serve.runtime.tokenizer import TokenizerError
 
@@ -87,8 +87,6 @@ def classify(exc: BaseException, *, fields: Mapping[str, str] = MappingProxyType
 def _classify_runtime(exc: BaseException) -> ServeError:
     from ray import exceptions as ray_errors
     from ray.serve import exceptions as serve_errors
-
-    from .connector import KVTransferError
 
     if isinstance(exc, serve_errors.BackPressureError):
         return ServeError(Status.RESOURCE_EXHAUSTED, f"the server is overloaded, retry later ({exc.message})")

@@ -16,6 +16,7 @@ from r1serve.runtime.engine.outputs import EngineStats
 # Seconds; from a few ms (tiny models, short prompts) to minutes (long R1 prompts under load).
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5]
+HANDOFF_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 
 
 class IngressMetrics:
@@ -86,6 +87,17 @@ class PoolMetrics:
         self.kv_usage = gauge("r1serve_pool_kv_cache_usage", "Fraction of KV-cache blocks in use (0-1).")
         self.prefix_hit_rate = gauge("r1serve_pool_prefix_cache_hit_rate",
                                      "Prompt tokens served from the prefix cache / prompt tokens looked up.")
+        self.handoff_bytes = metrics.Counter(
+            "r1serve_kv_handoff_bytes_total", "Bytes of prompt latents handed from prefill to decode, by connector.",
+            tag_keys=("pool", "connector")).set_default_tags(tags)
+        self.handoff_seconds = metrics.Histogram(
+            "r1serve_kv_handoff_seconds", "From a decode replica taking a hand-off to its first output (the "
+            "latents received and written to the cache), by connector.", boundaries=HANDOFF_BUCKETS,
+            tag_keys=("pool", "connector")).set_default_tags(tags)
+
+    def handoff(self, connector: str, nbytes: int, seconds: float) -> None:
+        self.handoff_bytes.inc(nbytes, tags={"connector": connector})
+        self.handoff_seconds.observe(seconds, tags={"connector": connector})
 
     def update(self, stats: EngineStats) -> None:
         self.waiting.set(stats.waiting)

@@ -56,7 +56,7 @@ class PoolServer:
             path = ensure_checkpoint(deployment.spec.model)  # a node the driver could not write to
         self.engine = make_engine_client(plan, path, source)
         self.connector = make_connector(deployment, fault=source.kv_fault)
-        self._publish_engine()
+        self._publish_engine(kv_connector=self.connector.name if plan.engine_role != "both" else None)
         self.metrics = PoolMetrics(self.role)
         self._busy_at = max(1, plan.engine.max_running // 2)
         self._stream_interval = 0.0
@@ -87,8 +87,13 @@ class PoolServer:
 
     async def generate_from_handoff(self, ticket: HandoffTicket) -> AsyncIterator[tuple]:
         """Streams outputs in wire form (messages.to_wire), from the first token on."""
+        started = time.monotonic()
         handoff = await self.connector.receive(ticket)
+        first = True
         async for out in _checked(self.engine.generate_from_handoff(handoff), lambda: self._stream_interval):
+            if first:
+                first = False
+                self.metrics.handoff(self.connector.name, ticket.nbytes, time.monotonic() - started)
             yield out
 
     async def abort(self, request_id: str) -> None:
@@ -153,9 +158,11 @@ class PoolServer:
             except Exception:
                 log.exception("updating pool metrics failed")
 
-    def _publish_engine(self) -> None:
+    def _publish_engine(self, kv_connector: str | None) -> None:
         try:
-            description = self.engine.describe()
+            description = dict(self.engine.describe())
+            if kv_connector is not None:
+                description["kvConnector"] = kv_connector
         except Exception:  # an expert-parallel group that does not answer fails its health check instead
             log.warning("could not read how the %s engine runs", self.role, exc_info=True)
             return

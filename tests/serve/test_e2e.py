@@ -20,6 +20,7 @@ from r1serve.protos.r1serve.v1 import inference_pb2 as pb
 from r1serve.protos.r1serve.v1 import inference_pb2_grpc as pb_grpc
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.sampling import SamplingParams
+from r1serve.runtime.serve.status_board import STATUS_ROUTE
 
 pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -46,9 +47,18 @@ def reference(served_checkpoint):
     return greedy
 
 
-@pytest.fixture(scope="module", params=["disaggregated", "single-pool"])
+GRAPHS = {
+    "disaggregated": lambda docs: docs.tiny(),
+    # Rank to rank: the latents stay on the prefill rank until the decode rank reads them (NIXL over UCX
+    # on CPU memory), with expert parallelism on both sides.
+    "disaggregated-nixl": lambda docs: docs.tiny(kvTransfer={"connector": "nixl"}),
+    "single-pool": lambda docs: docs.single_pool(),
+}
+
+
+@pytest.fixture(scope="module", params=list(GRAPHS))
 def graph(request, cluster, docs):
-    cluster.deploy(docs.tiny() if request.param == "disaggregated" else docs.single_pool())
+    cluster.deploy(GRAPHS[request.param](docs))
     return cluster
 
 
@@ -193,3 +203,13 @@ def test_cli_generate_reports_the_status(graph, capsys):
 
     assert main(["generate", "--target", graph.grpc_target, "--prompt", "Hi", "--max-tokens", "0"]) == 1
     assert "INVALID_ARGUMENT: sampling.max_tokens" in capsys.readouterr().err
+
+
+def test_the_kv_connector_in_use_is_reported(graph, stub, request):
+    """GetModelInfo and `r1serve status` name the connector the replicas resolved and use."""
+    expected = {"disaggregated": "object-store", "disaggregated-nixl": "nixl", "single-pool": "object-store"}
+    kind = request.node.callspec.params["graph"]
+    assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).kv_connector == expected[kind]
+    if kind != "single-pool":  # the engine line of each pool in `r1serve status`
+        pools = httpx.get(f"{graph.http_url}{STATUS_ROUTE}", timeout=30).json()["pools"]
+        assert {pools[pool]["engine"]["kvConnector"] for pool in ("prefill", "decode")} == {expected[kind]}
