@@ -1,0 +1,117 @@
+"""KV hand-off benchmark: a prompt's latents from a prefill-like actor to a decode-like actor, per connector.
+
+    python benchmarks/kv_handoff.py [--tokens 512 4096 16384] [--repeats 3] [--record]
+
+Latents are DeepSeek-V3's: 61 layers x 576 values (kv_lora_rank 512 + rope 64) per token, bfloat16. As in
+the served graph, only a reference passes through a third actor (the replicas and the Ingress) between
+the two ranks. object-store: the prefill side puts the latents into Ray's object store and the decode
+side gets them. nixl: the prefill side parks them in its Ray Direct Transport store and the decode side
+reads them one-sided (runtime/parallel/transport.py, DirectLatents). Latency runs from the hand-off's
+start on the prefill side to the latents being in the decode side's memory. The ceiling is a copy of the
+same bytes within one process, measured in the same run (memory bandwidth, not a network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table, record  # noqa: E402
+
+SECTION = "kv-handoff"
+LAYERS, LATENT = 61, 576
+
+
+def latents(tokens: int) -> torch.Tensor:
+    return torch.ones(LAYERS, tokens, LATENT, dtype=torch.bfloat16)
+
+
+class Prefill:
+    def __init__(self):
+        from r1serve.runtime.parallel.transport import DirectLatents
+
+        self.direct = DirectLatents("nixl", 120.0)
+
+    def hand_off(self, tokens: int, connector: str) -> tuple[list, float]:
+        import ray
+
+        start = time.time()
+        x = latents(tokens)
+        ref = self.direct.park(x) if connector == "nixl" else ray.put(x)
+        return [ref], start
+
+
+class Relay:
+    def forward(self, box):
+        return box
+
+
+class Decode:
+    def receive(self, box, start: float) -> float:
+        import ray
+
+        item = box[0]
+        x = ray.get(item.ref if hasattr(item, "ref") else item, timeout=120)
+        assert x.shape[0] == LAYERS
+        return time.time() - start
+
+
+def copy_seconds(tokens: int, repeats: int) -> float:
+    x = latents(tokens)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.clone()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096, 16384])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(num_cpus=0, enable_tensor_transport=True)
+    prefill, decode = remote(Prefill).remote(), remote(Decode).remote()
+    relay = ray.remote(num_cpus=0)(Relay).remote()
+    rows = []
+    for tokens in args.tokens:
+        nbytes = LAYERS * tokens * LATENT * 2
+        ceiling = copy_seconds(tokens, args.repeats)
+        row = [tokens, f"{nbytes / 2**20:.0f}", f"{nbytes / ceiling / 1e9:.1f}"]
+        for connector in ("object-store", "nixl"):
+            seconds = []
+            for _ in range(args.repeats + 1):  # the first warms up the transport
+                box, start = ray.get(prefill.hand_off.remote(tokens, connector))
+                box = ray.get(relay.forward.remote(box))
+                seconds.append(ray.get(decode.receive.remote(box, start)))
+                del box
+            best = statistics.median(seconds[1:])
+            row += [f"{best * 1e3:.1f}", f"{nbytes / best / 1e9:.2f}"]
+        rows.append(row)
+    ray.shutdown()
+    headers = ["prompt tokens", "latents MiB", "copy GB/s (ceiling)", "object-store ms", "object-store GB/s",
+               "nixl ms", "nixl GB/s"]
+    table = markdown_table(headers, rows)
+    print(table)
+    if args.record:
+        record(SECTION, "## KV hand-off: object store vs rank to rank (NIXL), on CPU\n\n" + table + "\n\n"
+               "Latency is the median of the repeats after a warm-up, from the hand-off's start on the prefill "
+               "side to the latents in the decode side's memory, with the reference passed through a third "
+               "actor. Both sides share one machine's memory here. The GPU transports are measured only on "
+               "a machine with GPUs.")
+
+
+if __name__ == "__main__":
+    main()
