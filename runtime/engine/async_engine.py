@@ -50,14 +50,15 @@ class AsyncEngine:
         with self._lock:
             return self.engine.cached_prefix_hashes(limit)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        queue = self._open(request_id, lambda: self.engine.add_request(request_id, prompt_token_ids, params))
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       resumed: tuple[int, ...] = ()) -> AsyncIterator[RequestOutput]:
+        queue = self._open(request_id, lambda: self.engine.add_request(request_id, prompt_token_ids, params, resumed))
         async for out in self._relay.stream(request_id, queue, self.abort):
             yield out
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestOutput:
-        return await last_output(self.generate(request_id, prompt_token_ids, params))
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      resumed: tuple[int, ...] = ()) -> RequestOutput:
+        return await last_output(self.generate(request_id, prompt_token_ids, params, resumed))
 
     async def generate_from_handoff(self, handoff: KVHandoff) -> AsyncIterator[RequestOutput]:
         queue = self._open(handoff.request_id, lambda: self.engine.add_handoff(handoff))

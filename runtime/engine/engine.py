@@ -123,23 +123,30 @@ class LLMEngine:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    resumed: tuple[int, ...] | list[int] = ()) -> None:
+        """`resumed`: a request that lost its replica part-way continues here after the tokens its client
+        already has (they are computed again like a preempted sequence's, and not streamed twice)."""
         if self.config.role == "decode":
             raise RequestError("role", "a decode engine takes hand-offs (add_handoff), not prompts")
-        self._validate(request_id, prompt_token_ids, params)
-        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids))
-        self.requests[request_id] = self._state(seq, params)
+        self._validate(request_id, prompt_token_ids, params, resumed)
+        seq = Sequence(request_id, list(prompt_token_ids) + list(resumed), len(prompt_token_ids))
+        state = self._state(seq, params)
+        state.replay(list(resumed))
+        self.requests[request_id] = state
         self.scheduler.add(seq)
 
     def add_handoff(self, handoff: KVHandoff) -> list[RequestOutput]:
         """Take over a prefilled sequence; its first token is streamed at once."""
         if self.config.role == "prefill":
             raise RequestError("role", "a prefill engine cannot continue a hand-off")
-        self._validate(handoff.request_id, handoff.prompt_token_ids, handoff.params)
+        self._validate(handoff.request_id, handoff.prompt_token_ids, handoff.params, handoff.resumed_token_ids)
         handoff.validate(len(self.runner.caches), self.model.config.latent_dim)
         prompt = list(handoff.prompt_token_ids)
-        seq = Sequence(handoff.request_id, prompt + [handoff.first_token_id], len(prompt))
+        seq = Sequence(handoff.request_id, prompt + list(handoff.resumed_token_ids), len(prompt))
         state = self._state(seq, handoff.params)
+        state.replay(list(handoff.resumed_token_ids))
+        seq.token_ids.append(handoff.first_token_id)
         if state.generator is not None and handoff.generator_state is not None:
             state.generator.set_state(handoff.generator_state)
         self.requests[seq.request_id] = state
@@ -270,17 +277,19 @@ class LLMEngine:
 
     def _handoff(self, state: RequestState, first_token: int) -> RequestOutput:
         seq = state.seq
+        computed = seq.num_tokens - 1  # the prompt, and a resumed request's earlier tokens
         handoff = KVHandoff(
             request_id=seq.request_id,
             prompt_token_ids=seq.token_ids[: seq.prompt_len],
             first_token_id=first_token,
             params=state.params,
-            latents=self.runner.read_latents(seq, seq.prompt_len, to_host=not self.config.handoff_on_device),
+            latents=self.runner.read_latents(seq, computed, to_host=not self.config.handoff_on_device),
             generator_state=state.generator.get_state() if state.generator is not None else None,
             cached_tokens=seq.num_cached_tokens,
+            resumed_token_ids=seq.token_ids[seq.prompt_len:computed],
         )
         out = state.aborted("stop")
-        out.token_ids, out.handoff, out.completion_tokens = [first_token], handoff, 1
+        out.token_ids, out.handoff, out.completion_tokens = [first_token], handoff, seq.num_output_tokens
         return self._retire(state, out)
 
     def _admit_handoffs(self) -> None:
@@ -294,7 +303,7 @@ class LLMEngine:
             self.blocks.allocate(seq, seq.num_tokens)
             start = seq.num_cached_tokens  # a shared prefix already holds these latents
             self.runner.write_latents(seq, start, handoff.latents[:, start:])
-            seq.num_computed_tokens = seq.prompt_len
+            seq.num_computed_tokens = seq.num_tokens - 1  # the prompt, and a resumed request's earlier tokens
             self.blocks.commit(seq)
             seq.status = SequenceStatus.RUNNING
             self.scheduler.running.append(seq)
@@ -312,7 +321,8 @@ class LLMEngine:
         return RequestState(seq, params, self.tokenizer, max_model_len=self.max_model_len,
                             reasoning=self.config.reasoning, device=self.runner.device)
 
-    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                  resumed: tuple[int, ...] | list[int] = ()) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise RequestError("request_id", f"must be a non-empty string (got {request_id!r})")
         if request_id in self.requests:
@@ -322,9 +332,13 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if not prompt:
             raise RequestError("prompt", "is empty")
-        bad = next((t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise RequestError("prompt_token_ids", f"each id must be an integer in [0, {vocab}) (got {bad!r})")
+        for field, ids in (("prompt_token_ids", prompt), ("resumed_token_ids", resumed)):
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise RequestError(field, f"each id must be an integer in [0, {vocab}) (got {bad!r})")
+        if len(resumed) >= params.max_tokens:
+            raise RequestError("resumed_token_ids", f"{len(resumed)} tokens already sent leave nothing of max_tokens "
+                                                    f"({params.max_tokens}) to generate")
         params.check_against(vocab)
         check_fits(len(prompt), params.max_tokens, self.max_model_len)
         total = len(prompt) + params.max_tokens

@@ -10,14 +10,17 @@ from .sampling import SamplingParams
 
 class EngineClient(Protocol):
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, resumed: tuple[int, ...] = ()
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; the last one has `finished` set. Leaving the iteration early
-        (a cancelled consumer) aborts the request and frees its blocks."""
+        (a cancelled consumer) aborts the request and frees its blocks. `resumed`: tokens its client already
+        has (from a replica that was lost): generation continues after them and they are not streamed again."""
         ...
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestOutput:
-        """Prefill role: run the prompt, sample the first token; the output carries the KVHandoff."""
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      resumed: tuple[int, ...] = ()) -> RequestOutput:
+        """Prefill role: run the prompt (and `resumed`), sample the next token; the output carries the
+        KVHandoff."""
         ...
 
     def generate_from_handoff(self, handoff: KVHandoff) -> AsyncIterator[RequestOutput]:

@@ -47,28 +47,31 @@ class MockEngine:
         return EngineStats(self.role, 0, len(self.running), 0, self.num_blocks, used, self.num_blocks - used,
                            0, 0, 0, self.finished)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       resumed: tuple[int, ...] = ()) -> AsyncIterator[RequestOutput]:
         self._admit(request_id, prompt_token_ids, params)
-        async for out in self._emit(request_id, prompt_token_ids, params, start=0):
+        async for out in self._emit(request_id, prompt_token_ids, params, start=len(resumed)):
             yield out
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestOutput:
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      resumed: tuple[int, ...] = ()) -> RequestOutput:
         self._admit(request_id, prompt_token_ids, params)
         try:
             if self.prefill_delay_s:  # tests: a window in which the request sits in a prefill replica
                 await asyncio.sleep(self.prefill_delay_s)
         finally:
             self._release(request_id)
-        first = self.token_at(prompt_token_ids, 0, self.vocab_size)
+        first = self.token_at(prompt_token_ids, len(resumed), self.vocab_size)
         handoff = KVHandoff(request_id, list(prompt_token_ids), first, params,
-                            latents=torch.zeros(1, len(prompt_token_ids), 1))
+                            latents=torch.zeros(1, len(prompt_token_ids) + len(resumed), 1),
+                            resumed_token_ids=list(resumed))
         return RequestOutput(request_id, [first], finished=True, finish_reason="stop",
                              prompt_tokens=len(prompt_token_ids), completion_tokens=1, handoff=handoff)
 
     async def generate_from_handoff(self, handoff: KVHandoff) -> AsyncIterator[RequestOutput]:
         self._admit(handoff.request_id, handoff.prompt_token_ids, handoff.params)
-        async for out in self._emit(handoff.request_id, handoff.prompt_token_ids, handoff.params, start=0):
+        async for out in self._emit(handoff.request_id, handoff.prompt_token_ids, handoff.params,
+                                    start=len(handoff.resumed_token_ids)):
             yield out
 
     async def abort(self, request_id: str) -> None:

@@ -70,6 +70,8 @@ class KVHandoff:
     latents: torch.Tensor | RemoteLatents
     generator_state: torch.Tensor | None = None
     cached_tokens: int = 0
+    # A resumed request's tokens already streamed to its client: the latents cover the prompt and them.
+    resumed_token_ids: list[int] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -78,7 +80,7 @@ class KVHandoff:
         return self.latents.numel() * self.latents.element_size()
 
     def validate(self, num_layers: int, latent_dim: int) -> None:
-        expected = (num_layers, len(self.prompt_token_ids), latent_dim)
+        expected = (num_layers, len(self.prompt_token_ids) + len(self.resumed_token_ids), latent_dim)
         if isinstance(self.latents, RemoteLatents):
             raise RequestError("handoff.latents", f"still on the prefill rank ({self.latents.transport}); the "
                                                   "rank taking the hand-off reads them first")
@@ -99,6 +101,8 @@ class EngineStats:
     prefix_query_tokens: int
     preemptions: int
     finished: int
+    # Rank to rank: bytes of hand-off latents a prefill rank holds that no decode rank has read yet.
+    handoff_bytes_waiting: int = 0
 
     @property
     def kv_usage(self) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .detokenizer import IncrementalDetokenizer
-from .outputs import RequestOutput
+from .outputs import RequestError, RequestOutput
 from .reasoning import ReasoningParser
 from .sampler import make_generator
 from .sampling import SamplingParams
@@ -33,6 +33,15 @@ class RequestState:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def replay(self, token_ids: list[int]) -> None:
+        """A resumed request: its tokens already streamed to the client (already in the sequence) pass through
+        the detokenizer, the reasoning split and the stop checks, and nothing of them is emitted again; text
+        the client has not seen yet (held back at a stop-string or character boundary) comes out later."""
+        if token_ids:
+            self.process(list(token_ids))
+        if self.finished:
+            raise RequestError("resumed_token_ids", "the request had already finished with these tokens")
 
     def process(self, new_token_ids: list[int]) -> RequestOutput:
         """The sequence has just grown by `new_token_ids` (already appended to seq.token_ids)."""

@@ -91,16 +91,17 @@ class ExpertParallelGroup:
     def healthy(self) -> bool:
         return self.error is None
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       resumed: tuple[int, ...] = ()) -> AsyncIterator[RequestOutput]:
         rank = self._pick_rank(len(prompt_token_ids) + params.max_tokens)
         q = self._open(request_id, rank, len(prompt_token_ids) + params.max_tokens)
-        self._transport.send(rank, ("add", request_id, list(prompt_token_ids), params))
+        self._transport.send(rank, ("add", request_id, list(prompt_token_ids), params, tuple(resumed)))
         async for out in self._stream(request_id, q):
             yield out
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestOutput:
-        return await last_output(self.generate(request_id, prompt_token_ids, params))
+    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      resumed: tuple[int, ...] = ()) -> RequestOutput:
+        return await last_output(self.generate(request_id, prompt_token_ids, params, resumed))
 
     async def generate_from_handoff(self, handoff: KVHandoff) -> AsyncIterator[RequestOutput]:
         size = len(handoff.prompt_token_ids) + handoff.params.max_tokens

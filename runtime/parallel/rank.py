@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import queue
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -38,6 +37,14 @@ class RankSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+class Parking(Protocol):
+    """Where a prefill rank keeps hand-off latents until a decode rank reads them (transport.DirectLatents)."""
+
+    def park(self, latents: torch.Tensor) -> RemoteLatents: ...
+
+    def waiting_bytes(self) -> int: ...
+
+
 class RankWorker:
     """Owns the rank's model (attention and dense weights, plus its own experts) and its engine.
 
@@ -45,10 +52,10 @@ class RankWorker:
     ("rejected", rank, request_id, field, message), ("stats", rank, stats) or ("failed", rank, text).
     """
 
-    def __init__(self, spec: RankSpec, park: Callable[[torch.Tensor], RemoteLatents] | None = None):
+    def __init__(self, spec: RankSpec, parking: Parking | None = None):
         self.spec = spec
         # Rank to rank: a prefill rank keeps each hand-off's latents on its device and hands on a reference.
-        self._park = park if spec.engine.role == "prefill" else None
+        self._parking = parking if spec.engine.role == "prefill" else None
         self.rank, self.world_size = spec.group.rank, spec.group.world_size
         join_group(spec.group, spec.device)
         config_dir = Path(spec.checkpoint)
@@ -64,7 +71,7 @@ class RankWorker:
         # The all-to-all sizes its exchanges on the host, which a CUDA graph cannot capture: the decode
         # steps of a rank that dispatches run eagerly.
         engine_config = spec.engine if self.layout is None else replace(spec.engine, cuda_graphs=False)
-        engine_config = replace(engine_config, handoff_on_device=self._park is not None)
+        engine_config = replace(engine_config, handoff_on_device=self._parking is not None)
         self.engine = LLMEngine(self.model, Tokenizer.from_dir(config_dir), engine_config)
         self._want_rebalance = False
         self._stop = False
@@ -88,10 +95,10 @@ class RankWorker:
                 busy = bool(flags[0])
                 if busy:
                     outputs = self.engine.step(lockstep=True)
-                    if self._park is not None:
+                    if self._parking is not None:
                         for out in outputs:
                             if out.handoff is not None:
-                                out.handoff.latents = self._park(out.handoff.latents)
+                                out.handoff.latents = self._parking.park(out.handoff.latents)
                     if outputs:
                         outbox.put(("outputs", self.rank, outputs))
         except Exception as exc:  # noqa: BLE001 - a broken collective or rank must be reported, not hang
@@ -117,8 +124,8 @@ class RankWorker:
         kind = command[0]
         try:
             if kind == "add":
-                _, request_id, prompt, params = command
-                self.engine.add_request(request_id, prompt, params)
+                _, request_id, prompt, params, resumed = command
+                self.engine.add_request(request_id, prompt, params, resumed)
             elif kind == "handoff":
                 outputs = self.engine.add_handoff(command[1])
                 outbox.put(("outputs", self.rank, outputs))
@@ -127,7 +134,10 @@ class RankWorker:
                 if out is not None:
                     outbox.put(("outputs", self.rank, [out]))
             elif kind == "stats":
-                outbox.put(("reply", self.rank, self.engine.stats()))
+                stats = self.engine.stats()
+                if self._parking is not None:
+                    stats = replace(stats, handoff_bytes_waiting=self._parking.waiting_bytes())
+                outbox.put(("reply", self.rank, stats))
             elif kind == "prefix_hashes":
                 outbox.put(("reply", self.rank, self.engine.cached_prefix_hashes(command[1])))
             elif kind == "describe":
@@ -170,11 +180,11 @@ class RankWorker:
             dispatcher.set_placement(new)
 
 
-def rank_main(spec: RankSpec, inbox, outbox, park: Callable[[torch.Tensor], RemoteLatents] | None = None) -> None:
-    """Entry point of a rank process; `park` keeps a prefill rank's hand-off latents for a decode rank to read."""
+def rank_main(spec: RankSpec, inbox, outbox, parking: Parking | None = None) -> None:
+    """Entry point of a rank process; `parking` keeps a prefill rank's hand-off latents for a decode rank."""
     torch.set_num_threads(max(1, spec.options.get("threads", 1)))
     try:
-        worker = RankWorker(spec, park)
+        worker = RankWorker(spec, parking)
     except Exception:  # noqa: BLE001
         outbox.put(("failed", spec.group.rank, traceback.format_exc(limit=3)))
         leave_group()

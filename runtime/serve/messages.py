@@ -17,6 +17,8 @@ class PoolRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    # Tokens the client already has from a replica that was lost: the request continues after them.
+    resumed_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,8 @@ class PoolMetrics:
         self.kv_usage = gauge("r1serve_pool_kv_cache_usage", "Fraction of KV-cache blocks in use (0-1).")
         self.prefix_hit_rate = gauge("r1serve_pool_prefix_cache_hit_rate",
                                      "Prompt tokens served from the prefix cache / prompt tokens looked up.")
+        self.handoff_waiting = gauge("r1serve_pool_kv_handoff_waiting_bytes",
+                                     "Hand-off latents held on prefill ranks that no decode rank has read yet.")
         self.handoff_bytes = metrics.Counter(
             "r1serve_kv_handoff_bytes_total", "Bytes of prompt latents handed from prefill to decode, by connector.",
             tag_keys=("pool", "connector")).set_default_tags(tags)
@@ -105,3 +107,4 @@ class PoolMetrics:
         self.running.set(stats.running)
         self.kv_usage.set(stats.kv_usage)
         self.prefix_hit_rate.set(stats.prefix_hit_rate)
+        self.handoff_waiting.set(stats.handoff_bytes_waiting)

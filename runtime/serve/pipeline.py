@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from types import MappingProxyType
 
 from ray.serve.handle import DeploymentHandle
@@ -21,10 +22,14 @@ from .messages import PoolRequest, PrefillResult, from_wire, merge_outputs
 from .metrics import IngressMetrics
 from .streams import coalesced
 
-# A replica that dies before the request's first output (killed, engine failed, KV hand-off lost): Serve
-# routes the retry to another (or the replacement) replica.
-RETRIES_BEFORE_FIRST_OUTPUT = 2
+# A replica that fails a request (killed, engine failed, KV hand-off lost): Serve routes the retry to
+# another (or the replacement) replica. Before the first output the request is simply sent again; after
+# it, a request whose continuation is well defined resumes after the tokens its client already has.
+# Routers learn that a replica's engine failed from its stats within seconds and Serve's health check
+# replaces it within ~10 s; until then a retry may land on it again, so retries span that long.
+RETRIES = 8
 RETRY_BACKOFF_S = 0.5
+MAX_RETRY_BACKOFF_S = 2.0
 NO_RENAMES: Mapping[str, str] = MappingProxyType({})
 
 
@@ -66,22 +71,25 @@ class Pipeline:
         return merge_outputs(outputs)
 
     async def _retrying(self, request: PoolRequest, fields: Mapping[str, str]) -> AsyncIterator[RequestOutput]:
-        """The pools' outputs; a request whose replica fails before any output is sent again, transparently
-        (the client has seen nothing, so a second replica's answer is indistinguishable from the first's)."""
-        for attempt in range(RETRIES_BEFORE_FIRST_OUTPUT + 1):
-            produced = False
+        """The pools' outputs. A request whose replica fails with UNAVAILABLE is sent again, transparently:
+        before any output as it was; after some, resumed (prompt plus the tokens already sent, which the
+        engine computes again and does not stream twice), when `resumable`."""
+        sent: list[int] = []
+        for attempt in range(RETRIES + 1):
+            current = request if not sent else replace(request, request_id=f"{request.request_id}~{attempt}",
+                                                       resumed_token_ids=tuple(sent))
             try:
-                async for out in self._through_pools(request):
-                    produced = True
+                async for out in self._through_pools(current):
+                    sent.extend(out.token_ids)
                     yield out
                 return
             except (asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - classified: only UNAVAILABLE is retried
                 error = classify(exc, fields=fields)
-                if produced or error.status is not Status.UNAVAILABLE or attempt == RETRIES_BEFORE_FIRST_OUTPUT:
+                if error.status is not Status.UNAVAILABLE or attempt == RETRIES or (sent and not resumable(request)):
                     raise error from None
-            await asyncio.sleep(RETRY_BACKOFF_S * (attempt + 1))
+            await asyncio.sleep(min(RETRY_BACKOFF_S * (attempt + 1), MAX_RETRY_BACKOFF_S))
 
     async def _through_pools(self, request: PoolRequest) -> AsyncIterator[RequestOutput]:
         if self._prefill is None:
@@ -94,6 +102,13 @@ class Pipeline:
                 yield from_wire(data)
         finally:
             response.cancel()  # no-op once finished; otherwise the decode replica stops and frees the request
+
+
+def resumable(request: PoolRequest) -> bool:
+    """Whether a request that already streamed tokens may continue on another replica as if undisturbed:
+    greedy, or sampled without a seed (a seeded request promises one reproducible draw, and its generator's
+    state went with the replica)."""
+    return request.params.is_greedy or request.params.seed is None
 
 
 async def _cancellable(response) -> PrefillResult:

@@ -69,7 +69,8 @@ class PoolServer:
 
     async def prefill(self, request: PoolRequest) -> PrefillResult:
         try:
-            out = await self.engine.prefill(request.request_id, request.prompt_token_ids, request.params)
+            out = await self.engine.prefill(request.request_id, request.prompt_token_ids, request.params,
+                                            request.resumed_token_ids)
         except (RequestError, SamplingParamsError) as exc:
             raise classify(exc) from None  # the engine's errors do not unpickle; ServeError does
         _raise_if_failed(out)
@@ -81,7 +82,8 @@ class PoolServer:
 
     async def generate(self, request: PoolRequest) -> AsyncIterator[tuple]:
         """Streams outputs in wire form (messages.to_wire)."""
-        source = self.engine.generate(request.request_id, request.prompt_token_ids, request.params)
+        source = self.engine.generate(request.request_id, request.prompt_token_ids, request.params,
+                                      request.resumed_token_ids)
         async for out in _checked(source, lambda: self._stream_interval):
             yield out
 
@@ -107,8 +109,11 @@ class PoolServer:
         return {**asdict(stats), "kv_usage": stats.kv_usage, "prefix_hit_rate": stats.prefix_hit_rate}
 
     def record_routing_stats(self) -> dict[str, Any]:
+        if not self.engine.healthy:  # until Serve's health check replaces it, routers send it nothing
+            return {"healthy": False, "block_size": self.plan.engine.block_size}
         stats = self.engine.stats()
         return {
+            "healthy": True,
             "queued_prompt_tokens": stats.queued_prompt_tokens,
             "running": stats.running,
             "waiting": stats.waiting,

@@ -1,5 +1,8 @@
 """Request routers for the pools, plugged into Serve's handles (request_router_config).
 
+A replica whose engine failed says so in its stats and is chosen last (it fails what it gets, and a request
+retried there would fail again until Serve's health check replaces it).
+
 Prefill: least queued prompt tokens, where a replica that caches a prefix of the prompt is charged only
 for the tokens it must still compute. Decode: least load (running plus waiting sequences, then KV-cache
 use). Replicas publish their numbers through `record_routing_stats` every second; the router adds what it
@@ -43,19 +46,20 @@ class Candidate:
     ongoing: int = 0  # running + waiting sequences
     kv_usage: float = 0.0
     cached_blocks: int = 0  # leading blocks of this prompt the replica holds
+    healthy: bool = True  # False: its engine failed; it is chosen only when nothing else is left
 
 
 def prefill_order(candidates: list[Candidate], prompt_len: int, block_size: int) -> list[Candidate]:
     """Best first: fewest prompt tokens to compute before this one finishes, counting cache hits."""
     def cost(c: Candidate) -> tuple:
         uncached = max(prompt_len - c.cached_blocks * block_size, 0)
-        return (c.queued_prompt_tokens + uncached, c.ongoing, random.random())
+        return (not c.healthy, c.queued_prompt_tokens + uncached, c.ongoing, random.random())
     return sorted(candidates, key=cost)
 
 
 def decode_order(candidates: list[Candidate]) -> list[Candidate]:
     """Best first: fewest running plus waiting sequences, then the emptiest KV cache."""
-    return sorted(candidates, key=lambda c: (c.ongoing, c.kv_usage, random.random()))
+    return sorted(candidates, key=lambda c: (not c.healthy, c.ongoing, c.kv_usage, random.random()))
 
 
 def matched_blocks(hashes: list[int], cached: Iterable[set[int]]) -> int:
@@ -142,6 +146,7 @@ class _PoolRouter(RequestRouter):
                         self._tracker.requests.get(rid, 0)),
             kv_usage=float(stats.get("kv_usage", 0.0)),
             cached_blocks=matched_blocks(hashes, [published, set(recent)]) if hashes else 0,
+            healthy=bool(stats.get("healthy", True)),
         )
 
     def _ranks(self, ordered: list[Candidate], replicas: list[RunningReplica],

@@ -1,4 +1,5 @@
-"""The Ingress retries a request whose replica failed before its first output, and only then."""
+"""The Ingress retries a request whose replica failed: before its first output as it was, after it resumed
+after the tokens its client has (when the continuation is well defined), never for a client error."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from ray import exceptions as ray_errors
 
 from r1serve.runtime.engine.async_engine import EngineDeadError
 from r1serve.runtime.engine.outputs import RequestOutput
+from r1serve.runtime.engine.sampling import SamplingParams
 from r1serve.runtime.parallel.group import GroupFailedError
 from r1serve.runtime.serve import pipeline as pipeline_module
 from r1serve.runtime.serve.errors import EngineFailure, ServeError, Status, classify
@@ -50,7 +52,7 @@ class _Decode:
     """A decode handle whose calls follow `scripts` in turn (outputs, then maybe an exception)."""
 
     def __init__(self, *scripts):
-        self.scripts, self.calls = list(scripts), 0
+        self.scripts, self.calls, self.requests = list(scripts), 0, []
 
     def options(self, **_):
         return self
@@ -59,8 +61,9 @@ class _Decode:
     def generate(self):
         return self
 
-    def remote(self, _request):
+    def remote(self, request):
         self.calls += 1
+        self.requests.append(request)
         return _Response(self.scripts.pop(0))
 
 
@@ -72,9 +75,12 @@ def _dead():
     return ray_errors.ActorDiedError()
 
 
-async def _collect(decode):
+GREEDY = SamplingParams(max_tokens=8, temperature=0)
+
+
+async def _collect(decode, params=GREEDY):
     pipeline = Pipeline(decode, None, _Metrics())
-    request = PoolRequest("r", [1, 2, 3], None)
+    request = PoolRequest("r", [1, 2, 3], params)
     return [out async for out in pipeline.stream(request)]
 
 
@@ -89,10 +95,27 @@ def test_failure_before_the_first_output_is_retried():
     assert decode.calls == 2 and [t for o in outs for t in o.token_ids] == [5, 6]
 
 
-def test_failure_after_output_is_not_retried():
+def test_failure_after_output_resumes_after_the_tokens_the_client_has():
+    decode = _Decode([_out([5]), _out([6, 7]), _dead()], [_out([8]), _out([9], finished=True)])
+    outs = asyncio.run(_collect(decode))
+    assert [t for o in outs for t in o.token_ids] == [5, 6, 7, 8, 9]  # nothing repeated, nothing lost
+    first, resumed = decode.requests
+    assert first.resumed_token_ids == () and resumed.resumed_token_ids == (5, 6, 7)
+    assert resumed.prompt_token_ids == first.prompt_token_ids and resumed.request_id != first.request_id
+
+
+@pytest.mark.parametrize("params,resumes", [
+    (SamplingParams(max_tokens=8, temperature=0, seed=3), True),  # greedy: the seed draws nothing
+    (SamplingParams(max_tokens=8, temperature=0.7), True),  # unseeded: any continuation is a fair draw
+    (SamplingParams(max_tokens=8, temperature=0.7, seed=3), False),  # its generator went with the replica
+])
+def test_only_a_well_defined_continuation_is_resumed(params, resumes):
     decode = _Decode([_out([5]), _dead()], [_out([9], finished=True)])
+    if resumes:
+        assert [t for o in asyncio.run(_collect(decode, params)) for t in o.token_ids] == [5, 9]
+        return
     with pytest.raises(ServeError) as info:
-        asyncio.run(_collect(decode))
+        asyncio.run(_collect(decode, params))
     assert info.value.status is Status.UNAVAILABLE and decode.calls == 1
 
 
@@ -101,7 +124,7 @@ def test_client_errors_are_not_retried_and_retries_are_bounded():
     with pytest.raises(ServeError) as info:
         asyncio.run(_collect(decode))
     assert info.value.status is Status.INVALID_ARGUMENT and decode.calls == 1
-    attempts = pipeline_module.RETRIES_BEFORE_FIRST_OUTPUT + 1
+    attempts = pipeline_module.RETRIES + 1
     decode = _Decode(*([_dead()] for _ in range(attempts)), [_out([1], finished=True)])
     with pytest.raises(ServeError) as info:
         asyncio.run(_collect(decode))

@@ -39,6 +39,14 @@ def test_decode_prefers_fewer_sequences_then_free_cache():
     assert [c.replica_id for c in ordered] == ["c", "b", "a"]
 
 
+def test_a_replica_whose_engine_failed_is_chosen_last_by_both_routers():
+    # Idle because its engine failed: a retry sent there would fail again until Serve replaces it.
+    failed = Candidate("failed", ongoing=0, healthy=False)
+    busy = Candidate("busy", queued_prompt_tokens=900, ongoing=7, kv_usage=0.9)
+    assert [c.replica_id for c in decode_order([failed, busy])] == ["busy", "failed"]
+    assert [c.replica_id for c in prefill_order([failed, busy], 64, 16)] == ["busy", "failed"]
+
+
 def test_matched_blocks_counts_the_leading_run_only():
     prompt = list(range(100, 164))
     hashes = prefix_hashes(prompt, 16)
