@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import weakref
+from collections import deque
 from typing import Protocol, Sequence
 
 import torch
@@ -122,15 +124,17 @@ class DirectLatents:
 
 
 class _RankActor:
-    """A rank inside a Ray actor: the lockstep loop runs on a thread, commands arrive by method call. With
-    `direct`, hand-offs move rank to rank: a decode rank reads a hand-off's latents here, off the lockstep
-    loop, before its engine takes it."""
+    """A rank inside a Ray actor: the lockstep loop runs on a thread, commands arrive by method call, and the
+    controller collects the rank's messages with `take` (or, with `outbox`, they go to a shared Ray queue).
+    With `direct`, hand-offs move rank to rank: a decode rank reads a hand-off's latents here, off the
+    lockstep loop, before its engine takes it."""
 
-    def __init__(self, spec: RankSpec, outbox, direct: DirectLatents | None = None):
+    def __init__(self, spec: RankSpec, outbox=None, direct: DirectLatents | None = None):
         self._inbox: queue.Queue = queue.Queue()
+        outbox = outbox if outbox is not None else queue.Queue()
         self._outbox, self._rank, self._direct = outbox, spec.group.rank, direct
         self._thread = threading.Thread(target=rank_main, args=(spec, self._inbox, outbox),
-                                        kwargs={"park": direct.park if direct is not None else None}, daemon=True)
+                                        kwargs={"parking": direct}, daemon=True)
         self._thread.start()
 
     def put(self, command: tuple) -> None:
@@ -144,6 +148,24 @@ class _RankActor:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def take(self, wait_s: float) -> list[tuple]:
+        """The rank's messages since the last call: at least one, unless `wait_s` passes first."""
+        try:
+            messages = [self._outbox.get(timeout=wait_s)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                messages.append(self._outbox.get_nowait())
+            except queue.Empty:
+                return messages
+
+
+# The controller's long poll of each rank: its own concurrency group (commands are not held up behind it),
+# renewed this often when the rank has nothing to say.
+TAKE_GROUP = "outputs"
+TAKE_WAIT_S = 1.0
 
 
 def _node_address() -> str:
@@ -172,17 +194,30 @@ def rank0_address(placement_group, timeout_s: float, first_bundle: int = 1) -> s
 
 class RayTransport:
     """Rank r is an actor in bundle `first_bundle + r` of the caller's placement group, so that Ray schedules
-    the whole group together (a Serve replica reserves the bundles); outputs come back on a Ray queue."""
+    the whole group together (a Serve replica reserves the bundles).
+
+    Outputs come back straight from each rank: the controller keeps one `take` call open per rank (a long
+    poll, in its own concurrency group so that commands keep flowing) and renews it when it returns. The
+    `queue` relay, one shared Ray queue actor that every rank puts into and the controller reads, is the
+    simple path kept as the reference."""
+
+    RELAYS = ("direct", "queue")
 
     def __init__(self, specs: Sequence[RankSpec], bundles: Sequence[dict[str, float]], *, placement_group=None,
-                 first_bundle: int = 1, direct: DirectLatents | None = None):
+                 first_bundle: int = 1, direct: DirectLatents | None = None, relay: str = "direct"):
         import ray
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.world_size = len(specs)
-        self._outbox = Queue(actor_options={"num_cpus": 0})
-        actor = ray.remote(enable_tensor_transport=direct is not None)(_RankActor)
+        if relay not in self.RELAYS:
+            raise ValueError(f"relay: must be one of {', '.join(self.RELAYS)} (got {relay!r})")
+        self.world_size, self.relay = len(specs), relay
+        self._outbox = Queue(actor_options={"num_cpus": 0}) if relay == "queue" else None
+        self._pending: dict = {}  # open `take` call -> rank
+        self._killed = False
+        self._received: deque[tuple] = deque()
+        actor = ray.remote(enable_tensor_transport=direct is not None,
+                           concurrency_groups={TAKE_GROUP: 1})(_RankActor)
         self.actors = []
         for spec, bundle in zip(specs, bundles):
             resources = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
@@ -199,12 +234,45 @@ class RayTransport:
         self.actors[rank].put.remote(command)
 
     def receive(self, timeout_s: float) -> tuple | None:
-        from ray.util.queue import Empty
+        if self._outbox is not None:
+            from ray.util.queue import Empty
 
-        try:
-            return self._outbox.get(timeout=timeout_s)
-        except Empty:
-            return None
+            try:
+                return self._outbox.get(timeout=timeout_s)
+            except Empty:
+                return None
+        deadline = time.monotonic() + timeout_s
+        while not self._received:
+            self._take(max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                break
+        return self._received.popleft() if self._received else None
+
+    def _take(self, timeout_s: float) -> None:
+        import ray
+
+        if not self._pending and self._dead is None and not self._killed:
+            for rank in range(self.world_size):
+                self._ask(rank)
+        if not self._pending:  # a rank died, or the group is being torn down
+            time.sleep(timeout_s)
+            return
+        ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout_s)
+        for ref in ready:
+            rank = self._pending.pop(ref)
+            try:
+                self._received.extend(ray.get(ref))
+            except Exception as exc:  # noqa: BLE001 - a dead rank answers with an error
+                if not self._killed:  # not the group's own shutdown
+                    self._dead = self._dead or f"rank {rank} is gone ({type(exc).__name__})"
+                    self._received.append(("failed", rank, self._dead))
+                continue
+            if not self._killed:
+                self._ask(rank)
+
+    def _ask(self, rank: int) -> None:
+        ref = self.actors[rank].take.options(concurrency_group=TAKE_GROUP).remote(TAKE_WAIT_S)
+        self._pending[ref] = rank
 
     def dead_rank(self) -> str | None:
         import ray
@@ -229,5 +297,6 @@ class RayTransport:
     def kill(self) -> None:
         import ray
 
+        self._killed = True
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
