@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 OBJECT_STORE = "object-store"
 NIXL = "nixl"
+# How a FaultyConnector fails every hand-off: as a lost one, or as one that arrives too late.
+KV_FAULTS = ("lost", "timeout")
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class FaultyConnector:
     For testing the serving layers: the application's `engine` argument selects it (EngineSource.kv_fault)."""
 
     def __init__(self, inner: KVConnector, mode: str, timeout_s: float):
-        if mode not in ("lost", "timeout"):
+        if mode not in KV_FAULTS:
             raise ValueError(f"kv_fault: must be 'lost' or 'timeout' (got {mode!r})")
         self.inner, self.mode, self.timeout_s, self.name = inner, mode, timeout_s, inner.name
 

@@ -16,10 +16,8 @@ from typing import Any, Literal
 
 from r1serve.runtime.engine.interface import EngineClient
 
-from .connector import NIXL, resolve_connector
+from .connector import KV_FAULTS, NIXL, resolve_connector
 from .pool_plan import PoolPlan
-
-KV_FAULTS = ("lost", "timeout")
 
 
 @dataclass(frozen=True)
