@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from r1serve.runtime.engine.interface import EngineClient
 
-from .connector import KV_FAULTS, NIXL, resolve_connector
+from .connector import KV_FAULTS, NIXL
 from .pool_plan import PoolPlan
 
 
@@ -48,12 +48,14 @@ class EngineSource:
 MODEL = EngineSource()
 
 
-def make_engine_client(plan: PoolPlan, checkpoint: Path, source: EngineSource = MODEL) -> EngineClient:
-    """The engine of one pool replica: one EP group of expertParallel ranks, or the engine in this process."""
+def make_engine_client(plan: PoolPlan, checkpoint: Path, source: EngineSource = MODEL, *,
+                       direct: bool = False) -> EngineClient:
+    """The engine of one pool replica: one EP group of expertParallel ranks, or the engine in this process.
+
+    `direct`: the replica's connector moves hand-offs rank to rank (nixl), so its latents move between rank
+    actors, never through this replica."""
     if source.kind == "mock":
         return _mock_engine(plan, source)
-    # Rank to rank, a hand-off's latents move between rank actors, never through this replica.
-    direct = plan.engine_role != "both" and resolve_connector(plan.kv_connector) == NIXL
     if plan.expert_parallel > 1 or plan.gpus_per_rank or direct:
         # The GPUs belong to the rank bundles, not to the replica actor (which reserves none): a GPU pool
         # runs its engine in rank actors even with one rank, so the device is the spec's.

@@ -36,7 +36,6 @@ class PoolPlan:
     # The rank bundles the Serve config reserves (bundle 0 is the replica itself); a replica uses its
     # own placement group's, these only where it runs outside one.
     rank_bundles: tuple[Mapping[str, float], ...]
-    kv_connector: str = "object-store"  # spec.kvTransfer.connector, as written (auto resolves on the replica)
     kv_timeout_s: float = 30.0  # spec.kvTransfer.timeoutSeconds
 
     @property
@@ -90,6 +89,5 @@ def plan_pools(deployment: R1Deployment, options: Mapping[str, Mapping[str, Any]
             dtype=deployment.spec.model.dtype, redundant_experts=deployment.spec.experts.redundant,
             cpu_threads=max(1, int(rank_cpus(deployment.spec.workers_for(name)))),
             rank_bundles=tuple(dict(b) for b in bundles),
-            kv_connector=deployment.spec.kv_transfer.connector,
             kv_timeout_s=deployment.spec.kv_transfer.timeout_seconds)
     return plans
