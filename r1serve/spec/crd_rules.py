@@ -16,6 +16,7 @@ from r1serve.spec.base import (
     MAX_NAME_LENGTH,
 )
 from r1serve.spec.sections import (
+    GLOO_NEEDS_CPU_POOLS,
     NCCL_REFUSED,
     NORMAL_ABSOLUTE_PATTERN,
     PRESET_PATTERN,
@@ -268,6 +269,9 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
         _kv_cache_fits("decode"),
         _rule("self.kvTransfer.connector != 'nccl' || !self.disaggregation",
               f"kvTransfer.connector {NCCL_REFUSED}", ".kvTransfer.connector"),
+        _rule("self.kvTransfer.connector != 'gloo' || !self.disaggregation || (self.decode.gpusPerRank == 0 "
+              "&& (!has(self.prefill) || self.prefill.gpusPerRank == 0))",
+              f"kvTransfer.connector {GLOO_NEEDS_CPU_POOLS}", ".kvTransfer.connector"),
         _rule("!has(self.ratio) || !has(self.prefill) || double(self.ratio.min) <= "
               f"double(self.prefill.replicas.max) / {_DECODE_MIN}",
               "ratio.min is above the highest reachable ratio prefill.replicas.max / "

@@ -8,7 +8,7 @@ from pydantic import AfterValidator, Field, model_validator
 from r1serve.spec.base import SpecModel, check_dns_1035_label, check_dns_1123_label
 from r1serve.spec.errors import FieldError, raise_all
 from r1serve.spec.pool import DecodePool, PrefillPool
-from r1serve.spec.sections import NCCL_REFUSED, ApiSpec, Experts, KVTransfer, ModelSpec, Ratio
+from r1serve.spec.sections import GLOO_NEEDS_CPU_POOLS, NCCL_REFUSED, ApiSpec, Experts, KVTransfer, ModelSpec, Ratio
 from r1serve.spec.upgrade import INCREMENTAL, Upgrade
 from r1serve.spec.workers import Workers
 
@@ -123,9 +123,14 @@ def _check_kv_cache(spec: "R1DeploymentSpec") -> list[FieldError]:
 
 
 def _check_connector(spec: "R1DeploymentSpec") -> list[FieldError]:
-    if spec.kv_transfer.connector != "nccl" or not spec.disaggregation:
+    connector = spec.kv_transfer.connector
+    if not spec.disaggregation:
         return []
-    return [FieldError("kvTransfer.connector", NCCL_REFUSED, spec.kv_transfer.connector)]
+    if connector == "nccl":
+        return [FieldError("kvTransfer.connector", NCCL_REFUSED, connector)]
+    if connector == "gloo" and any(pool.gpus_per_rank for pool in spec.active_pools().values()):
+        return [FieldError("kvTransfer.connector", GLOO_NEEDS_CPU_POOLS, connector)]
+    return []
 
 
 def _check_upgrade(spec: "R1DeploymentSpec") -> list[FieldError]:

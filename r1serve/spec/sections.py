@@ -33,10 +33,12 @@ RESERVED_PORTS: dict[int, str] = {
 }
 
 Dtype = Literal["auto", "bfloat16", "float32", "float64"]
-Connector = Literal["auto", "object-store", "nixl", "nccl"]
+Connector = Literal["auto", "object-store", "nixl", "gloo", "nccl"]
 NCCL_REFUSED = ("nccl cannot serve elastic pools: Ray moves tensors over NCCL only between actors in "
                 "a fixed collective group, which cannot follow prefill and decode replicas as they "
                 "scale; use nixl (rank to rank, GPUs or CPUs) or auto")
+GLOO_NEEDS_CPU_POOLS = ("gloo moves host memory between pools on CPUs (gpusPerRank: 0); pools with GPUs "
+                        "use nixl, object-store or auto")
 
 
 def _absolute(path: str) -> str:
@@ -252,10 +254,12 @@ class KVTransfer(SpecModel):
         "auto",
         description="nixl: rank to rank, one-sided (NIXL over UCX, GPU or CPU memory): the "
         "prefill rank keeps the prompt's latents until the decode rank reads them; needs the "
-        "nixl package in the image. object-store: through Ray's object store (host memory, "
-        "works everywhere). auto: nixl where it can be imported, else object-store (the "
-        "choice shows in r1serve status). nccl is refused: Ray's NCCL transport needs fixed "
-        "collective groups, which cannot follow pools as they scale.",
+        "nixl package in the image. gloo: rank to rank between pools on CPUs, two-sided, over "
+        "a link each decode rank makes to a prefill rank at their first hand-off. "
+        "object-store: through Ray's object store (host memory, works everywhere). auto: gloo "
+        "for pools on CPUs; for pools with GPUs nixl where it can be imported, else "
+        "object-store (the choice shows in r1serve status). nccl is refused: Ray's NCCL "
+        "transport needs fixed collective groups, which cannot follow pools as they scale.",
     )
     timeout_seconds: float = Field(
         30.0,

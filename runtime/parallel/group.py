@@ -26,7 +26,7 @@ from r1serve.runtime.engine.stream_relay import StreamRelay
 
 from .layout import GroupConfig, free_tcp_address
 from .rank import RankSpec
-from .transport import DirectLatents, ProcessTransport, RankTransport, RayTransport, rank0_address
+from .transport import DirectLatents, GlooLatents, ProcessTransport, RankTransport, RayTransport, rank0_address
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ExpertParallelGroup:
     @classmethod
     def on_ray(cls, checkpoint: str, bundles: list[dict[str, float]], *, engine: EngineConfig, dtype: str,
                device: str, redundant: int, placement_group=None, timeout_s: float = 60.0,
-               direct: DirectLatents | None = None) -> ExpertParallelGroup:
+               direct: DirectLatents | GlooLatents | None = None) -> ExpertParallelGroup:
         """One rank per bundle, as Ray actors in bundles 1..N of `placement_group` (a Serve replica's own,
         whose bundle 0 is the replica); without one the ranks are scheduled freely. With `direct`, hand-offs
         move rank to rank."""

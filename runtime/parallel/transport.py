@@ -14,6 +14,7 @@ import torch.multiprocessing as tmp
 
 from r1serve.runtime.engine.outputs import KVHandoff, KVTransferError, RemoteLatents
 
+from .kv_pairs import PairLinks, ParkedLatents
 from .rank import RankSpec, rank_main
 
 
@@ -123,13 +124,147 @@ class DirectLatents:
         return sum(size for alive, size in self._parked if alive() is not None)
 
 
+class GlooLatents:
+    """Hand-offs rank to rank over two-member gloo groups (kv_pairs.py), for pools on CPUs: two-sided.
+
+    The prefill rank `park`s a hand-off's latents under a key and hands on a reference to itself and the key;
+    the decode rank that takes the hand-off links to that prefill rank (once, at their first hand-off) and
+    asks it for the key, then receives the latents over the link. Parked latents are freed once sent, or when
+    kvTransfer.timeoutSeconds passes (an abandoned request's are never asked for). Links are made lazily per
+    pair of ranks, bounded per rank, and dropped by either side when an operation on them fails: a link to a
+    rank that died fails at once and is not used again."""
+
+    transport = "gloo"
+
+    def __init__(self, timeout_s: float, max_links: int = 32):
+        self.timeout_s, self.max_links = timeout_s, max_links
+        self._parked = ParkedLatents(timeout_s)
+        self._links: PairLinks | None = None
+        self._link_to: dict[str, str] = {}  # decode side: prefill rank (actor id) -> link id
+
+    def __reduce__(self):  # sent to each rank actor as its settings; the state is the rank's own
+        return GlooLatents, (self.timeout_s, self.max_links)
+
+    def pairs(self) -> PairLinks:
+        if self._links is None:  # in the rank's own process, on its node
+            import ray
+
+            self._links = PairLinks(ray.util.get_node_ip_address(), self.timeout_s, self.max_links)
+        return self._links
+
+    # Prefill side.
+    def park(self, latents: torch.Tensor) -> RemoteLatents:
+        import ray
+
+        latents = latents.cpu()
+        key = self._parked.park(latents)
+        return RemoteLatents((ray.get_runtime_context().current_actor, key), tuple(latents.shape),
+                             str(latents.dtype).removeprefix("torch."), latents.numel() * latents.element_size(),
+                             self.transport)
+
+    def waiting_bytes(self) -> int:
+        return self._parked.waiting_bytes()
+
+    def join(self, link: str, address: str) -> None:
+        self.pairs().join(link, address, rank=0)
+
+    def offer(self, link: str, key: str) -> str:
+        """Start sending the latents under `key` on `link`: "sending", or why not ("no-link", "gone")."""
+        if not self.pairs().has(link):
+            return "no-link"
+        latents = self._parked.take(key)
+        if latents is None:
+            return "gone"
+        self.pairs().start_send(link, latents)
+        return "sending"
+
+    # Decode side.
+    def pull(self, handoff: KVHandoff) -> KVHandoff:
+        """The hand-off with its latents here; KVTransferError if they cannot be received in time."""
+        import ray
+
+        remote = handoff.latents
+        if not isinstance(remote, RemoteLatents):
+            return handoff
+        prefill, key = remote.ref
+        peer = prefill._actor_id.hex()
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            for _ in range(2):  # a second time only if the prefill rank had closed our link
+                link = self._link_to.get(peer)
+                if link is None or not self.pairs().has(link):
+                    link = self._link(prefill, deadline)
+                    self._link_to[peer] = link
+                answer = ray.get(prefill.kv_offer.options(concurrency_group=KV_GROUP).remote(link, key),
+                                 timeout=_left(deadline))
+                if answer == "sending":
+                    handoff.latents = self.pairs().receive(link, remote.shape, getattr(torch, remote.dtype),
+                                                           _left(deadline))
+                    return handoff
+                if answer == "gone":
+                    raise KVTransferError(f"{handoff.request_id}: KV cache no longer held by its prefill rank "
+                                          f"(kvTransfer.timeoutSeconds {self.timeout_s:g}s passed, or it was "
+                                          "already taken)")
+                self._forget(peer)
+            raise KVTransferError(f"{handoff.request_id}: KV cache lost in transfer (gloo): the prefill rank "
+                                  "keeps closing the link")
+        except ray.exceptions.GetTimeoutError:
+            self._forget(peer)
+            raise KVTransferError(f"{handoff.request_id}: KV cache not received within {self.timeout_s:g}s "
+                                  "(kvTransfer.timeoutSeconds)") from None
+        except ray.exceptions.RayError as exc:
+            self._forget(peer)
+            raise KVTransferError(f"{handoff.request_id}: KV cache lost in transfer (gloo): "
+                                  f"{type(exc).__name__}") from exc
+        except RuntimeError as exc:  # the link failed or timed out; it is closed already
+            if isinstance(exc, KVTransferError):
+                raise
+            self._forget(peer)
+            timed_out = time.monotonic() >= deadline - 0.01 or "Timed out" in str(exc)
+            raise KVTransferError(f"{handoff.request_id}: " + (
+                f"KV cache not received within {self.timeout_s:g}s (kvTransfer.timeoutSeconds)" if timed_out
+                else f"KV cache lost in transfer (gloo): {str(exc).splitlines()[0][:200]}")) from exc
+
+    def links(self) -> int:
+        return len(self._links) if self._links is not None else 0
+
+    def _link(self, prefill, deadline: float) -> str:
+        import ray
+
+        link, address = self.pairs().listen()
+        joined = prefill.kv_join.options(concurrency_group=KV_GROUP).remote(link, address)
+        try:
+            self.pairs().join(link, address, rank=1)
+        except RuntimeError:
+            ray.get(joined, timeout=_left(deadline))  # the prefill rank's own failure, if it has one, first
+            raise
+        ray.get(joined, timeout=_left(deadline))
+        return link
+
+    def _forget(self, peer: str) -> None:
+        link = self._link_to.pop(peer, None)
+        if link is not None:
+            self.pairs().drop(link)
+
+
+def _left(deadline: float) -> float:
+    return max(0.001, deadline - time.monotonic())
+
+
+def direct_latents(connector: str, timeout_s: float) -> DirectLatents | GlooLatents:
+    """Where a rank keeps and fetches hand-off latents for a rank-to-rank connector."""
+    if connector == GlooLatents.transport:
+        return GlooLatents(timeout_s)
+    return DirectLatents(connector, timeout_s)
+
+
 class _RankActor:
     """A rank inside a Ray actor: the lockstep loop runs on a thread, commands arrive by method call, and the
     controller collects the rank's messages with `take` (or, with `outbox`, they go to a shared Ray queue).
     With `direct`, hand-offs move rank to rank: a decode rank reads a hand-off's latents here, off the
     lockstep loop, before its engine takes it."""
 
-    def __init__(self, spec: RankSpec, outbox=None, direct: DirectLatents | None = None):
+    def __init__(self, spec: RankSpec, outbox=None, direct: DirectLatents | GlooLatents | None = None):
         self._inbox: queue.Queue = queue.Queue()
         outbox = outbox if outbox is not None else queue.Queue()
         self._outbox, self._rank, self._direct = outbox, spec.group.rank, direct
@@ -149,6 +284,16 @@ class _RankActor:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    # Two-sided hand-offs (GlooLatents): a decode rank links to this prefill rank and asks for latents.
+    def kv_join(self, link: str, address: str) -> None:
+        self._direct.join(link, address)
+
+    def kv_offer(self, link: str, key: str) -> str:
+        return self._direct.offer(link, key)
+
+    def kv_links(self) -> int:
+        return self._direct.links() if isinstance(self._direct, GlooLatents) else 0
+
     def take(self, wait_s: float) -> list[tuple]:
         """The rank's messages since the last call: at least one, unless `wait_s` passes first."""
         try:
@@ -166,6 +311,9 @@ class _RankActor:
 # renewed this often when the rank has nothing to say.
 TAKE_GROUP = "outputs"
 TAKE_WAIT_S = 1.0
+# Calls from decode ranks to a prefill rank for two-sided hand-offs: apart from commands and outputs, and a
+# few at once (each blocks while its link forms).
+KV_GROUP = "kv"
 
 
 def _node_address() -> str:
@@ -204,7 +352,8 @@ class RayTransport:
     RELAYS = ("direct", "queue")
 
     def __init__(self, specs: Sequence[RankSpec], bundles: Sequence[dict[str, float]], *, placement_group=None,
-                 first_bundle: int = 1, direct: DirectLatents | None = None, relay: str = "direct"):
+                 first_bundle: int = 1, direct: DirectLatents | GlooLatents | None = None,
+                 relay: str = "direct"):
         import ray
         from ray.util.queue import Queue
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -216,8 +365,8 @@ class RayTransport:
         self._pending: dict = {}  # open `take` call -> rank
         self._killed = False
         self._received: deque[tuple] = deque()
-        actor = ray.remote(enable_tensor_transport=direct is not None,
-                           concurrency_groups={TAKE_GROUP: 1})(_RankActor)
+        actor = ray.remote(enable_tensor_transport=isinstance(direct, DirectLatents),
+                           concurrency_groups={TAKE_GROUP: 1, KV_GROUP: 4})(_RankActor)
         self.actors = []
         for spec, bundle in zip(specs, bundles):
             resources = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}

@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 
 OBJECT_STORE = "object-store"
 NIXL = "nixl"
+GLOO = "gloo"
+# Connectors whose hand-offs move rank to rank: the prefill rank keeps the latents until the decode rank
+# that takes the hand-off reads them (runtime/parallel/transport.py).
+RANK_TO_RANK = (NIXL, GLOO)
 # How a FaultyConnector fails every hand-off: as a lost one, or as one that arrives too late.
 KV_FAULTS = ("lost", "timeout")
 
@@ -78,20 +82,18 @@ class ObjectStoreConnector:
 
 
 class DirectConnector:
-    """Rank to rank: the hand-off's latents stay on the prefill rank (RemoteLatents) and the decode rank that
-    takes it reads them from there (runtime/parallel/transport.py, DirectLatents); only the small hand-off
-    with its reference travels through the replicas and the Ingress. The decode rank's read is bounded by
-    kvTransfer.timeoutSeconds."""
+    """Rank to rank (nixl one-sided, gloo two-sided): the hand-off's latents stay on the prefill rank
+    (RemoteLatents) and the decode rank that takes it reads them from there (runtime/parallel/transport.py);
+    only the small hand-off with its reference travels through the replicas and the Ingress. The decode
+    rank's read is bounded by kvTransfer.timeoutSeconds."""
 
-    name = NIXL
-
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
+    def __init__(self, timeout_s: float, name: str):
+        self.timeout_s, self.name = timeout_s, name
 
     def send(self, handoff: KVHandoff) -> HandoffTicket:
         if not isinstance(handoff.latents, RemoteLatents):
             raise KVTransferError(f"{handoff.request_id}: the prefill engine copied its KV cache to the host; "
-                                  "kvTransfer.connector nixl needs it left on the prefill rank")
+                                  f"kvTransfer.connector {self.name} needs it left on the prefill rank")
         return HandoffTicket(handoff.request_id, len(handoff.prompt_token_ids), handoff.nbytes, handoff)
 
     async def receive(self, ticket: HandoffTicket) -> KVHandoff:
@@ -108,17 +110,24 @@ def nixl_importable() -> bool:
 
 def connector_name(deployment: R1Deployment) -> str:
     """The connector a deployment's replicas use."""
-    return resolve_connector(deployment.spec.kv_transfer.connector)
+    gpus = any(pool.gpus_per_rank for pool in deployment.spec.active_pools().values())
+    return resolve_connector(deployment.spec.kv_transfer.connector, gpus=gpus)
 
 
-def resolve_connector(wanted: str) -> str:
-    """What kvTransfer.connector names, `auto` resolved here. Never a silent substitute: a connector that
-    cannot run here is an error naming the field."""
+def resolve_connector(wanted: str, *, gpus: bool) -> str:
+    """What kvTransfer.connector names, `auto` resolved here: on CPUs gloo; on GPUs nixl where it can be
+    imported, else the object store (shown in `r1serve status`, as every resolved connector is). Never a
+    silent substitute: a named connector that cannot run here is an error naming the field."""
     if wanted == "auto":
+        if not gpus:
+            return GLOO
         return NIXL if nixl_importable() else OBJECT_STORE
     if wanted == NIXL and not nixl_importable():
         raise RuntimeError("spec.kvTransfer.connector: nixl needs the nixl package on every node "
                            "(pip install 'r1serve[nixl]'); it cannot be imported here")
+    if wanted == GLOO and gpus:
+        raise RuntimeError("spec.kvTransfer.connector: gloo moves host memory between CPU pools; pools with "
+                           "GPUs use nixl (or object-store)")
     if wanted not in CONNECTORS:
         raise RuntimeError(f"spec.kvTransfer.connector: {wanted} cannot be used here")
     return wanted
@@ -127,7 +136,8 @@ def resolve_connector(wanted: str) -> str:
 def make_connector(deployment: R1Deployment, fault: str | None = None) -> KVConnector:
     """The deployment's connector; with `fault` (lost or timeout) wrapped in a FaultyConnector."""
     timeout = deployment.spec.kv_transfer.timeout_seconds
-    connector = CONNECTORS[connector_name(deployment)](timeout)
+    name = connector_name(deployment)
+    connector = DirectConnector(timeout, name) if name in RANK_TO_RANK else ObjectStoreConnector(timeout)
     return FaultyConnector(connector, fault, timeout) if fault is not None else connector
 
 
@@ -152,4 +162,4 @@ class FaultyConnector:
         raise KVTransferError(f"{ticket.request_id}: KV cache lost in transfer (injected)")
 
 
-CONNECTORS = {OBJECT_STORE: ObjectStoreConnector, NIXL: DirectConnector}
+CONNECTORS = (OBJECT_STORE, *RANK_TO_RANK)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from r1serve.runtime.engine.interface import EngineClient
 
-from .connector import KV_FAULTS, NIXL
+from .connector import KV_FAULTS
 from .pool_plan import PoolPlan
 
 
@@ -49,11 +49,11 @@ MODEL = EngineSource()
 
 
 def make_engine_client(plan: PoolPlan, checkpoint: Path, source: EngineSource = MODEL, *,
-                       direct: bool = False) -> EngineClient:
+                       direct: str | None = None) -> EngineClient:
     """The engine of one pool replica: one EP group of expertParallel ranks, or the engine in this process.
 
-    `direct`: the replica's connector moves hand-offs rank to rank (nixl), so its latents move between rank
-    actors, never through this replica."""
+    `direct`: the rank-to-rank connector (nixl, gloo) the replica hands off with, so its latents move between
+    rank actors, never through this replica."""
     if source.kind == "mock":
         return _mock_engine(plan, source)
     if plan.expert_parallel > 1 or plan.gpus_per_rank or direct:
@@ -82,13 +82,14 @@ def torch_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype, direct: bool) -> EngineClient:
+def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype,
+                           direct: str | None) -> EngineClient:
     # No fallback to one process: a resource that asks for N ranks gets N, or an error that says why.
     try:
         import ray
 
         from r1serve.runtime.parallel.group import ExpertParallelGroup
-        from r1serve.runtime.parallel.transport import DirectLatents
+        from r1serve.runtime.parallel.transport import direct_latents
     except ImportError as exc:
         raise RuntimeError(f"{plan.field('expertParallel')}: {plan.expert_parallel} rank(s) with "
                            f"{plan.gpus_per_rank} GPU(s) each need the expert-parallel runtime, which cannot be "
@@ -102,7 +103,7 @@ def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype,
     return ExpertParallelGroup.on_ray(str(checkpoint), [dict(b) for b in bundles], engine=plan.engine,
                                       dtype=str(dtype).removeprefix("torch."), device=device,
                                       redundant=plan.redundant_experts, placement_group=placement_group,
-                                      direct=DirectLatents(NIXL, plan.kv_timeout_s) if direct else None)
+                                      direct=direct_latents(direct, plan.kv_timeout_s) if direct else None)
 
 
 def _mock_engine(plan: PoolPlan, source: EngineSource) -> EngineClient:

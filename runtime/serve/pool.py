@@ -21,7 +21,7 @@ from r1serve.runtime.engine.sampling import SamplingParamsError
 from r1serve.spec import R1Deployment
 
 from .checkpoint import ensure_checkpoint
-from .connector import NIXL, HandoffTicket, make_connector
+from .connector import RANK_TO_RANK, HandoffTicket, make_connector
 from .engine_factory import MODEL, EngineSource, make_engine_client
 from .errors import EngineFailure, classify
 from .messages import PoolRequest, PrefillResult, merge_outputs, to_wire
@@ -56,7 +56,8 @@ class PoolServer:
             path = ensure_checkpoint(deployment.spec.model)  # a node the driver could not write to
         self.connector = make_connector(deployment, fault=source.kv_fault)
         hands_off = plan.engine_role != "both"
-        self.engine = make_engine_client(plan, path, source, direct=hands_off and self.connector.name == NIXL)
+        direct = self.connector.name if hands_off and self.connector.name in RANK_TO_RANK else None
+        self.engine = make_engine_client(plan, path, source, direct=direct)
         self._publish_engine(kv_connector=self.connector.name if hands_off else None)
         self.metrics = PoolMetrics(self.role)
         self._busy_at = max(1, plan.engine.max_running // 2)

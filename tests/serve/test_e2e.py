@@ -52,6 +52,9 @@ GRAPHS = {
     # Rank to rank: the latents stay on the prefill rank until the decode rank reads them (NIXL over UCX
     # on CPU memory), with expert parallelism on both sides.
     "disaggregated-nixl": lambda docs: docs.tiny(kvTransfer={"connector": "nixl"}),
+    # Rank to rank over gloo, two-sided, through a link each decode rank makes to a prefill rank: what `auto`
+    # resolves to for pools on CPUs.
+    "disaggregated-gloo": lambda docs: docs.tiny(kvTransfer={"connector": "auto"}),
     "single-pool": lambda docs: docs.single_pool(),
 }
 
@@ -207,7 +210,8 @@ def test_cli_generate_reports_the_status(graph, capsys):
 
 def test_the_kv_connector_in_use_is_reported(graph, stub, request):
     """GetModelInfo and `r1serve status` name the connector the replicas resolved and use."""
-    expected = {"disaggregated": "object-store", "disaggregated-nixl": "nixl", "single-pool": "object-store"}
+    expected = {"disaggregated": "object-store", "disaggregated-nixl": "nixl", "disaggregated-gloo": "gloo",
+                "single-pool": "object-store"}
     kind = request.node.callspec.params["graph"]
     assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).kv_connector == expected[kind]
     if kind != "single-pool":  # the engine line of each pool in `r1serve status`

@@ -1,6 +1,7 @@
-"""Rank-to-rank hand-offs (runtime/parallel/transport.py, DirectLatents) between Ray actors, as a prefill
-rank and a decode rank use them: NIXL over UCX on CPU memory, one-sided, with the reference passed through
-a third actor as it passes through the replicas and the Ingress."""
+"""Rank-to-rank hand-offs (runtime/parallel/transport.py) between Ray actors, as a prefill rank and a decode
+rank use them, with the reference passed through a third actor as it passes through the replicas and the
+Ingress: NIXL over UCX on CPU memory (one-sided, DirectLatents), and gloo over a link per pair of ranks
+(two-sided, GlooLatents)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import torch
 
 from r1serve.runtime.engine.outputs import KVHandoff, KVTransferError, RemoteLatents
 from r1serve.runtime.engine.sampling import SamplingParams
-from r1serve.runtime.parallel.transport import DirectLatents
+from r1serve.runtime.parallel.transport import KV_GROUP, direct_latents
 
-TIMEOUT_S = 5.0
+TIMEOUT_S = 4.0
+CONNECTORS = ("nixl", "gloo")
 
 
 def _latents(tokens: int, seed: int) -> torch.Tensor:
@@ -22,10 +24,12 @@ def _latents(tokens: int, seed: int) -> torch.Tensor:
 
 
 class Rank:
-    """What a rank actor does with DirectLatents: park (prefill side) or pull (decode side)."""
+    """What a rank actor does with its rank-to-rank store: park (prefill side) or pull (decode side), and,
+    for gloo, answer a decode rank's link and offer calls (as transport._RankActor does)."""
 
-    def __init__(self):
-        self.direct = DirectLatents("nixl", TIMEOUT_S)
+    def __init__(self, connector: str, max_links: int = 32):
+        self.direct = direct_latents(connector, TIMEOUT_S)
+        self.direct.max_links = max_links
 
     def park(self, tokens: int, seed: int) -> list[RemoteLatents]:
         return [self.direct.park(_latents(tokens, seed))]  # in a list: only the reference travels
@@ -36,6 +40,15 @@ class Rank:
     def pull(self, box: list[RemoteLatents]) -> torch.Tensor:
         handoff = KVHandoff("r", list(range(box[0].shape[1])), 7, SamplingParams(), box[0])
         return self.direct.pull(handoff).latents
+
+    def kv_join(self, link: str, address: str) -> None:
+        self.direct.join(link, address)
+
+    def kv_offer(self, link: str, key: str) -> str:
+        return self.direct.offer(link, key)
+
+    def links(self) -> int:
+        return self.direct.links()
 
 
 class Relay:
@@ -58,7 +71,7 @@ def actors(cluster):
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the classes above, into the workers
-    rank = ray.remote(num_cpus=0, enable_tensor_transport=True)(Rank)
+    rank = ray.remote(num_cpus=0, enable_tensor_transport=True, concurrency_groups={KV_GROUP: 4})(Rank)
     return rank, ray.remote(num_cpus=0)(Relay)
 
 
@@ -69,44 +82,96 @@ def _eventually(check, timeout_s: float = 30.0, what: str = "") -> None:
         time.sleep(0.05)
 
 
-def test_latents_move_rank_to_rank_and_are_freed_once_read(actors):
+def _pull(decode, box):
+    import ray
+
+    try:
+        return ray.get(decode.pull.remote(box))
+    except ray.exceptions.RayTaskError as exc:
+        raise exc.cause from None
+
+
+@pytest.mark.parametrize("connector", CONNECTORS)
+def test_latents_move_rank_to_rank_and_are_freed_once_read(actors, connector):
     import ray
 
     Rank, Relay = actors
-    prefill, decode, relay = Rank.remote(), Rank.remote(), Relay.remote()
+    prefill, decode, relay = Rank.remote(connector), Rank.remote(connector), Relay.remote()
     box = ray.get(relay.hold.remote(prefill.park.remote(64, seed=1)))
     remote = box[0]
     assert (remote.shape, remote.dtype, remote.nbytes, remote.transport) == ((3, 64, 16), "bfloat16", 3 * 64 * 16 * 2,
-                                                                             "nixl")
+                                                                             connector)
     assert ray.get(prefill.waiting_bytes.remote()) == remote.nbytes  # parked until read
     assert torch.equal(ray.get(decode.pull.remote(box)), _latents(64, seed=1))
+    # A second hand-off between the same two ranks goes over the link the first one made.
+    assert torch.equal(_pull(decode, ray.get(prefill.park.remote(8, seed=4))), _latents(8, seed=4))
+    if connector == "gloo":
+        assert ray.get(decode.links.remote()) == 1 and ray.get(prefill.links.remote()) == 1
     del box, remote
     ray.get(relay.drop.remote())
     _eventually(lambda: ray.get(prefill.waiting_bytes.remote()) == 0, what="the parked latents to be freed")
 
 
-def test_an_abandoned_hand_off_frees_its_latents_on_the_prefill_rank(actors):
+@pytest.mark.parametrize("connector", CONNECTORS)
+def test_an_abandoned_hand_off_frees_its_latents_on_the_prefill_rank(actors, connector):
+    """nixl frees them when the last reference goes; gloo when kvTransfer.timeoutSeconds passes."""
     import ray
 
     Rank, Relay = actors
-    prefill, relay = Rank.remote(), Relay.remote()
+    prefill, relay = Rank.remote(connector), Relay.remote()
     ray.get(relay.hold.remote(prefill.park.remote(32, seed=2)))
     assert ray.get(prefill.waiting_bytes.remote()) > 0
     ray.get(relay.drop.remote())  # the request was cancelled on its way: nobody will read them
-    _eventually(lambda: ray.get(prefill.waiting_bytes.remote()) == 0, what="the abandoned latents to be freed")
+    _eventually(lambda: ray.get(prefill.waiting_bytes.remote()) == 0, timeout_s=TIMEOUT_S + 10,
+                what="the abandoned latents to be freed")
 
 
-def test_a_hand_off_whose_prefill_rank_died_fails_with_a_transfer_error(actors):
+@pytest.mark.parametrize("connector", CONNECTORS)
+def test_a_hand_off_whose_prefill_rank_died_fails_with_a_transfer_error(actors, connector):
     import ray
 
     Rank, Relay = actors
-    prefill, decode, relay = Rank.remote(), Rank.remote(), Relay.remote()
+    prefill, decode, relay = Rank.remote(connector), Rank.remote(connector), Relay.remote()
+    if connector == "gloo":  # a link to the prefill rank exists already, and is dropped when it fails
+        _pull(decode, ray.get(prefill.park.remote(4, seed=5)))
+        assert ray.get(decode.links.remote()) == 1
     box = ray.get(relay.hold.remote(prefill.park.remote(16, seed=3)))
     ray.kill(prefill)
     started = time.monotonic()
-    with pytest.raises(KVTransferError, match=r"r: KV cache lost in transfer \(nixl\)"):
-        try:
-            ray.get(decode.pull.remote(box))
-        except ray.exceptions.RayTaskError as exc:
-            raise exc.cause from None
+    with pytest.raises(KVTransferError, match=rf"r: KV cache lost in transfer \({connector}\)"):
+        _pull(decode, box)
     assert time.monotonic() - started < TIMEOUT_S + 5
+    if connector == "gloo":
+        assert ray.get(decode.links.remote()) == 0
+        other = Rank.remote(connector)  # the decode rank goes on taking hand-offs from live ranks
+        assert torch.equal(_pull(decode, ray.get(other.park.remote(8, seed=6))), _latents(8, seed=6))
+
+
+def test_gloo_a_hand_off_read_after_its_timeout_fails_and_was_freed(actors):
+    import ray
+
+    Rank, _ = actors
+    prefill, decode = Rank.remote("gloo"), Rank.remote("gloo")
+    box = ray.get(prefill.park.remote(16, seed=7))
+    _eventually(lambda: ray.get(prefill.waiting_bytes.remote()) == 0, timeout_s=TIMEOUT_S + 10,
+                what="the latents to expire")
+    with pytest.raises(KVTransferError, match=r"no longer held by its prefill rank \(kvTransfer.timeoutSeconds"):
+        _pull(decode, box)
+
+
+def test_gloo_links_per_rank_are_bounded_and_made_again_when_closed(actors):
+    """A decode rank that reads from more prefill ranks than its bound closes the least recently used link;
+    a prefill rank that closed a link (its own bound) makes the decode rank link again, transparently."""
+    import ray
+
+    Rank, _ = actors
+    prefills = [Rank.remote("gloo", max_links=1) for _ in range(3)]
+    decode, second = Rank.remote("gloo", max_links=2), Rank.remote("gloo")
+    for seed, prefill in enumerate(prefills):
+        assert torch.equal(_pull(decode, ray.get(prefill.park.remote(8, seed=seed))), _latents(8, seed=seed))
+    assert ray.get(decode.links.remote()) == 2
+    # The second decode rank takes prefill 0's only link slot, so the first one's link there is closed.
+    assert torch.equal(_pull(second, ray.get(prefills[0].park.remote(8, seed=10))), _latents(8, seed=10))
+    assert ray.get(prefills[0].links.remote()) == 1
+    assert torch.equal(_pull(decode, ray.get(prefills[0].park.remote(8, seed=11))), _latents(8, seed=11))
+    assert ray.get(decode.links.remote()) == 2

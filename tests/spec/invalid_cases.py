@@ -204,6 +204,8 @@ INVALID = [
          "maxModelLen (32768)", "(got 10)"),
     case("nccl_refused", changed(spec__kvTransfer={"connector": "nccl"}),
          "spec.kvTransfer.connector", "nccl cannot serve elastic pools", "use nixl", "(got 'nccl')"),
+    case("gloo_with_gpu_pools", changed(spec__kvTransfer={"connector": "gloo"}),
+         "spec.kvTransfer.connector", "gloo moves host memory between pools on CPUs", "(got 'gloo')"),
     case("max_replicas_zero", changed(spec__prefill__replicas={"min": 0, "max": 0}),
          "spec.prefill.replicas.max", "(got 0)"),
     case("bad_memory_quantity", changed(spec__workers={"resources": {"memory": "4GB"}}),
