@@ -6,7 +6,9 @@ Latents are DeepSeek-V3's: 61 layers x 576 values (kv_lora_rank 512 + rope 64) p
 the served graph, only a reference passes through a third actor (the replicas and the Ingress) between
 the two ranks. object-store: the prefill side puts the latents into Ray's object store and the decode
 side gets them. nixl: the prefill side parks them in its Ray Direct Transport store and the decode side
-reads them one-sided (runtime/parallel/transport.py, DirectLatents). Latency runs from the hand-off's
+reads them one-sided (runtime/parallel/transport.py, DirectLatents). gloo: the prefill side parks them
+under a key, and the decode side asks for the key and receives them over its two-member gloo link to the
+prefill side (GlooLatents; the link is made once, in the warm-up). Latency runs from the hand-off's
 start on the prefill side to the latents being in the decode side's memory. The ceiling is a copy of the
 same bytes within one process, measured in the same run (memory bandwidth, not a network).
 """
@@ -32,19 +34,33 @@ def latents(tokens: int) -> torch.Tensor:
     return torch.ones(LAYERS, tokens, LATENT, dtype=torch.bfloat16)
 
 
+CONNECTORS = ("object-store", "nixl", "gloo")
+
+
+def _stores() -> dict:
+    from r1serve.runtime.parallel.transport import direct_latents
+
+    return {name: direct_latents(name, 120.0) for name in CONNECTORS[1:]}
+
+
 class Prefill:
     def __init__(self):
-        from r1serve.runtime.parallel.transport import DirectLatents
-
-        self.direct = DirectLatents("nixl", 120.0)
+        self.direct = _stores()
 
     def hand_off(self, tokens: int, connector: str) -> tuple[list, float]:
         import ray
 
         start = time.time()
         x = latents(tokens)
-        ref = self.direct.park(x) if connector == "nixl" else ray.put(x)
+        ref = self.direct[connector].park(x) if connector in self.direct else ray.put(x)
         return [ref], start
+
+    # Called by the decode side for gloo, as transport._RankActor's are.
+    def kv_join(self, link: str, address: str) -> None:
+        self.direct["gloo"].join(link, address)
+
+    def kv_offer(self, link: str, key: str) -> str:
+        return self.direct["gloo"].offer(link, key)
 
 
 class Relay:
@@ -53,11 +69,21 @@ class Relay:
 
 
 class Decode:
+    def __init__(self):
+        self.direct = _stores()
+
     def receive(self, box, start: float) -> float:
         import ray
 
+        from r1serve.runtime.engine.outputs import KVHandoff, RemoteLatents
+        from r1serve.runtime.engine.sampling import SamplingParams
+
         item = box[0]
-        x = ray.get(item.ref if hasattr(item, "ref") else item, timeout=120)
+        if isinstance(item, RemoteLatents):
+            handoff = KVHandoff("bench", [0] * item.shape[1], 0, SamplingParams(), item)
+            x = self.direct[item.transport].pull(handoff).latents
+        else:
+            x = ray.get(item, timeout=120)
         assert x.shape[0] == LAYERS
         return time.time() - start
 
@@ -82,7 +108,9 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_cpus=0, enable_tensor_transport=True)
+    from r1serve.runtime.parallel.transport import KV_GROUP
+
+    remote = ray.remote(num_cpus=0, enable_tensor_transport=True, concurrency_groups={KV_GROUP: 4})
     prefill, decode = remote(Prefill).remote(), remote(Decode).remote()
     relay = ray.remote(num_cpus=0)(Relay).remote()
     rows = []
@@ -90,7 +118,7 @@ def main() -> None:
         nbytes = LAYERS * tokens * LATENT * 2
         ceiling = copy_seconds(tokens, args.repeats)
         row = [tokens, f"{nbytes / 2**20:.0f}", f"{nbytes / ceiling / 1e9:.1f}"]
-        for connector in ("object-store", "nixl"):
+        for connector in CONNECTORS:
             seconds = []
             for _ in range(args.repeats + 1):  # the first warms up the transport
                 box, start = ray.get(prefill.hand_off.remote(tokens, connector))
@@ -102,11 +130,11 @@ def main() -> None:
         rows.append(row)
     ray.shutdown()
     headers = ["prompt tokens", "latents MiB", "copy GB/s (ceiling)", "object-store ms", "object-store GB/s",
-               "nixl ms", "nixl GB/s"]
+               "nixl ms", "nixl GB/s", "gloo ms", "gloo GB/s"]
     table = markdown_table(headers, rows)
     print(table)
     if args.record:
-        record(SECTION, "## KV hand-off: object store vs rank to rank (NIXL), on CPU\n\n" + table + "\n\n"
+        record(SECTION, "## KV hand-off: object store vs rank to rank (NIXL, gloo), on CPU\n\n" + table + "\n\n"
                "Latency is the median of the repeats after a warm-up, from the hand-off's start on the prefill "
                "side to the latents in the decode side's memory, with the reference passed through a third "
                "actor. Both sides share one machine's memory here. The GPU transports are measured only on "
