@@ -23,8 +23,11 @@ GLOO = "gloo"
 # Connectors whose hand-offs move rank to rank: the prefill rank keeps the latents until the decode rank
 # that takes the hand-off reads them (runtime/parallel/transport.py).
 RANK_TO_RANK = (NIXL, GLOO)
-# How a FaultyConnector fails every hand-off: as a lost one, or as one that arrives too late.
-KV_FAULTS = ("lost", "timeout")
+# What a FaultyConnector does to every hand-off: fails it as a lost one or as one that arrives too late, or
+# holds its ticket for HELD_S before taking it as usual (a window in which either side can be made to fail
+# with tickets issued and latents not read yet).
+KV_FAULTS = ("lost", "timeout", "held")
+HELD_S = 4.0
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ def resolve_connector(wanted: str, *, gpus: bool) -> str:
 
 
 def make_connector(deployment: R1Deployment, fault: str | None = None) -> KVConnector:
-    """The deployment's connector; with `fault` (lost or timeout) wrapped in a FaultyConnector."""
+    """The deployment's connector; with `fault` (one of KV_FAULTS) wrapped in a FaultyConnector."""
     timeout = deployment.spec.kv_transfer.timeout_seconds
     name = connector_name(deployment)
     connector = DirectConnector(timeout, name) if name in RANK_TO_RANK else ObjectStoreConnector(timeout)
@@ -142,19 +145,23 @@ def make_connector(deployment: R1Deployment, fault: str | None = None) -> KVConn
 
 
 class FaultyConnector:
-    """Test double around a real connector: every `receive` fails, as a lost or a late hand-off would.
+    """Test double around a real connector: every `receive` fails, as a lost or a late hand-off would, or is
+    held for HELD_S first (KV_FAULTS).
 
     For testing the serving layers: the application's `engine` argument selects it (EngineSource.kv_fault)."""
 
     def __init__(self, inner: KVConnector, mode: str, timeout_s: float):
         if mode not in KV_FAULTS:
-            raise ValueError(f"kv_fault: must be 'lost' or 'timeout' (got {mode!r})")
+            raise ValueError(f"kv_fault: must be one of {', '.join(KV_FAULTS)} (got {mode!r})")
         self.inner, self.mode, self.timeout_s, self.name = inner, mode, timeout_s, inner.name
 
     def send(self, handoff: KVHandoff) -> HandoffTicket:
         return self.inner.send(handoff)
 
     async def receive(self, ticket: HandoffTicket) -> KVHandoff:
+        if self.mode == "held":
+            await asyncio.sleep(HELD_S)
+            return await self.inner.receive(ticket)
         if self.mode == "timeout":
             await asyncio.sleep(self.timeout_s)
             raise KVTransferError(f"{ticket.request_id}: KV cache not received within {self.timeout_s:g}s "

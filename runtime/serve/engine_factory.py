@@ -23,7 +23,8 @@ from .pool_plan import PoolPlan
 @dataclass(frozen=True)
 class EngineSource:
     """What a pool replica's engine is: the model (the default), or the MockEngine with its delays; `kv_fault`
-    makes every KV hand-off fail as a lost (`lost`) or late (`timeout`) one would."""
+    makes every KV hand-off fail as a lost (`lost`) or late (`timeout`) one would, or holds it a while first
+    (`held`: connector.HELD_S)."""
 
     kind: Literal["model", "mock"] = "model"
     token_delay_s: float = 0.0
@@ -41,7 +42,7 @@ class EngineSource:
         if source.kind not in ("model", "mock"):
             raise ValueError(f"{where}.kind: must be model or mock (got {source.kind!r})")
         if source.kv_fault is not None and source.kv_fault not in KV_FAULTS:
-            raise ValueError(f"{where}.kv_fault: must be lost or timeout (got {source.kv_fault!r})")
+            raise ValueError(f"{where}.kv_fault: must be one of {', '.join(KV_FAULTS)} (got {source.kv_fault!r})")
         return source
 
 

@@ -63,6 +63,7 @@ class PoolServer:
         self._busy_at = max(1, plan.engine.max_running // 2)
         self._stream_interval = 0.0
         self._last_handoff = -HANDOFF_GRACE_S
+        self._receiving = 0  # hand-offs taken and not yet producing: their latents are on the way
         # A thread, not a task: the constructor may run outside the replica's event loop.
         self._stopping = threading.Event()
         threading.Thread(target=self._publish_metrics, name="r1serve-pool-metrics", daemon=True).start()
@@ -92,13 +93,18 @@ class PoolServer:
     async def generate_from_handoff(self, ticket: HandoffTicket) -> AsyncIterator[tuple]:
         """Streams outputs in wire form (messages.to_wire), from the first token on."""
         started = time.monotonic()
-        handoff = await self.connector.receive(ticket)
-        first = True
-        async for out in _checked(self.engine.generate_from_handoff(handoff), lambda: self._stream_interval):
-            if first:
-                first = False
-                self.metrics.handoff(self.connector.name, ticket.nbytes, time.monotonic() - started)
-            yield out
+        self._receiving += 1
+        receiving = True
+        try:
+            handoff = await self.connector.receive(ticket)
+            async for out in _checked(self.engine.generate_from_handoff(handoff), lambda: self._stream_interval):
+                if receiving:
+                    self._receiving, receiving = self._receiving - 1, False
+                    self.metrics.handoff(self.connector.name, ticket.nbytes, time.monotonic() - started)
+                yield out
+        finally:
+            if receiving:
+                self._receiving -= 1
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
@@ -106,9 +112,11 @@ class PoolServer:
     # -- observability ----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """The engine's stats (EngineStats as a dict, plus kv_usage and prefix_hit_rate)."""
+        """The engine's stats (EngineStats as a dict, plus kv_usage and prefix_hit_rate) and the hand-offs this
+        replica is receiving."""
         stats = self.engine.stats()
-        return {**asdict(stats), "kv_usage": stats.kv_usage, "prefix_hit_rate": stats.prefix_hit_rate}
+        return {**asdict(stats), "kv_usage": stats.kv_usage, "prefix_hit_rate": stats.prefix_hit_rate,
+                "handoffs_receiving": self._receiving}
 
     def record_routing_stats(self) -> dict[str, Any]:
         if not self.engine.healthy:  # until Serve's health check replaces it, routers send it nothing

@@ -62,7 +62,8 @@ def test_each_pool_plan_follows_its_own_section_and_the_engine_roles_follow_disa
 
 @pytest.mark.parametrize("args,message", [
     ({"kind": "fake"}, r"args\.engine\.kind: must be model or mock \(got 'fake'\)"),
-    ({"kind": "mock", "kv_fault": "slow"}, r"args\.engine\.kv_fault: must be lost or timeout \(got 'slow'\)"),
+    ({"kind": "mock", "kv_fault": "slow"},
+     r"args\.engine\.kv_fault: must be one of lost, timeout, held \(got 'slow'\)"),
     ({"kind": "mock", "delay": 1}, r"args\.engine: unknown field\(s\) delay"),
 ])
 def test_a_bad_engine_argument_is_refused_naming_its_field(args, message):

@@ -289,3 +289,60 @@ def test_killed_expert_parallel_rank_fails_its_replica_and_its_streams_resume_on
     assert not wrong, [(r[0], len(r[1]), r[1] == reference[1][:len(r[1])]) for r in wrong]
     assert ended_after < BOUND_S + 60
     assert all(len(r[1]) < tokens for r in results if r[0] == "UNAVAILABLE")
+
+
+# Hand-offs rank to rank over gloo, real engine, expert parallelism on both sides: the decode replica holds every
+# ticket for connector.HELD_S before its rank reads the latents, so the tests can fail either side while
+# tickets are issued and their latents wait on the prefill ranks.
+KV_TIMEOUT_S = 10.0
+
+
+def _gloo_graph(cluster, docs) -> None:
+    cluster.deploy(docs.tiny(kvTransfer={"connector": "gloo", "timeoutSeconds": KV_TIMEOUT_S}), {"kv_fault": "held"})
+
+
+def _tickets_in_transfer(cluster, count: int) -> None:
+    wait_until(lambda: cluster.stats("decode")["handoffs_receiving"] == count, BOUND_S,
+               f"{count} hand-offs held by the decode replica")
+    assert cluster.stats("prefill")["handoff_bytes_waiting"] > 0  # their latents wait on the prefill ranks
+
+
+@pytest.mark.parametrize("killed", ["prefill", "decode"])
+def test_a_replica_killed_with_gloo_tickets_in_transfer_loses_no_request_and_strands_no_kv(cluster, docs, killed,
+                                                                                       reliability):
+    """prefill: its ranks die with it, so the decode rank's read of each ticket fails (a transfer error, the
+    link to the dead rank dropped) and the Ingress sends the request again. decode: the requests fail before
+    any output and are sent again; the abandoned tickets' latents are freed on the prefill ranks when
+    kvTransfer.timeoutSeconds passes. Either way every request completes with the undisturbed tokens, and
+    both pools end with no used blocks and no parked latents."""
+    import ray
+
+    _gloo_graph(cluster, docs)
+    wait_idle(cluster, 60)
+    story = request(24, "the hand-off story")
+    undisturbed = run(cluster.grpc_target, story)
+    assert undisturbed[0] == "OK" and len(undisturbed[1]) == 24
+    deployment = C.PREFILL_DEPLOYMENT if killed == "prefill" else C.DECODE_DEPLOYMENT
+    handle, old_name = _replica_actor(deployment)
+    count = 4
+    with ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(run, cluster.grpc_target, story) for _ in range(count)]
+        _tickets_in_transfer(cluster, count)
+        killed_at = time.monotonic()
+        ray.kill(handle, no_restart=True)
+        results = [f.result(timeout=180) for f in futures]
+    ended_after = time.monotonic() - killed_at
+    _wait_replaced(cluster, deployment, old_name, 180)
+    wait_until(lambda: cluster.stats("prefill")["handoff_bytes_waiting"] == 0, KV_TIMEOUT_S + BOUND_S,
+               "no latents parked on the prefill ranks")
+    recovery = time.monotonic() - killed_at
+    wait_idle(cluster, 60)
+    wrong = [r for r in results if (r[0], r[1]) != ("OK", undisturbed[1])]
+    reliability(f"fault-gloo-{killed}-killed-in-transfer", "fault", what=f"{killed} replica killed (ray.kill) while "
+                f"{count} gloo hand-offs were in transfer (tickets issued, latents parked on the prefill ranks; "
+                "real tiny model, expert parallelism on both sides)", requests=count, failed=len(wrong),
+                failures="none: each was sent again and completed equal to an undisturbed run, the last "
+                f"{ended_after:.1f} s after the kill; no blocks used and no latents parked afterwards"
+                if not wrong else ", ".join(f"{r[0]} after {len(r[1])} tokens" for r in wrong),
+                duration_s=ended_after, recovery_s=recovery)
+    assert not wrong, [(r[0], len(r[1])) for r in wrong]
