@@ -45,6 +45,9 @@ class EngineConfig:
     # A prefill engine's hand-offs keep their latents on its device, for a decode rank to read them
     # there (rank to rank); otherwise they are copied to host memory.
     handoff_on_device: bool = False
+    # Rank to rank: how many bytes of latents a prefill rank may hold unread before it admits no new
+    # prompt (None: as many as its own paged cache holds).
+    max_parked_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -52,6 +55,8 @@ class EngineConfig:
         for name in ("num_blocks", "block_size", "max_batch_tokens", "max_running"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive (got {getattr(self, name)})")
+        if self.max_parked_bytes is not None and self.max_parked_bytes <= 0:
+            raise ValueError(f"max_parked_bytes: must be positive (got {self.max_parked_bytes})")
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise ValueError(f"max_model_len: must be at least 2 (got {self.max_model_len})")
         if self.kernels not in KERNEL_CHOICES:
@@ -169,6 +174,15 @@ class LLMEngine:
         """End every request with an error (the model raised): nothing is left holding blocks."""
         self._inflight = None
         return [self._retire(s, s.aborted("error", error)) for s in list(self.requests.values())]
+
+    @property
+    def cache_bytes(self) -> int:
+        """The paged latent cache's size on the device."""
+        return sum(cache.numel() * cache.element_size() for cache in self.runner.caches)
+
+    def hold_admission(self, hold: bool) -> None:
+        """While held, running sequences continue and waiting ones wait (see Scheduler.admitting)."""
+        self.scheduler.admitting = not hold
 
     @property
     def has_work(self) -> bool:
@@ -373,4 +387,5 @@ class LLMEngine:
             prefix_query_tokens=b.prefix_query_tokens,
             preemptions=sched.num_preemptions,
             finished=self.finished_count,
+            admission_held=not sched.admitting,
         )

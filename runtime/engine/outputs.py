@@ -101,8 +101,10 @@ class EngineStats:
     prefix_query_tokens: int
     preemptions: int
     finished: int
-    # Rank to rank: bytes of hand-off latents a prefill rank holds that no decode rank has read yet.
+    # Rank to rank: bytes of hand-off latents a prefill rank holds that no decode rank has read yet, and
+    # whether that many hold back new prompts (EngineConfig.max_parked_bytes).
     handoff_bytes_waiting: int = 0
+    admission_held: bool = False
 
     @property
     def kv_usage(self) -> float:

@@ -48,10 +48,13 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Closed by the engine's owner while it must not take on more (a prefill rank whose hand-offs wait
+        # to be read): waiting sequences stay waiting, and count as work only once it opens again.
+        self.admitting = True
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.running or (self.waiting and self.admitting))
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -77,7 +80,7 @@ class Scheduler:
                 continue
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+        while self.admitting and self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             chunk = self._admit(self.waiting[0], budget)
             if chunk is None:
                 break  # head of the queue does not fit yet: keep FCFS order, wait for blocks

@@ -117,11 +117,12 @@ class ExpertParallelGroup:
             self._transport.send(owner[0], ("abort", request_id))
 
     def stats(self) -> EngineStats:
-        """The group's totals (summed over ranks)."""
+        """The group's totals (summed over ranks; a flag is set when any rank's is)."""
         per_rank = self.rank_stats()
         first = per_rank[0]
-        summed = {f: sum(getattr(s, f) for s in per_rank) for f in first.__dataclass_fields__ if f != "role"}
-        return replace(first, **summed)
+        combined = {f: (any if isinstance(getattr(first, f), bool) else sum)(getattr(s, f) for s in per_rank)
+                    for f in first.__dataclass_fields__ if f != "role"}
+        return replace(first, **combined)
 
     def describe(self) -> dict[str, str]:
         """Rank 0's description (every rank runs the same paths), with the group's size."""

@@ -73,6 +73,7 @@ class RankWorker:
         engine_config = spec.engine if self.layout is None else replace(spec.engine, cuda_graphs=False)
         engine_config = replace(engine_config, handoff_on_device=self._parking is not None)
         self.engine = LLMEngine(self.model, Tokenizer.from_dir(config_dir), engine_config)
+        self._park_limit = engine_config.max_parked_bytes or self.engine.cache_bytes
         self._want_rebalance = False
         self._stop = False
 
@@ -86,6 +87,7 @@ class RankWorker:
             busy = False
             while True:
                 self._apply_commands(inbox, outbox, block=not busy, wait_s=idle_wait_s)
+                self._bound_admission()
                 flags = torch.tensor([int(self.engine.has_work), int(self._want_rebalance), int(self._stop)])
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if flags[2]:
@@ -99,6 +101,7 @@ class RankWorker:
                         for out in outputs:
                             if out.handoff is not None:
                                 out.handoff.latents = self._parking.park(out.handoff.latents)
+                        self._bound_admission()
                     if outputs:
                         outbox.put(("outputs", self.rank, outputs))
         except Exception as exc:  # noqa: BLE001 - a broken collective or rank must be reported, not hang
@@ -107,6 +110,11 @@ class RankWorker:
             outbox.put(("outputs", self.rank, self.engine.fail_all(f"expert-parallel group failed: {exc}")))
         finally:
             leave_group()
+
+    def _bound_admission(self) -> None:
+        """Beyond the bound of unread hand-off latents, new prompts wait for decode ranks to read them."""
+        if self._parking is not None:
+            self.engine.hold_admission(self._parking.waiting_bytes() >= self._park_limit)
 
     def _apply_commands(self, inbox, outbox, block: bool, wait_s: float) -> None:
         try:

@@ -89,6 +89,9 @@ class PoolMetrics:
                                      "Prompt tokens served from the prefix cache / prompt tokens looked up.")
         self.handoff_waiting = gauge("r1serve_pool_kv_handoff_waiting_bytes",
                                      "Hand-off latents held on prefill ranks that no decode rank has read yet.")
+        self.admission_held = gauge("r1serve_pool_admission_held",
+                                    "1 while a prefill rank's unread hand-off latents are at their bound and new "
+                                    "prompts wait for decode ranks to read them.")
         self.handoff_bytes = metrics.Counter(
             "r1serve_kv_handoff_bytes_total", "Bytes of prompt latents handed from prefill to decode, by connector.",
             tag_keys=("pool", "connector")).set_default_tags(tags)
@@ -108,3 +111,4 @@ class PoolMetrics:
         self.kv_usage.set(stats.kv_usage)
         self.prefix_hit_rate.set(stats.prefix_hit_rate)
         self.handoff_waiting.set(stats.handoff_bytes_waiting)
+        self.admission_held.set(int(stats.admission_held))
