@@ -189,7 +189,18 @@ def pool_status(role: Role, pool: Pool, observed: Observed, app: Mapping[str, An
     decision = scale_decision(observed.scaling, role)
     if decision is not None:
         status["lastScaleDecision"] = decision
+    connector = kv_connector(observed.scaling, role)
+    if connector is not None:
+        status["kvConnector"] = connector
     return status
+
+
+def kv_connector(scaling: Mapping[str, Any] | None, role: Role) -> str | None:
+    """The KV connector the pool's replicas resolved (kvTransfer.connector with `auto` resolved where they
+    run), as they report it in the status board; None for a pool that hands nothing off, or before any
+    replica reported."""
+    engine = (((scaling or {}).get("pools") or {}).get(role) or {}).get("engine") or {}
+    return str(engine["kvConnector"]) if engine.get("kvConnector") else None
 
 
 def scale_decision(scaling: Mapping[str, Any] | None, role: Role) -> dict[str, Any] | None:

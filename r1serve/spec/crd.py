@@ -117,6 +117,9 @@ def _pool_status(role: str) -> dict[str, Any]:
             "summary": {"type": "string", "description":
                         "readyReplicas/desiredReplicas, as `kubectl get` shows it."},
             "lastScaleDecision": _scale_decision(),
+            "kvConnector": {"type": "string", "description":
+                            "How the pool's replicas hand prompts' KV caches over (kvTransfer.connector, "
+                            "auto resolved where they run), as they report it."},
         },
     }
 

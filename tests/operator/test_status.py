@@ -153,6 +153,18 @@ def test_the_pool_shows_the_policy_decision_and_the_event_gives_its_reason(tiny,
         ("Scaled", "decode: 1 -> 2 replicas (running + waiting sequences: 20.0 per replica > target 8)")]
 
 
+def test_each_pool_shows_the_kv_connector_its_replicas_resolved(tiny, kuberay_world):
+    """kvTransfer.connector auto is resolved where the replicas run; the operator shows what they report."""
+    rs = _rayservice(kuberay_world.status("RUNNING"))
+    engine = {"device": "cpu", "kernels": "torch", "kvConnector": "gloo"}
+    scaling = {"pools": {"prefill": {"engine": engine}, "decode": {"engine": engine}}}
+    status = aggregate(tiny, Observed(rs, _cluster(1, 1), scaling=scaling), generation=1, previous=None,
+                       now=NOW).status
+    assert (status["prefill"]["kvConnector"], status["decode"]["kvConnector"]) == ("gloo", "gloo")
+    unreported = aggregate(tiny, Observed(rs, _cluster(1, 1)), generation=1, previous=None, now=NOW).status
+    assert "kvConnector" not in unreported["decode"]
+
+
 def test_kuberay_missing_fails_with_instructions(tiny):
     message = kuberay_missing_message(60)
     update = failure(tiny, reason="KubeRayNotInstalled", message=message, generation=1,
