@@ -116,6 +116,7 @@ class LLMEngine:
         log.info("%s engine: %s", config.role, format_engine(self.describe()))
         self.requests: dict[str, RequestState] = {}
         self.pending_handoffs: deque[tuple[RequestState, KVHandoff]] = deque()
+        self.handoff_tokens_not_sent = 0
         self.overlap = config.overlap if config.overlap is not None else self.runner.device.type == "cuda"
         self._inflight: _Launched | None = None
         self.finished_count = 0
@@ -174,6 +175,11 @@ class LLMEngine:
         """End every request with an error (the model raised): nothing is left holding blocks."""
         self._inflight = None
         return [self._retire(s, s.aborted("error", error)) for s in list(self.requests.values())]
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """How many leading tokens of `token_ids` this engine's prefix cache holds. Only reads, so a rank's
+        transfer thread may ask it while the engine steps (the answer may be stale by admission)."""
+        return len(self.blocks.cached_prefix(token_ids)) * self.blocks.block_size
 
     @property
     def cache_bytes(self) -> int:
@@ -314,9 +320,16 @@ class LLMEngine:
             if not self.blocks.can_allocate(seq, seq.num_tokens):
                 return
             self.pending_handoffs.popleft()
+            if self.cached_prefix_tokens(seq.token_ids) < handoff.latents_start:
+                # The prefix that was not sent has left this cache since: compute the sequence again, as a
+                # preempted one (it keeps its tokens; the next is sampled after them).
+                seq.status = SequenceStatus.WAITING
+                self.scheduler.waiting.appendleft(seq)
+                continue
             self.blocks.allocate(seq, seq.num_tokens)
             start = seq.num_cached_tokens  # a shared prefix already holds these latents
-            self.runner.write_latents(seq, start, handoff.latents[:, start:])
+            self.runner.write_latents(seq, start, handoff.latents[:, start - handoff.latents_start:])
+            self.handoff_tokens_not_sent += handoff.latents_start
             seq.num_computed_tokens = seq.num_tokens - 1  # the prompt, and a resumed request's earlier tokens
             self.blocks.commit(seq)
             seq.status = SequenceStatus.RUNNING
@@ -388,4 +401,5 @@ class LLMEngine:
             preemptions=sched.num_preemptions,
             finished=self.finished_count,
             admission_held=not sched.admitting,
+            handoff_tokens_not_sent=self.handoff_tokens_not_sent,
         )

@@ -59,7 +59,8 @@ class KVTransferError(RuntimeError):
 class KVHandoff:
     """A prefilled sequence, moved from a prefill engine to a decode engine.
 
-    latents: [num_layers, len(prompt_token_ids), kv_lora_rank + qk_rope_head_dim], the prompt's cache.
+    latents: [num_layers, len(prompt_token_ids), kv_lora_rank + qk_rope_head_dim], the prompt's cache, from
+    token `latents_start` on (the tokens before it are a prefix the decode rank's own cache holds, not sent).
     generator_state: the seeded request's RNG after sampling the first token, so decode continues it.
     """
 
@@ -72,6 +73,12 @@ class KVHandoff:
     cached_tokens: int = 0
     # A resumed request's tokens already streamed to its client: the latents cover the prompt and them.
     resumed_token_ids: list[int] = field(default_factory=list)
+    latents_start: int = 0
+
+    @property
+    def sequence_token_ids(self) -> list[int]:
+        """The sequence as the decode engine holds it: prompt, resumed tokens, first token."""
+        return [*self.prompt_token_ids, *self.resumed_token_ids, self.first_token_id]
 
     @property
     def nbytes(self) -> int:
@@ -80,7 +87,8 @@ class KVHandoff:
         return self.latents.numel() * self.latents.element_size()
 
     def validate(self, num_layers: int, latent_dim: int) -> None:
-        expected = (num_layers, len(self.prompt_token_ids) + len(self.resumed_token_ids), latent_dim)
+        expected = (num_layers, len(self.prompt_token_ids) + len(self.resumed_token_ids) - self.latents_start,
+                    latent_dim)
         if isinstance(self.latents, RemoteLatents):
             raise RequestError("handoff.latents", f"still on the prefill rank ({self.latents.transport}); the "
                                                   "rank taking the hand-off reads them first")
@@ -105,6 +113,8 @@ class EngineStats:
     # whether that many hold back new prompts (EngineConfig.max_parked_bytes).
     handoff_bytes_waiting: int = 0
     admission_held: bool = False
+    # Decode side: prompt tokens of hand-offs whose latents were not sent, a prefix this cache held.
+    handoff_tokens_not_sent: int = 0
 
     @property
     def kv_usage(self) -> float:

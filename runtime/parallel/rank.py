@@ -38,7 +38,9 @@ class RankSpec:
 
 
 class Parking(Protocol):
-    """Where a prefill rank keeps hand-off latents until a decode rank reads them (transport.DirectLatents)."""
+    """Where a prefill rank keeps hand-off latents until a decode rank reads them (transport.DirectLatents,
+    GlooLatents). A decode rank gives its own a `cached_tokens` probe where it has one (GlooLatents): the latents
+    of a prefix its cache holds are then not sent again."""
 
     def park(self, latents: torch.Tensor) -> RemoteLatents: ...
 
@@ -74,6 +76,8 @@ class RankWorker:
         engine_config = replace(engine_config, handoff_on_device=self._parking is not None)
         self.engine = LLMEngine(self.model, Tokenizer.from_dir(config_dir), engine_config)
         self._park_limit = engine_config.max_parked_bytes or self.engine.cache_bytes
+        if parking is not None and spec.engine.role == "decode" and hasattr(parking, "cached_tokens"):
+            parking.cached_tokens = self.engine.cached_prefix_tokens  # a prefix it holds is not sent again
         self._want_rebalance = False
         self._stop = False
 

@@ -7,7 +7,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.multiprocessing as tmp
@@ -141,6 +141,9 @@ class GlooLatents:
         self._parked = ParkedLatents(timeout_s)
         self._links: PairLinks | None = None
         self._link_to: dict[str, str] = {}  # decode side: prefill rank (actor id) -> link id
+        # Decode side: how many leading tokens of a sequence the rank's own cache holds (set by its worker);
+        # their latents are not sent again.
+        self.cached_tokens: Callable[[list[int]], int] | None = None
 
     def __reduce__(self):  # sent to each rank actor as its settings; the state is the rank's own
         return GlooLatents, (self.timeout_s, self.max_links)
@@ -168,14 +171,15 @@ class GlooLatents:
     def join(self, link: str, address: str) -> None:
         self.pairs().join(link, address, rank=0)
 
-    def offer(self, link: str, key: str) -> str:
-        """Start sending the latents under `key` on `link`: "sending", or why not ("no-link", "gone")."""
+    def offer(self, link: str, key: str, start: int = 0) -> str:
+        """Start sending the latents under `key` from token `start` on, on `link`: "sending", or why not
+        ("no-link", "gone")."""
         if not self.pairs().has(link):
             return "no-link"
         latents = self._parked.take(key)
         if latents is None:
             return "gone"
-        self.pairs().start_send(link, latents)
+        self.pairs().start_send(link, latents[:, start:])
         return "sending"
 
     # Decode side.
@@ -189,17 +193,20 @@ class GlooLatents:
         prefill, key = remote.ref
         peer = prefill._actor_id.hex()
         deadline = time.monotonic() + self.timeout_s
+        start = self.cached_tokens(handoff.sequence_token_ids) if self.cached_tokens is not None else 0
+        shape = (remote.shape[0], remote.shape[1] - start, *remote.shape[2:])
         try:
             for _ in range(2):  # a second time only if the prefill rank had closed our link
                 link = self._link_to.get(peer)
                 if link is None or not self.pairs().has(link):
                     link = self._link(prefill, deadline)
                     self._link_to[peer] = link
-                answer = ray.get(prefill.kv_offer.options(concurrency_group=KV_GROUP).remote(link, key),
+                answer = ray.get(prefill.kv_offer.options(concurrency_group=KV_GROUP).remote(link, key, start),
                                  timeout=_left(deadline))
                 if answer == "sending":
-                    handoff.latents = self.pairs().receive(link, remote.shape, getattr(torch, remote.dtype),
+                    handoff.latents = self.pairs().receive(link, shape, getattr(torch, remote.dtype),
                                                            _left(deadline))
+                    handoff.latents_start = start
                     return handoff
                 if answer == "gone":
                     raise KVTransferError(f"{handoff.request_id}: KV cache no longer held by its prefill rank "
@@ -288,8 +295,8 @@ class _RankActor:
     def kv_join(self, link: str, address: str) -> None:
         self._direct.join(link, address)
 
-    def kv_offer(self, link: str, key: str) -> str:
-        return self._direct.offer(link, key)
+    def kv_offer(self, link: str, key: str, start: int = 0) -> str:
+        return self._direct.offer(link, key, start)
 
     def kv_links(self) -> int:
         return self._direct.links() if isinstance(self._direct, GlooLatents) else 0

@@ -98,6 +98,36 @@ def test_prefill_handoff_decode_equals_the_combined_engine(model, tokenizer):
     assert decode.stats().kv_blocks_used == 0
 
 
+def test_a_hand_off_without_the_prefix_its_decode_engine_holds_gives_the_same_tokens(model, tokenizer, expected):
+    """Rank to rank, the latents of a prefix the decode engine's cache already holds are not sent; if that
+    prefix left the cache before the hand-off is admitted, the sequence is computed again instead."""
+    prompts, config = _prompts(), dict(num_blocks=64, block_size=8)
+    prefill = LLMEngine(model, tokenizer, EngineConfig(role="prefill", **config))
+    prefill.add_request("first", prompts[8], GREEDY)
+    prefill.add_request("second", prompts[10], GREEDY)
+    handoffs = {}
+    _drain(prefill, handoffs)
+    decode, outputs = LLMEngine(model, tokenizer, EngineConfig(role="decode", **config)), {}
+    for o in decode.add_handoff(handoffs["first"][0].handoff):
+        outputs.setdefault("first", []).append(o)
+    _drain(decode, outputs)
+    second = handoffs["second"][0].handoff
+    start = decode.cached_prefix_tokens(second.sequence_token_ids)
+    assert start == 40  # prompts 8 and 10 share 40 tokens: five blocks
+    second.latents, second.latents_start = second.latents[:, start:], start
+    for o in decode.add_handoff(second):
+        outputs.setdefault("second", []).append(o)
+    _drain(decode, outputs)
+    assert _tokens(outputs["second"]) == expected[10] and decode.stats().handoff_tokens_not_sent == 40
+    elsewhere, again = LLMEngine(model, tokenizer, EngineConfig(role="decode", **config)), {}
+    second.request_id = "again"  # a decode engine that does not hold the prefix (evicted meanwhile)
+    for o in elsewhere.add_handoff(second):
+        again.setdefault("again", []).append(o)
+    _drain(elsewhere, again)
+    assert _tokens(again["again"]) == expected[10]
+    assert decode.stats().kv_blocks_used == elsewhere.stats().kv_blocks_used == 0
+
+
 def _run_one(engine, rid, prompt, params):
     outputs = {}
     engine.add_request(rid, prompt, params)

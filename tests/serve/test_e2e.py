@@ -88,6 +88,21 @@ def test_concurrent_greedy_equals_the_reference(stub, reference):
     assert served == [reference(p, n) for p, n in cases]
 
 
+def test_a_prompt_extending_a_served_one_equals_the_reference(graph, stub, reference, request):
+    """With gloo, the decode rank holds the first prompt's blocks afterwards, so the second hand-off does not
+    send their latents again (the decode pool counts the tokens it did not need)."""
+    kind = request.node.callspec.params["graph"]
+    rng = random.Random(21)
+    first = [rng.randrange(1000, 100000) for _ in range(140)]
+    second = first + [rng.randrange(1000, 100000) for _ in range(20)]
+    skipped = (lambda: graph.stats("decode")["handoff_tokens_not_sent"]) if kind != "single-pool" else (lambda: 0)
+    before = skipped()
+    for prompt in (first, second):
+        served = [t for r in stub.Generate(greedy_request(prompt, 6), timeout=120) for t in r.token_ids]
+        assert served == reference(prompt, 6)
+    assert skipped() - before == (128 if kind == "disaggregated-gloo" else 0)  # two blocks of 64 tokens
+
+
 def test_stream_order_and_usage(stub, reference):
     prompt = prompts(1, seed=5)[0]
     messages = list(stub.Generate(greedy_request(prompt, 24), timeout=120))

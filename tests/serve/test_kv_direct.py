@@ -44,8 +44,15 @@ class Rank:
     def kv_join(self, link: str, address: str) -> None:
         self.direct.join(link, address)
 
-    def kv_offer(self, link: str, key: str) -> str:
-        return self.direct.offer(link, key)
+    def kv_offer(self, link: str, key: str, start: int = 0) -> str:
+        return self.direct.offer(link, key, start)
+
+    def pull_holding(self, box: list[RemoteLatents], cached: int) -> tuple[torch.Tensor, int]:
+        """Pull as a decode rank whose cache holds the first `cached` tokens of the sequence."""
+        self.direct.cached_tokens = lambda tokens: cached
+        handoff = KVHandoff("r", list(range(box[0].shape[1])), 7, SamplingParams(), box[0])
+        handoff = self.direct.pull(handoff)
+        return handoff.latents, handoff.latents_start
 
     def links(self) -> int:
         return self.direct.links()
@@ -175,3 +182,13 @@ def test_gloo_links_per_rank_are_bounded_and_made_again_when_closed(actors):
     assert ray.get(prefills[0].links.remote()) == 1
     assert torch.equal(_pull(decode, ray.get(prefills[0].park.remote(8, seed=11))), _latents(8, seed=11))
     assert ray.get(decode.links.remote()) == 2
+
+
+def test_gloo_does_not_send_the_prefix_the_decode_rank_holds(actors):
+    import ray
+
+    Rank, _ = actors
+    prefill, decode = Rank.remote("gloo"), Rank.remote("gloo")
+    latents, start = ray.get(decode.pull_holding.remote(ray.get(prefill.park.remote(48, seed=8)), 32))
+    assert start == 32 and torch.equal(latents, _latents(48, seed=8)[:, 32:])
+    assert ray.get(prefill.waiting_bytes.remote()) == 0
