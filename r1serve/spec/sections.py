@@ -242,8 +242,11 @@ class Experts(SpecModel):
     rebalance_interval_seconds: float | None = Field(
         None,
         gt=0,
-        description="How often measured expert load re-places the redundant copies. Unset: "
-        "placement is computed once at start-up and never changed.",
+        description="How often each expert-parallel replica re-places its experts from the "
+        "expert load it measured (a decayed window: the load since the last rebalance counts "
+        "fully, older load half as much per rebalance). Incoming experts load while the replica "
+        "keeps serving; all its ranks switch at one step boundary. Unset: the placement "
+        "computed at start-up is kept.",
     )
 
 

@@ -125,15 +125,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             return
         layer, expert, proj = hit
         experts = self.model.layers[layer].mlp.experts
-        half = experts.intermediate
-        for slot, eid in enumerate(experts.expert_ids):
-            if eid != expert:
-                continue
-            if proj == "down_proj":
-                experts.w2[slot].copy_(tensor)
-            else:
-                rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
-                experts.w13[slot, rows].copy_(tensor)
+        _copy_expert(experts.w13, experts.w2, experts.expert_ids, expert, proj, tensor)
 
     def checkpoint_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
         """This instance's weights under their published names (the inverse of load_tensor)."""
@@ -159,6 +151,35 @@ class DeepseekV3ForCausalLM(nn.Module):
         experts = self.model.layers[layer].mlp.experts
         experts.reassign(expert_ids)
         return experts
+
+    def stage_experts(self, checkpoint_dir: str | Path, layer_experts: dict[int, Sequence[int]]
+                      ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Read the weights MoE layers would hold with other experts in their slots (`layer_experts`), into
+        host tensors shaped like the layers' own, without touching the model (so it can keep running)."""
+        from .checkpoint import load_weights
+
+        staged = {}
+        for layer, expert_ids in layer_experts.items():
+            experts = self.model.layers[layer].mlp.experts
+            staged[layer] = (torch.empty(experts.w13.shape, dtype=experts.w13.dtype),
+                             torch.empty(experts.w2.shape, dtype=experts.w2.dtype))
+        wanted = {name for name in checkpoint_shapes(self.config)
+                  if (hit := expert_of(name)) is not None and hit[0] in layer_experts
+                  and hit[1] in layer_experts[hit[0]]}
+        for name, tensor in load_weights(
+            checkpoint_dir, checkpoint_shapes(self.config), self.dtype, include=wanted.__contains__,
+            num_hidden_layers=self.config.num_hidden_layers, progress=False, cast=False,
+        ):
+            layer, expert, proj = expert_of(name)
+            _copy_expert(*staged[layer], layer_experts[layer], expert, proj, tensor)
+        return staged
+
+    def install_experts(self, layer: int, expert_ids: Sequence[int], w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Switch a MoE layer to other experts whose weights were staged: copied in place, so CUDA graphs
+        captured over the layer stay valid."""
+        experts = self.replace_experts(layer, expert_ids)
+        experts.w13.copy_(w13)
+        experts.w2.copy_(w2)
 
     def reset_buffers(self) -> None:
         """Recompute derived, non-checkpoint buffers (after `to_empty` from the meta device)."""
@@ -199,6 +220,20 @@ class DeepseekV3ForCausalLM(nn.Module):
             num_hidden_layers=self.config.num_hidden_layers, progress=progress, cast=False,
         ):
             self.load_tensor(name, tensor)
+
+
+def _copy_expert(w13: torch.Tensor, w2: torch.Tensor, expert_ids: Sequence[int], expert: int, proj: str,
+                 tensor: torch.Tensor) -> None:
+    """One checkpoint projection of `expert` into every slot holding it (gate and up share w13's rows)."""
+    half = w13.shape[1] // 2
+    for slot, eid in enumerate(expert_ids):
+        if eid != expert:
+            continue
+        if proj == "down_proj":
+            w2[slot].copy_(tensor)
+        else:
+            rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
+            w13[slot, rows].copy_(tensor)
 
 
 __all__ = ["DeepseekV3ForCausalLM", "layer_of"]

@@ -9,7 +9,7 @@ import queue
 import threading
 import time
 from dataclasses import replace
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from r1serve.runtime.engine.engine import EngineConfig
 from r1serve.runtime.engine.interface import last_output
@@ -36,10 +36,11 @@ class GroupFailedError(EngineUnavailableError):
 
 
 def rank_specs(checkpoint: str, world_size: int, *, engine: EngineConfig, dtype: str, device: str,
-               redundant: int, timeout_s: float, address: str | None = None) -> list[RankSpec]:
+               redundant: int, timeout_s: float, address: str | None = None,
+               options: dict[str, Any] | None = None) -> list[RankSpec]:
     address = address or free_tcp_address()
     return [RankSpec(GroupConfig(world_size, rank, address, timeout_s=timeout_s), checkpoint, engine, dtype, device,
-                     redundant) for rank in range(world_size)]
+                     redundant, dict(options or {})) for rank in range(world_size)]
 
 
 class ExpertParallelGroup:
@@ -47,7 +48,8 @@ class ExpertParallelGroup:
     request lives on one rank, chosen as the least loaded. One thread relays the ranks' outputs to the
     waiting callers and watches the processes: a rank that dies fails every request within `timeout_s`."""
 
-    def __init__(self, transport: RankTransport, *, start_timeout_s: float = 300.0, watch_every_s: float = 1.0):
+    def __init__(self, transport: RankTransport, *, start_timeout_s: float = 300.0, watch_every_s: float = 1.0,
+                 rebalance_interval_s: float | None = None):
         self._transport = transport
         self.world_size = transport.world_size
         self.error: str | None = None
@@ -60,22 +62,29 @@ class ExpertParallelGroup:
         self._asking = threading.Lock()  # one question to the ranks at a time: replies carry no token
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self._epochs = itertools.count(1)  # rebalances asked of the ranks
+        self._rebalancing: dict[int, queue.Queue] = {}
         self._relay_thread = threading.Thread(target=self._relay_loop, name="r1serve-ep-relay", daemon=True)
         self._relay_thread.start()
+        if rebalance_interval_s is not None and self.world_size > 1:  # experts.rebalanceIntervalSeconds
+            threading.Thread(target=self._rebalance_on_schedule, args=(rebalance_interval_s,), daemon=True,
+                             name="r1serve-ep-rebalance").start()
 
     @classmethod
     def in_processes(cls, checkpoint: str, world_size: int, *, engine: EngineConfig = EngineConfig(),
                      dtype: str = "float32", device: str = "cpu", redundant: int = 0, timeout_s: float = 30.0,
-                     start_timeout_s: float = 300.0) -> ExpertParallelGroup:
+                     start_timeout_s: float = 300.0, rebalance_interval_s: float | None = None,
+                     options: dict[str, Any] | None = None) -> ExpertParallelGroup:
         """A group of local processes (one machine, no Ray): tests, benchmarks, the offline CLI."""
         return cls(ProcessTransport(rank_specs(checkpoint, world_size, engine=engine, dtype=dtype, device=device,
-                                               redundant=redundant, timeout_s=timeout_s)),
-                   start_timeout_s=start_timeout_s)
+                                               redundant=redundant, timeout_s=timeout_s, options=options)),
+                   start_timeout_s=start_timeout_s, rebalance_interval_s=rebalance_interval_s)
 
     @classmethod
     def on_ray(cls, checkpoint: str, bundles: list[dict[str, float]], *, engine: EngineConfig, dtype: str,
                device: str, redundant: int, placement_group=None, timeout_s: float = 60.0,
-               direct: DirectLatents | GlooLatents | None = None) -> ExpertParallelGroup:
+               direct: DirectLatents | GlooLatents | None = None,
+               rebalance_interval_s: float | None = None) -> ExpertParallelGroup:
         """One rank per bundle, as Ray actors in bundles 1..N of `placement_group` (a Serve replica's own,
         whose bundle 0 is the replica); without one the ranks are scheduled freely. With `direct`, hand-offs
         move rank to rank."""
@@ -83,7 +92,8 @@ class ExpertParallelGroup:
         specs = rank_specs(checkpoint, len(bundles), engine=engine, dtype=dtype, device=device,
                            redundant=redundant, timeout_s=timeout_s, address=address)
         log.info("starting %d %s ranks at %s", len(bundles), engine.role, address)
-        return cls(RayTransport(specs, bundles, placement_group=placement_group, direct=direct))
+        return cls(RayTransport(specs, bundles, placement_group=placement_group, direct=direct),
+                   rebalance_interval_s=rebalance_interval_s)
 
     # -- EngineClient ------------------------------------------------------------------------------
 
@@ -169,10 +179,38 @@ class ExpertParallelGroup:
             self._asking.release()
         return [answer for _, answer in sorted(results, key=lambda r: r[0])]
 
-    def rebalance(self) -> None:
-        """Ask every rank to rebalance experts from the load seen so far (they do it between steps)."""
-        for rank in range(self.world_size):
-            self._transport.send(rank, ("rebalance",))
+    def rebalance(self, timeout_s: float = 300.0) -> bool:
+        """Rebalance experts from the load seen so far; returns once every rank uses the new placement (True)
+        or kept its own because nothing would change (False). The ranks agree on one epoch per call: a rank
+        that hears of it late does not rebalance a second time."""
+        if not self.healthy:
+            raise GroupFailedError(f"the expert-parallel group is down: {self.error}")
+        done: queue.Queue = queue.Queue()
+        with self._lock:
+            epoch = next(self._epochs)
+            self._rebalancing[epoch] = done
+        try:
+            for rank in range(self.world_size):
+                self._transport.send(rank, ("rebalance", epoch))
+            deadline = time.monotonic() + timeout_s
+            answers = [done.get(timeout=max(0.0, deadline - time.monotonic())) for _ in range(self.world_size)]
+        except queue.Empty:
+            raise GroupFailedError(f"ranks did not finish rebalance {epoch} within {timeout_s:.0f}s") from None
+        finally:
+            with self._lock:
+                self._rebalancing.pop(epoch, None)
+        return any(changed for _, changed in answers)
+
+    def _rebalance_on_schedule(self, interval_s: float) -> None:
+        while not self._stopping and self.error is None:
+            time.sleep(interval_s)
+            if self._stopping or self.error is not None:
+                return
+            try:
+                changed = self.rebalance()
+                log.info("scheduled expert rebalance: %s", "placement changed" if changed else "no change")
+            except Exception:  # noqa: BLE001 - a failed group reports itself; the schedule just ends
+                log.exception("scheduled expert rebalance failed")
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping = True
@@ -247,6 +285,12 @@ class ExpertParallelGroup:
         elif kind == "lost":  # a hand-off's latents could not be read from its prefill rank
             _, _, request_id, text = message
             self._deliver(request_id, KVTransferError(text))
+        elif kind == "rebalanced":  # a rank uses the placement of this epoch (and of every earlier one)
+            _, rank, epoch, changed = message
+            with self._lock:
+                waiting = [q for e, q in self._rebalancing.items() if e <= epoch]
+            for q in waiting:
+                q.put((rank, changed))
         elif kind == "reply":
             for reply in list(self._replies.values()):
                 reply.put((message[1], message[2]))

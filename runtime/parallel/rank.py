@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
+import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,13 +17,41 @@ import torch.distributed as dist
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.outputs import RemoteLatents, RequestError
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
-from r1serve.runtime.model.weights import checkpoint_shapes, expert_of
 from r1serve.runtime.tokenizer import Tokenizer
 
 from .layout import ExpertParallelLayout, GroupConfig, join_group, leave_group
-from .placement import balanced_placement
+from .placement import ExpertPlacement, balanced_placement
 
 log = logging.getLogger(__name__)
+
+# Each rebalance weighs the load seen since the previous one fully and older load by this factor per
+# rebalance: a decayed window that follows traffic as it shifts.
+LOAD_DECAY = 0.5
+
+
+class PendingPlacement:
+    """A rebalance the ranks agreed on, whose incoming experts load on a thread while the rank keeps stepping;
+    every rank switches to it at the first step boundary where all have loaded theirs."""
+
+    def __init__(self, epoch: int, placements: dict[int, ExpertPlacement], load):
+        self.epoch, self.placements = epoch, placements
+        self.staged: dict | None = None
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+        self._thread = threading.Thread(target=self._load, args=(load,), daemon=True, name="r1serve-expert-load")
+        self._thread.start()
+
+    def _load(self, load) -> None:
+        try:
+            self.staged = load()
+        except BaseException as exc:  # noqa: BLE001 - reported to the step loop, which fails the rank
+            self.error = exc
+
+    @property
+    def loaded(self) -> bool:
+        if self.error is not None:
+            raise RuntimeError(f"loading experts for rebalance {self.epoch} failed: {self.error}") from self.error
+        return self.staged is not None
 
 
 @dataclass(frozen=True)
@@ -78,7 +108,10 @@ class RankWorker:
         self._park_limit = engine_config.max_parked_bytes or self.engine.cache_bytes
         if parking is not None and spec.engine.role == "decode" and hasattr(parking, "cached_tokens"):
             parking.cached_tokens = self.engine.cached_prefix_tokens  # a prefix it holds is not sent again
-        self._want_rebalance = False
+        self._rebalance_wanted = 0  # the newest rebalance epoch asked of this rank
+        self._rebalance_done = 0  # the newest epoch the ranks agreed on and planned
+        self._pending: PendingPlacement | None = None
+        self._load_window: dict[int, torch.Tensor] = {}
         self._stop = False
 
     def expert_bytes(self) -> int:
@@ -92,12 +125,15 @@ class RankWorker:
             while True:
                 self._apply_commands(inbox, outbox, block=not busy, wait_s=idle_wait_s)
                 self._bound_admission()
-                flags = torch.tensor([int(self.engine.has_work), int(self._want_rebalance), int(self._stop)])
+                loading = int(self._pending is not None and not self._pending.loaded)
+                flags = torch.tensor([int(self.engine.has_work), self._rebalance_wanted, int(self._stop), loading])
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 if flags[2]:
                     break
-                if flags[1]:
-                    self.rebalance()
+                if self._pending is not None and not flags[3]:
+                    self._switch(outbox)  # every rank has its incoming experts: all switch at this boundary
+                if self._pending is None and int(flags[1]) > self._rebalance_done:
+                    self.plan_rebalance(int(flags[1]), outbox)
                 busy = bool(flags[0])
                 if busy:
                     outputs = self.engine.step(lockstep=True)
@@ -163,33 +199,52 @@ class RankWorker:
                 placements = {layer: p.physical_to_logical for layer, p in layers.items()}
                 outbox.put(("reply", self.rank, placements))
             elif kind == "rebalance":
-                self._want_rebalance = True
+                self._rebalance_wanted = max(self._rebalance_wanted, command[1])
             elif kind == "stop":
                 self._stop = True
         except RequestError as exc:
             outbox.put(("rejected", self.rank, command[1] if kind == "add" else command[1].request_id,
                         exc.field, str(exc)))
 
-    def rebalance(self) -> None:
-        """Collective: sum every rank's per-expert load, compute the same balanced placement everywhere,
-        and load the experts that moved onto this rank from the checkpoint. Runs between steps."""
-        self._want_rebalance = False
-        if self.layout is None:
-            return  # one rank holds every expert
-        for layer, placement in list(self.layout.placements.items()):
-            dispatcher = self.layout.dispatcher(layer)
-            load = dispatcher.take_load()
+    def plan_rebalance(self, epoch: int, outbox) -> None:
+        """Collective, between steps: add every rank's expert load since the last rebalance to the decayed
+        window, compute the same balanced placement everywhere, and start loading the experts this rank
+        gains on a thread (the rank keeps stepping). A layer whose window is empty keeps its placement."""
+        self._rebalance_done = epoch
+        changed: dict[int, ExpertPlacement] = {}
+        for layer, placement in (self.layout.placements.items() if self.layout is not None else ()):
+            load = self.layout.dispatcher(layer).take_load()
             dist.all_reduce(load)
-            new = balanced_placement(load.tolist(), self.world_size, self.layout.redundant)
-            if new == placement:
+            window = self._load_window.get(layer)
+            window = load.double() if window is None else window * LOAD_DECAY + load.double()
+            self._load_window[layer] = window
+            if not window.any():
                 continue
+            new = balanced_placement(window.tolist(), self.world_size, self.layout.redundant)
+            if new != placement:
+                changed[layer] = new
+        if not changed:
+            outbox.put(("rebalanced", self.rank, epoch, False))
+            return
+        incoming = {layer: new.rank_experts(self.rank) for layer, new in changed.items()}
+        delay = float(self.spec.options.get("expert_load_delay_s", 0.0))  # tests: a load that takes a while
+
+        def load():
+            if delay:
+                time.sleep(delay)
+            return self.model.stage_experts(self.spec.checkpoint, incoming)
+
+        self._pending = PendingPlacement(epoch, changed, load)
+
+    def _switch(self, outbox) -> None:
+        pending, self._pending = self._pending, None
+        for layer, new in pending.placements.items():
+            self.model.install_experts(layer, new.rank_experts(self.rank), *pending.staged[layer])
             self.layout.placements[layer] = new
-            mine = new.rank_experts(self.rank)
-            self.model.replace_experts(layer, mine)
-            names = [n for n in checkpoint_shapes(self.model.config) if (hit := expert_of(n)) and hit[0] == layer
-                     and hit[1] in mine]
-            self.model.load_checkpoint_tensors(self.spec.checkpoint, names, progress=False)
-            dispatcher.set_placement(new)
+            self.layout.dispatcher(layer).set_placement(new)
+        log.info("rank %d: rebalance %d switched %d layer(s) after %.2fs of loading", self.rank, pending.epoch,
+                 len(pending.placements), time.monotonic() - pending.started)
+        outbox.put(("rebalanced", self.rank, pending.epoch, True))
 
 
 def rank_main(spec: RankSpec, inbox, outbox, parking: Parking | None = None) -> None:

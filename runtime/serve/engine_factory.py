@@ -104,7 +104,8 @@ def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype,
     return ExpertParallelGroup.on_ray(str(checkpoint), [dict(b) for b in bundles], engine=plan.engine,
                                       dtype=str(dtype).removeprefix("torch."), device=device,
                                       redundant=plan.redundant_experts, placement_group=placement_group,
-                                      direct=direct_latents(direct, plan.kv_timeout_s) if direct else None)
+                                      direct=direct_latents(direct, plan.kv_timeout_s) if direct else None,
+                                      rebalance_interval_s=plan.rebalance_interval_s)
 
 
 def _mock_engine(plan: PoolPlan, source: EngineSource) -> EngineClient:

@@ -37,6 +37,7 @@ class PoolPlan:
     # own placement group's, these only where it runs outside one.
     rank_bundles: tuple[Mapping[str, float], ...]
     kv_timeout_s: float = 30.0  # spec.kvTransfer.timeoutSeconds
+    rebalance_interval_s: float | None = None  # spec.experts.rebalanceIntervalSeconds (None: never)
 
     @property
     def engine_role(self) -> EngineRole:
@@ -89,5 +90,6 @@ def plan_pools(deployment: R1Deployment, options: Mapping[str, Mapping[str, Any]
             dtype=deployment.spec.model.dtype, redundant_experts=deployment.spec.experts.redundant,
             cpu_threads=max(1, int(rank_cpus(deployment.spec.workers_for(name)))),
             rank_bundles=tuple(dict(b) for b in bundles),
-            kv_timeout_s=deployment.spec.kv_transfer.timeout_seconds)
+            kv_timeout_s=deployment.spec.kv_transfer.timeout_seconds,
+            rebalance_interval_s=deployment.spec.experts.rebalance_interval_seconds)
     return plans

@@ -26,6 +26,7 @@ CHANGES = [
     ("`spec.model.maxModelLen: 65536`", "serve-config"),
     ("`spec.decode.autoscaling.targetOngoingRequests: 64`", "serve-config"),
     ("`spec.kvTransfer.connector: object-store`", "serve-config"),
+    ("`spec.experts.rebalanceIntervalSeconds: 300`", "serve-config"),
     ("`spec.prefill.replicas.max: 8`", "scale"),
     ("`spec.prefill.replicas.min: 2`", "scale"),
     ("`spec.decode.expertParallel: 32`", "scale"),

@@ -92,10 +92,12 @@ def test_greedy_generation_through_the_group_equals_one_process_before_and_after
         top_k = 4
         assert {layer: sum(c) for layer, c in group.expert_load().items()} == {1: tokens * top_k, 2: tokens * top_k}
         before = group.placements()
-        group.rebalance()
-        assert _through_group(group, prompts) == expected  # same prompts, new placement
+        assert group.rebalance()  # returns once every rank uses the new placement
         after = group.placements()
         assert after[0] != before[0] and all(p == after[0] for p in after)
+        # One rebalance per call: a second over the same decayed window changes nothing.
+        assert not group.rebalance() and group.placements() == after
+        assert _through_group(group, prompts) == expected  # same prompts, new placement
         stats = group.rank_stats()
         assert all(s.kv_blocks_used == 0 for s in stats)
         assert sum(s.finished for s in stats) == 2 * len(prompts)
