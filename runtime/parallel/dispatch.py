@@ -30,10 +30,10 @@ class AllToAllDispatcher:
     def set_placement(self, placement: ExpertPlacement) -> None:
         self.placement = placement
         self._table, self._counts = placement.replica_table()
-        self.load = torch.zeros(placement.num_experts, dtype=torch.long, device="cpu")  # copies routed since reset
         self.bytes_moved = 0
-        if not hasattr(self, "total_load"):  # cumulative, for metrics: survives placement changes
-            self.total_load = torch.zeros_like(self.load)
+        if not hasattr(self, "load"):  # per logical expert, so both survive placement changes: copies routed
+            self.load = torch.zeros(placement.num_experts, dtype=torch.long, device="cpu")  # since take_load
+            self.total_load = torch.zeros_like(self.load)  # and in all, for metrics
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                  experts: RoutedExperts) -> torch.Tensor:
