@@ -269,7 +269,7 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
         _kv_cache_fits("decode"),
         _rule("self.kvTransfer.connector != 'nccl' || !self.disaggregation",
               f"kvTransfer.connector {NCCL_REFUSED}", ".kvTransfer.connector"),
-        _rule("self.kvTransfer.connector != 'gloo' || !self.disaggregation || (self.decode.gpusPerRank == 0 "
+        _rule("self.kvTransfer.connector != 'gloo' || (self.decode.gpusPerRank == 0 "
               "&& (!has(self.prefill) || self.prefill.gpusPerRank == 0))",
               f"kvTransfer.connector {GLOO_NEEDS_CPU_POOLS}", ".kvTransfer.connector"),
         _rule("!has(self.ratio) || !has(self.prefill) || double(self.ratio.min) <= "

@@ -124,9 +124,7 @@ def _check_kv_cache(spec: "R1DeploymentSpec") -> list[FieldError]:
 
 def _check_connector(spec: "R1DeploymentSpec") -> list[FieldError]:
     connector = spec.kv_transfer.connector
-    if not spec.disaggregation:
-        return []
-    if connector == "nccl":
+    if connector == "nccl" and spec.disaggregation:
         return [FieldError("kvTransfer.connector", NCCL_REFUSED, connector)]
     if connector == "gloo" and any(pool.gpus_per_rank for pool in spec.active_pools().values()):
         return [FieldError("kvTransfer.connector", GLOO_NEEDS_CPU_POOLS, connector)]

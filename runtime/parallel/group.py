@@ -194,12 +194,23 @@ class ExpertParallelGroup:
                 self._transport.send(rank, ("rebalance", epoch))
             deadline = time.monotonic() + timeout_s
             answers = [done.get(timeout=max(0.0, deadline - time.monotonic())) for _ in range(self.world_size)]
+            if any(rank is None for rank, _ in answers):  # the group failed or stopped meanwhile
+                raise GroupFailedError(f"rebalance {epoch} did not finish: the expert-parallel group is down: "
+                                       f"{self.error or 'shutting down'}")
         except queue.Empty:
             raise GroupFailedError(f"ranks did not finish rebalance {epoch} within {timeout_s:.0f}s") from None
         finally:
             with self._lock:
                 self._rebalancing.pop(epoch, None)
         return any(changed for _, changed in answers)
+
+    def _end_rebalances(self) -> None:
+        """Wake every rebalance waiting for ranks that will not answer."""
+        with self._lock:
+            waiting = list(self._rebalancing.values())
+        for q in waiting:
+            for _ in range(self.world_size):
+                q.put((None, False))
 
     def _rebalance_on_schedule(self, interval_s: float) -> None:
         while not self._stopping and self.error is None:
@@ -214,6 +225,7 @@ class ExpertParallelGroup:
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping = True
+        self._end_rebalances()
         self._transport.stop(timeout_s)
 
     # -- internals ---------------------------------------------------------------------------------
@@ -302,6 +314,7 @@ class ExpertParallelGroup:
         if self.error is None:
             self.error = error
             log.error("expert-parallel group failed: %s", error)
+        self._end_rebalances()
         for request_id in self._streams.open_ids():
             self._deliver(request_id, RequestOutput(request_id, finished=True, finish_reason="error",
                                                      error=f"expert-parallel group failed: {error}"))

@@ -86,14 +86,18 @@ class PairLinks:
             self._stores[link] = store
         return link, f"{self.host}:{store.port}"
 
-    def join(self, link: str, address: str, rank: int) -> None:
-        """Form the two-member group `link` (rank 1 is the side that listened); blocks until both joined."""
+    def join(self, link: str, address: str, rank: int, timeout_s: float | None = None) -> None:
+        """Form the two-member group `link` (rank 1 is the side that listened); blocks until both joined, at
+        most `timeout_s` (default: the links' timeout)."""
+        wait = timedelta(seconds=max(0.001, timeout_s if timeout_s is not None else self.timeout_s))
         store = self._stores.get(link)
         if store is None:
             host, port = address.rsplit(":", 1)
-            store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=self.timeout_s))
+            store = dist.TCPStore(host, int(port), is_master=False, timeout=wait)
+        else:
+            store.set_timeout(wait)
         options = dist.ProcessGroupGloo._Options()
-        options._timeout = timedelta(seconds=self.timeout_s)
+        options._timeout = wait
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
         try:
             group = dist.ProcessGroupGloo(dist.PrefixStore(link, store), rank, 2, options)
@@ -110,10 +114,15 @@ class PairLinks:
             self._links.pop(link, None)
             self._stores.pop(link, None)
 
-    def start_send(self, link: str, latents: torch.Tensor) -> None:
+    def group(self, link: str) -> dist.ProcessGroup | None:
+        """The link's group, or None if it is closed (a caller that holds it may use it after a close)."""
+        with self._lock:
+            return self._links.get(link)
+
+    def start_send(self, link: str, latents: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
         """Prefill side: begin sending on `link` and return; a thread waits for the send to finish (closing the
         link if it fails) and holds the latents until then."""
-        group = self._group(link)
+        group = group if group is not None else self._group(link)
         latents = latents.contiguous()
         work = group.send([latents], 1, 0)
 

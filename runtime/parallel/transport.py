@@ -174,12 +174,13 @@ class GlooLatents:
     def offer(self, link: str, key: str, start: int = 0) -> str:
         """Start sending the latents under `key` from token `start` on, on `link`: "sending", or why not
         ("no-link", "gone")."""
-        if not self.pairs().has(link):
+        group = self.pairs().group(link)  # held from here on, even if the link is closed meanwhile
+        if group is None:
             return "no-link"
         latents = self._parked.take(key)
         if latents is None:
             return "gone"
-        self.pairs().start_send(link, latents[:, start:])
+        self.pairs().start_send(link, latents[:, start:], group)
         return "sending"
 
     # Decode side.
@@ -241,7 +242,7 @@ class GlooLatents:
         link, address = self.pairs().listen()
         joined = prefill.kv_join.options(concurrency_group=KV_GROUP).remote(link, address)
         try:
-            self.pairs().join(link, address, rank=1)
+            self.pairs().join(link, address, rank=1, timeout_s=_left(deadline))
         except RuntimeError:
             ray.get(joined, timeout=_left(deadline))  # the prefill rank's own failure, if it has one, first
             raise
@@ -321,6 +322,7 @@ TAKE_WAIT_S = 1.0
 # Calls from decode ranks to a prefill rank for two-sided hand-offs: apart from commands and outputs, and a
 # few at once (each blocks while its link forms).
 KV_GROUP = "kv"
+PROBE_GROUP = "probe"  # the controller's liveness probe
 
 
 def _node_address() -> str:
@@ -373,7 +375,7 @@ class RayTransport:
         self._killed = False
         self._received: deque[tuple] = deque()
         actor = ray.remote(enable_tensor_transport=isinstance(direct, DirectLatents),
-                           concurrency_groups={TAKE_GROUP: 1, KV_GROUP: 4})(_RankActor)
+                           concurrency_groups={TAKE_GROUP: 1, KV_GROUP: 4, PROBE_GROUP: 1})(_RankActor)
         self.actors = []
         for spec, bundle in zip(specs, bundles):
             resources = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
@@ -434,7 +436,8 @@ class RayTransport:
         import ray
 
         if self._dead is None:
-            probes = [actor.alive.remote() for actor in self.actors]
+            # Apart from commands: a rank busy reading a hand-off's latents still answers.
+            probes = [actor.alive.options(concurrency_group=PROBE_GROUP).remote() for actor in self.actors]
             for rank, probe in enumerate(probes):
                 try:
                     if not ray.get(probe, timeout=10):

@@ -27,7 +27,7 @@ RANK_TO_RANK = (NIXL, GLOO)
 # holds its ticket for HELD_S before taking it as usual (a window in which either side can be made to fail
 # with tickets issued and latents not read yet).
 KV_FAULTS = ("lost", "timeout", "held")
-HELD_S = 4.0
+HELD_S = 8.0
 
 
 @dataclass(frozen=True)
