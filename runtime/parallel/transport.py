@@ -322,7 +322,6 @@ TAKE_WAIT_S = 1.0
 # Calls from decode ranks to a prefill rank for two-sided hand-offs: apart from commands and outputs, and a
 # few at once (each blocks while its link forms).
 KV_GROUP = "kv"
-PROBE_GROUP = "probe"  # the controller's liveness probe
 
 
 def _node_address() -> str:
@@ -375,7 +374,7 @@ class RayTransport:
         self._killed = False
         self._received: deque[tuple] = deque()
         actor = ray.remote(enable_tensor_transport=isinstance(direct, DirectLatents),
-                           concurrency_groups={TAKE_GROUP: 1, KV_GROUP: 4, PROBE_GROUP: 1})(_RankActor)
+                           concurrency_groups={TAKE_GROUP: 1, KV_GROUP: 4})(_RankActor)
         self.actors = []
         for spec, bundle in zip(specs, bundles):
             resources = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
@@ -436,8 +435,9 @@ class RayTransport:
         import ray
 
         if self._dead is None:
-            # Apart from commands: a rank busy reading a hand-off's latents still answers.
-            probes = [actor.alive.options(concurrency_group=PROBE_GROUP).remote() for actor in self.actors]
+            # In the commands' group on purpose: a rank whose commands are stuck (a hand-off read that does not
+            # return) is taken for dead, and its group fails instead of hanging.
+            probes = [actor.alive.remote() for actor in self.actors]
             for rank, probe in enumerate(probes):
                 try:
                     if not ray.get(probe, timeout=10):
