@@ -54,6 +54,15 @@ class RemoteLatents:
 class KVTransferError(RuntimeError):
     """A hand-off's latents could not be received (timed out, or their prefill rank is gone)."""
 
+    @classmethod
+    def timed_out(cls, request_id: str, timeout_s: float, note: str = "") -> KVTransferError:
+        return cls(f"{request_id}: KV cache not received within {timeout_s:g}s (kvTransfer.timeoutSeconds{note})")
+
+    @classmethod
+    def lost(cls, request_id: str, how: str) -> KVTransferError:
+        """`how` follows the words directly: " (gloo): ...", ": ..."."""
+        return cls(f"{request_id}: KV cache lost in transfer{how}")
+
 
 @dataclass
 class KVHandoff:

@@ -112,11 +112,9 @@ class DirectLatents:
         try:
             latents = ray.get(remote.ref, timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise KVTransferError(f"{handoff.request_id}: KV cache not received within {self.timeout_s:g}s "
-                                  "(kvTransfer.timeoutSeconds)") from None
+            raise KVTransferError.timed_out(handoff.request_id, self.timeout_s) from None
         except ray.exceptions.RayError as exc:
-            raise KVTransferError(f"{handoff.request_id}: KV cache lost in transfer ({remote.transport}): "
-                                  f"{type(exc).__name__}") from exc
+            raise KVTransferError.lost(handoff.request_id, f" ({remote.transport}): {type(exc).__name__}") from exc
         handoff.latents = latents
         return handoff
 
@@ -214,24 +212,21 @@ class GlooLatents:
                                           f"(kvTransfer.timeoutSeconds {self.timeout_s:g}s passed, or it was "
                                           "already taken)")
                 self._forget(peer)
-            raise KVTransferError(f"{handoff.request_id}: KV cache lost in transfer (gloo): the prefill rank "
-                                  "keeps closing the link")
+            raise KVTransferError.lost(handoff.request_id, " (gloo): the prefill rank keeps closing the link")
         except ray.exceptions.GetTimeoutError:
             self._forget(peer)
-            raise KVTransferError(f"{handoff.request_id}: KV cache not received within {self.timeout_s:g}s "
-                                  "(kvTransfer.timeoutSeconds)") from None
+            raise KVTransferError.timed_out(handoff.request_id, self.timeout_s) from None
         except ray.exceptions.RayError as exc:
             self._forget(peer)
-            raise KVTransferError(f"{handoff.request_id}: KV cache lost in transfer (gloo): "
-                                  f"{type(exc).__name__}") from exc
+            raise KVTransferError.lost(handoff.request_id, f" (gloo): {type(exc).__name__}") from exc
         except RuntimeError as exc:  # the link failed or timed out; it is closed already
             if isinstance(exc, KVTransferError):
                 raise
             self._forget(peer)
             timed_out = time.monotonic() >= deadline - 0.01 or "Timed out" in str(exc)
-            raise KVTransferError(f"{handoff.request_id}: " + (
-                f"KV cache not received within {self.timeout_s:g}s (kvTransfer.timeoutSeconds)" if timed_out
-                else f"KV cache lost in transfer (gloo): {str(exc).splitlines()[0][:200]}")) from exc
+            if timed_out:
+                raise KVTransferError.timed_out(handoff.request_id, self.timeout_s) from exc
+            raise KVTransferError.lost(handoff.request_id, f" (gloo): {str(exc).splitlines()[0][:200]}") from exc
 
     def links(self) -> int:
         return len(self._links) if self._links is not None else 0
@@ -298,9 +293,6 @@ class _RankActor:
 
     def kv_offer(self, link: str, key: str, start: int = 0) -> str:
         return self._direct.offer(link, key, start)
-
-    def kv_links(self) -> int:
-        return self._direct.links() if isinstance(self._direct, GlooLatents) else 0
 
     def take(self, wait_s: float) -> list[tuple]:
         """The rank's messages since the last call: at least one, unless `wait_s` passes first."""

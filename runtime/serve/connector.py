@@ -78,10 +78,9 @@ class ObjectStoreConnector:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ticket.ref.future()), self.timeout_s)
         except TimeoutError:
-            raise KVTransferError(f"{ticket.request_id}: KV cache not received within {self.timeout_s:g}s "
-                                  "(kvTransfer.timeoutSeconds)") from None
+            raise KVTransferError.timed_out(ticket.request_id, self.timeout_s) from None
         except ray.exceptions.RayError as exc:
-            raise KVTransferError(f"{ticket.request_id}: KV cache lost in transfer: {exc}") from exc
+            raise KVTransferError.lost(ticket.request_id, f": {exc}") from exc
 
 
 class DirectConnector:
@@ -164,9 +163,8 @@ class FaultyConnector:
             return await self.inner.receive(ticket)
         if self.mode == "timeout":
             await asyncio.sleep(self.timeout_s)
-            raise KVTransferError(f"{ticket.request_id}: KV cache not received within {self.timeout_s:g}s "
-                                  "(kvTransfer.timeoutSeconds; injected)")
-        raise KVTransferError(f"{ticket.request_id}: KV cache lost in transfer (injected)")
+            raise KVTransferError.timed_out(ticket.request_id, self.timeout_s, "; injected")
+        raise KVTransferError.lost(ticket.request_id, " (injected)")
 
 
 CONNECTORS = (OBJECT_STORE, *RANK_TO_RANK)
