@@ -48,6 +48,9 @@ class EngineConfig:
     # Rank to rank: how many bytes of latents a prefill rank may hold unread before it admits no new
     # prompt (None: as many as its own paged cache holds).
     max_parked_bytes: int | None = None
+    # A rank of an expert-parallel group that survives a lost rank: each seeded request's output carries its
+    # generator's state, so that a survivor can continue the request exactly if this rank is lost.
+    report_generator_state: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -130,15 +133,22 @@ class LLMEngine:
     # -- requests ---------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    resumed: tuple[int, ...] | list[int] = ()) -> None:
-        """`resumed`: a request that lost its replica part-way continues here after the tokens its client
-        already has (they are computed again like a preempted sequence's, and not streamed twice)."""
-        if self.config.role == "decode":
+                    resumed: tuple[int, ...] | list[int] = (),
+                    generator_state: torch.Tensor | bytes | None = None) -> None:
+        """`resumed`: a request that lost its replica (or its rank) part-way continues here after the tokens its
+        client already has (they are computed again like a preempted sequence's, and not streamed twice); a
+        seeded one continues its draws from `generator_state`. A decode engine takes only such requests:
+        new prompts come to it as hand-offs."""
+        if self.config.role == "decode" and not resumed:
             raise RequestError("role", "a decode engine takes hand-offs (add_handoff), not prompts")
         self._validate(request_id, prompt_token_ids, params, resumed)
         seq = Sequence(request_id, list(prompt_token_ids) + list(resumed), len(prompt_token_ids))
         state = self._state(seq, params)
         state.replay(list(resumed))
+        if state.generator is not None and generator_state is not None:
+            if isinstance(generator_state, bytes):
+                generator_state = torch.frombuffer(bytearray(generator_state), dtype=torch.uint8)
+            state.generator.set_state(generator_state)
         self.requests[request_id] = state
         self.scheduler.add(seq)
 
@@ -292,6 +302,8 @@ class LLMEngine:
                 outputs.append(self._handoff(state, token))
                 continue
             out = state.process([token])
+            if self.config.report_generator_state and state.generator is not None:
+                out.generator_state = state.generator.get_state().numpy().tobytes()  # bytes: pickled as they are
             outputs.append(self._retire(state, out) if state.finished else out)
         return outputs
 

@@ -37,6 +37,9 @@ class RequestOutput:
     cached_tokens: int = 0
     error: str | None = None
     handoff: KVHandoff | None = None
+    # A seeded request's generator after this output's tokens (EngineConfig.report_generator_state): kept by
+    # an expert-parallel group to continue the request on another rank, never passed on to the client.
+    generator_state: Any = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,9 @@ class EngineStats:
     admission_held: bool = False
     # Decode side: prompt tokens of hand-offs whose latents were not sent, a prefix this cache held.
     handoff_tokens_not_sent: int = 0
+    # An expert-parallel group: the ranks it started with, and those serving now (fewer after losing one).
+    ranks: int = 1
+    ranks_alive: int = 1
 
     @property
     def kv_usage(self) -> float:

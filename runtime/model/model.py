@@ -156,23 +156,31 @@ class DeepseekV3ForCausalLM(nn.Module):
                       ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Read the weights MoE layers would hold with other experts in their slots (`layer_experts`), into
         host tensors shaped like the layers' own, without touching the model (so it can keep running)."""
-        from .checkpoint import load_weights
-
         staged = {}
         for layer, expert_ids in layer_experts.items():
             experts = self.model.layers[layer].mlp.experts
             staged[layer] = (torch.empty(experts.w13.shape, dtype=experts.w13.dtype),
                              torch.empty(experts.w2.shape, dtype=experts.w2.dtype))
-        wanted = {name for name in checkpoint_shapes(self.config)
-                  if (hit := expert_of(name)) is not None and hit[0] in layer_experts
-                  and hit[1] in layer_experts[hit[0]]}
-        for name, tensor in load_weights(
-            checkpoint_dir, checkpoint_shapes(self.config), self.dtype, include=wanted.__contains__,
-            num_hidden_layers=self.config.num_hidden_layers, progress=False, cast=False,
-        ):
-            layer, expert, proj = expert_of(name)
+        wanted = {(layer, expert) for layer, expert_ids in layer_experts.items() for expert in expert_ids}
+        for layer, expert, proj, tensor in self._read_experts(checkpoint_dir, wanted):
             _copy_expert(*staged[layer], layer_experts[layer], expert, proj, tensor)
         return staged
+
+    def _read_experts(self, checkpoint_dir: str | Path, wanted: set[tuple[int, int]]
+                      ) -> Iterable[tuple[int, int, str, torch.Tensor]]:
+        """(layer, expert, projection, tensor as stored) for each (layer, expert) in `wanted`, from the
+        checkpoint."""
+        from .checkpoint import load_weights
+
+        names = {name for name in checkpoint_shapes(self.config)
+                 if (hit := expert_of(name)) is not None and hit[:2] in wanted}
+        if not names:
+            return
+        for name, tensor in load_weights(
+            checkpoint_dir, checkpoint_shapes(self.config), self.dtype, include=names.__contains__,
+            num_hidden_layers=self.config.num_hidden_layers, progress=False, cast=False,
+        ):
+            yield (*expert_of(name), tensor)
 
     def install_experts(self, layer: int, expert_ids: Sequence[int], w13: torch.Tensor, w2: torch.Tensor) -> None:
         """Switch a MoE layer to other experts whose weights were staged: copied in place, so CUDA graphs
@@ -180,6 +188,30 @@ class DeepseekV3ForCausalLM(nn.Module):
         experts = self.replace_experts(layer, expert_ids)
         experts.w13.copy_(w13)
         experts.w2.copy_(w2)
+
+    def regrow_experts(self, checkpoint_dir: str | Path, layer_experts: dict[int, Sequence[int]]) -> int:
+        """Give MoE layers a new, possibly larger, list of experts (a group that lost a rank): experts a layer
+        already holds are copied from its own slots, the others then read from the checkpoint into their slots.
+        One layer's weights are reallocated at a time (the memory of one layer more, at most), so CUDA graphs
+        captured over them must be captured again. Returns how many experts were read from the checkpoint."""
+        wanted = set()
+        for layer, expert_ids in layer_experts.items():
+            experts = self.model.layers[layer].mlp.experts
+            n = len(expert_ids)
+            w13 = torch.empty((n, *experts.w13.shape[1:]), dtype=experts.w13.dtype, device=experts.w13.device)
+            w2 = torch.empty((n, *experts.w2.shape[1:]), dtype=experts.w2.dtype, device=experts.w2.device)
+            for slot, expert in enumerate(expert_ids):
+                if expert in experts.expert_ids:
+                    held = experts.expert_ids.index(expert)
+                    w13[slot].copy_(experts.w13[held])
+                    w2[slot].copy_(experts.w2[held])
+                else:
+                    wanted.add((layer, expert))
+            experts.resize(expert_ids, w13, w2)  # the old weights go now
+        for layer, expert, proj, tensor in self._read_experts(checkpoint_dir, wanted):
+            experts = self.model.layers[layer].mlp.experts
+            _copy_expert(experts.w13, experts.w2, experts.expert_ids, expert, proj, tensor)
+        return len(wanted)
 
     def reset_buffers(self) -> None:
         """Recompute derived, non-checkpoint buffers (after `to_empty` from the meta device)."""

@@ -85,6 +85,16 @@ class RoutedExperts(nn.Module):
         self.expert_ids = tuple(expert_ids)
         self.slot_of.copy_(_slot_lookup(self.expert_ids, self.num_experts, self.slot_of.device))
 
+    def resize(self, expert_ids: Sequence[int], w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Hold `expert_ids` with these weights, in as many slots as there are ids (an expert-parallel group
+        that lost a rank): reallocated, unlike `reassign`."""
+        if w13.shape[0] != len(expert_ids) or w2.shape[0] != len(expert_ids):
+            raise ValueError(f"expert_ids: {len(expert_ids)} experts for weights of {w13.shape[0]} slots")
+        self.expert_ids = tuple(expert_ids)
+        self.w13 = nn.Parameter(w13, requires_grad=False)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
+        self.slot_of = _slot_lookup(self.expert_ids, self.num_experts, self.slot_of.device)
+
     @property
     def num_slots(self) -> int:
         return len(self.expert_ids)

@@ -21,8 +21,13 @@ class AllToAllDispatcher:
 
     def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup | None = None):
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
+        self.regroup(placement)
+
+    def regroup(self, placement: ExpertPlacement) -> None:
+        """This rank's place in the group and the placement over it; again when the group was formed without a
+        lost rank (expert load is per logical expert, so it carries over)."""
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
         if placement.world_size != self.world_size:
             raise ValueError(f"placement for {placement.world_size} ranks used in a group of {self.world_size}")
         self.set_placement(placement)

@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator
 
 from r1serve.runtime.engine.engine import EngineConfig
@@ -24,7 +24,7 @@ from r1serve.runtime.engine.outputs import (
 from r1serve.runtime.engine.sampling import SamplingParams
 from r1serve.runtime.engine.stream_relay import StreamRelay
 
-from .layout import GroupConfig, free_tcp_address
+from .layout import Failover, GroupConfig, free_tcp_address
 from .rank import RankSpec
 from .transport import DirectLatents, GlooLatents, ProcessTransport, RankTransport, RayTransport, rank0_address
 
@@ -37,10 +37,55 @@ class GroupFailedError(EngineUnavailableError):
 
 def rank_specs(checkpoint: str, world_size: int, *, engine: EngineConfig, dtype: str, device: str,
                redundant: int, timeout_s: float, address: str | None = None,
-               options: dict[str, Any] | None = None) -> list[RankSpec]:
+               options: dict[str, Any] | None = None, failover: Failover = Failover(),
+               expert_load: dict[int, list[float]] | None = None) -> list[RankSpec]:
     address = address or free_tcp_address()
     return [RankSpec(GroupConfig(world_size, rank, address, timeout_s=timeout_s), checkpoint, engine, dtype, device,
-                     redundant, dict(options or {})) for rank in range(world_size)]
+                     redundant, dict(options or {}), failover, expert_load) for rank in range(world_size)]
+
+
+@dataclass
+class _Tracked:
+    """What a request's rank was asked, and what of it has streamed: enough to start it again elsewhere."""
+
+    command: tuple
+    token_ids: list[int] = field(default_factory=list)
+    generator_state: Any = None
+    finished: bool = False
+
+    def restart(self) -> tuple:
+        """The command that continues the request on another rank: unchanged if nothing streamed yet, else its
+        prompt plus every token streamed so far, computed again (a decode rank too: the latents are gone)."""
+        if not self.token_ids:
+            return self.command
+        if self.command[0] == "handoff":
+            handoff = self.command[1]
+            request_id, prompt, params, resumed = (handoff.request_id, handoff.prompt_token_ids, handoff.params,
+                                                   handoff.resumed_token_ids)
+            started_from = handoff.generator_state  # after the prefill rank drew the first token
+        else:
+            _, request_id, prompt, params, resumed, *rest = self.command
+            started_from = rest[0] if rest else None
+        generator_state = self.generator_state if self.generator_state is not None else started_from
+        return ("add", request_id, list(prompt), params, tuple(resumed) + tuple(self.token_ids), generator_state)
+
+
+@dataclass
+class Reform:
+    """The survivors of a lost rank forming their next group. Collecting: every member is either reported
+    broken (alive, with an address to meet at) or known dead, or the deadline passes. Then sent: the survivors
+    are told to form `generation` and each says when it serves in it."""
+
+    started: float
+    deadline: float
+    dead: dict[int, str] = field(default_factory=dict)
+    broken: dict[int, str] = field(default_factory=dict)  # rank -> address it offers
+    generations: dict[int, int] = field(default_factory=dict)  # rank -> the group it served in
+    errors: list[str] = field(default_factory=list)
+    generation: int | None = None  # set once sent
+    sent: float = 0.0
+    members: tuple[int, ...] = ()
+    formed: dict[int, int] = field(default_factory=dict)  # rank -> experts it loaded
 
 
 class ExpertParallelGroup:
@@ -49,9 +94,18 @@ class ExpertParallelGroup:
     waiting callers and watches the processes: a rank that dies fails every request within `timeout_s`."""
 
     def __init__(self, transport: RankTransport, *, start_timeout_s: float = 300.0, watch_every_s: float = 1.0,
-                 rebalance_interval_s: float | None = None):
+                 rebalance_interval_s: float | None = None, failover: Failover = Failover(),
+                 collective_timeout_s: float = 60.0):
         self._transport = transport
         self.world_size = transport.world_size
+        self.members: list[int] = list(range(self.world_size))  # ranks alive, in the order of their group
+        self.failover = failover
+        self._collective_timeout_s = collective_timeout_s
+        self._start_timeout_s = start_timeout_s
+        self._reform: Reform | None = None
+        self._generation = 0
+        self.reforms: list[dict[str, Any]] = []  # each time the group went on without a lost rank
+        self._requests: dict[str, _Tracked] = {}
         self.error: str | None = None
         self._watch_every_s = watch_every_s
         self._stopping = False
@@ -59,10 +113,9 @@ class ExpertParallelGroup:
         self._streams = StreamRelay()
         self._owner: dict[str, tuple[int, int]] = {}  # request id -> (rank, tokens it may occupy)
         self._replies: dict[str, queue.Queue] = {}
-        self._asking = threading.Lock()  # one question to the ranks at a time: replies carry no token
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._epochs = itertools.count(1)  # rebalances asked of the ranks
+        self._last_epoch = 0  # the newest rebalance asked of the ranks
         self._rebalancing: dict[int, queue.Queue] = {}
         self._relay_thread = threading.Thread(target=self._relay_loop, name="r1serve-ep-relay", daemon=True)
         self._relay_thread.start()
@@ -74,26 +127,32 @@ class ExpertParallelGroup:
     def in_processes(cls, checkpoint: str, world_size: int, *, engine: EngineConfig = EngineConfig(),
                      dtype: str = "float32", device: str = "cpu", redundant: int = 0, timeout_s: float = 30.0,
                      start_timeout_s: float = 300.0, rebalance_interval_s: float | None = None,
-                     options: dict[str, Any] | None = None) -> ExpertParallelGroup:
-        """A group of local processes (one machine, no Ray): tests, benchmarks, the offline CLI."""
+                     options: dict[str, Any] | None = None, failover: Failover = Failover(),
+                     expert_load: dict[int, list[float]] | None = None) -> ExpertParallelGroup:
+        """A group of local processes (one machine, no Ray): tests, benchmarks, the offline CLI. `expert_load`:
+        kept load to start from (see RankSpec)."""
         return cls(ProcessTransport(rank_specs(checkpoint, world_size, engine=engine, dtype=dtype, device=device,
-                                               redundant=redundant, timeout_s=timeout_s, options=options)),
-                   start_timeout_s=start_timeout_s, rebalance_interval_s=rebalance_interval_s)
+                                               redundant=redundant, timeout_s=timeout_s, options=options,
+                                               failover=failover, expert_load=expert_load)),
+                   start_timeout_s=start_timeout_s, rebalance_interval_s=rebalance_interval_s, failover=failover,
+                   collective_timeout_s=timeout_s)
 
     @classmethod
     def on_ray(cls, checkpoint: str, bundles: list[dict[str, float]], *, engine: EngineConfig, dtype: str,
                device: str, redundant: int, placement_group=None, timeout_s: float = 60.0,
                direct: DirectLatents | GlooLatents | None = None,
-               rebalance_interval_s: float | None = None) -> ExpertParallelGroup:
+               rebalance_interval_s: float | None = None, failover: Failover = Failover(),
+               expert_load: dict[int, list[float]] | None = None) -> ExpertParallelGroup:
         """One rank per bundle, as Ray actors in bundles 1..N of `placement_group` (a Serve replica's own,
         whose bundle 0 is the replica); without one the ranks are scheduled freely. With `direct`, hand-offs
         move rank to rank."""
-        address = rank0_address(placement_group, timeout_s)
+        address = rank0_address(placement_group, max(timeout_s, 60.0))  # scheduling the probe may take a while
         specs = rank_specs(checkpoint, len(bundles), engine=engine, dtype=dtype, device=device,
-                           redundant=redundant, timeout_s=timeout_s, address=address)
+                           redundant=redundant, timeout_s=timeout_s, address=address, failover=failover,
+                           expert_load=expert_load)
         log.info("starting %d %s ranks at %s", len(bundles), engine.role, address)
         return cls(RayTransport(specs, bundles, placement_group=placement_group, direct=direct),
-                   rebalance_interval_s=rebalance_interval_s)
+                   rebalance_interval_s=rebalance_interval_s, failover=failover, collective_timeout_s=timeout_s)
 
     # -- EngineClient ------------------------------------------------------------------------------
 
@@ -103,9 +162,10 @@ class ExpertParallelGroup:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        resumed: tuple[int, ...] = ()) -> AsyncIterator[RequestOutput]:
-        rank = self._pick_rank(len(prompt_token_ids) + params.max_tokens)
-        q = self._open(request_id, rank, len(prompt_token_ids) + params.max_tokens)
-        self._transport.send(rank, ("add", request_id, list(prompt_token_ids), params, tuple(resumed)))
+        size = len(prompt_token_ids) + params.max_tokens
+        command = ("add", request_id, list(prompt_token_ids), params, tuple(resumed))
+        q, rank = self._open(request_id, size, command)
+        self._transport.send(rank, command)
         async for out in self._stream(request_id, q):
             yield out
 
@@ -115,9 +175,9 @@ class ExpertParallelGroup:
 
     async def generate_from_handoff(self, handoff: KVHandoff) -> AsyncIterator[RequestOutput]:
         size = len(handoff.prompt_token_ids) + handoff.params.max_tokens
-        rank = self._pick_rank(size)
-        q = self._open(handoff.request_id, rank, size)
-        self._transport.send(rank, ("handoff", handoff))
+        command = ("handoff", handoff)
+        q, rank = self._open(handoff.request_id, size, command)
+        self._transport.send(rank, command)
         async for out in self._stream(handoff.request_id, q):
             yield out
 
@@ -127,11 +187,13 @@ class ExpertParallelGroup:
             self._transport.send(owner[0], ("abort", request_id))
 
     def stats(self) -> EngineStats:
-        """The group's totals (summed over ranks; a flag is set when any rank's is)."""
+        """The group's totals (summed over ranks; a flag is set when any rank's is), and its ranks alive of
+        those it started with."""
         per_rank = self.rank_stats()
         first = per_rank[0]
         combined = {f: (any if isinstance(getattr(first, f), bool) else sum)(getattr(s, f) for s in per_rank)
                     for f in first.__dataclass_fields__ if f != "role"}
+        combined.update(ranks=self.world_size, ranks_alive=len(self.members))
         return replace(first, **combined)
 
     def describe(self) -> dict[str, str]:
@@ -143,11 +205,11 @@ class ExpertParallelGroup:
         return self._ask_every_rank("stats", timeout_s)
 
     def placements(self, timeout_s: float = 30.0) -> list[dict[int, tuple[int, ...]]]:
-        """Per rank: MoE layer -> physical_to_logical (every rank holds the same view)."""
+        """Per rank alive: MoE layer -> physical_to_logical (every rank holds the same view)."""
         return self._ask_every_rank("placements", timeout_s)
 
     def expert_load(self, timeout_s: float = 30.0) -> dict[int, list[int]]:
-        """Token copies routed to each logical expert so far, per MoE layer, summed over the ranks."""
+        """Token copies routed to each logical expert so far, per MoE layer, summed over the ranks alive."""
         totals: dict[int, list[int]] = {}
         for per_rank in self._ask_every_rank("load", timeout_s):
             for layer, counts in per_rank.items():
@@ -166,51 +228,68 @@ class ExpertParallelGroup:
             raise GroupFailedError(f"the expert-parallel group is down: {self.error}")
         reply: queue.Queue = queue.Queue()
         token = f"{command}-{next(self._ids)}"
-        self._asking.acquire()
         self._replies[token] = reply
         try:
-            for rank in range(self.world_size):
-                self._transport.send(rank, (command, *args))
-            results = [reply.get(timeout=timeout_s) for _ in range(self.world_size)]
-        except queue.Empty:
-            raise GroupFailedError(f"ranks did not answer {command!r} within {timeout_s:.0f}s") from None
+            for rank in self._serving_ranks():
+                self._transport.send(rank, ("ask", token, command, *args))
+            results: dict[int, Any] = {}
+            deadline = time.monotonic() + timeout_s
+            # Until every rank still serving answered: one the group goes on without meanwhile is not waited for.
+            while not set(self._serving_ranks()) <= set(results):
+                if not self.healthy:
+                    raise GroupFailedError(f"the expert-parallel group is down: {self.error}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise GroupFailedError(f"ranks did not answer {command!r} within {timeout_s:.0f}s")
+                try:
+                    rank, answer = reply.get(timeout=min(0.5, left))
+                except queue.Empty:
+                    continue
+                results[rank] = answer
         finally:
             self._replies.pop(token, None)
-            self._asking.release()
-        return [answer for _, answer in sorted(results, key=lambda r: r[0])]
+        serving = set(self._serving_ranks())
+        return [results[rank] for rank in sorted(results) if rank in serving]
 
     def rebalance(self, timeout_s: float = 300.0) -> bool:
         """Rebalance experts from the load seen so far; returns once every rank uses the new placement (True)
-        or kept its own because nothing would change (False). The ranks agree on one epoch per call: a rank
-        that hears of it late does not rebalance a second time."""
+        or kept its own because nothing would change (False; also when the group lost a rank meanwhile, whose
+        re-forming placed the experts instead). The ranks agree on one epoch per call: a rank that hears of it
+        late does not rebalance a second time."""
         if not self.healthy:
             raise GroupFailedError(f"the expert-parallel group is down: {self.error}")
         done: queue.Queue = queue.Queue()
         with self._lock:
-            epoch = next(self._epochs)
+            self._last_epoch += 1
+            epoch = self._last_epoch
             self._rebalancing[epoch] = done
+            members = self._serving_ranks()
         try:
-            for rank in range(self.world_size):
+            for rank in members:
                 self._transport.send(rank, ("rebalance", epoch))
             deadline = time.monotonic() + timeout_s
-            answers = [done.get(timeout=max(0.0, deadline - time.monotonic())) for _ in range(self.world_size)]
-            if any(rank is None for rank, _ in answers):  # the group failed or stopped meanwhile
-                raise GroupFailedError(f"rebalance {epoch} did not finish: the expert-parallel group is down: "
-                                       f"{self.error or 'shutting down'}")
+            answers: dict[int, bool] = {}
+            while len(answers) < len(members):
+                rank, changed = done.get(timeout=max(0.0, deadline - time.monotonic()))
+                if rank is None:  # the group failed, stopped or lost a rank meanwhile
+                    if self.error is not None or self._stopping:
+                        raise GroupFailedError(f"rebalance {epoch} did not finish: the expert-parallel group is "
+                                               f"down: {self.error or 'shutting down'}")
+                    return False
+                answers[rank] = changed
         except queue.Empty:
             raise GroupFailedError(f"ranks did not finish rebalance {epoch} within {timeout_s:.0f}s") from None
         finally:
             with self._lock:
                 self._rebalancing.pop(epoch, None)
-        return any(changed for _, changed in answers)
+        return any(answers.values())
 
     def _end_rebalances(self) -> None:
         """Wake every rebalance waiting for ranks that will not answer."""
         with self._lock:
             waiting = list(self._rebalancing.values())
         for q in waiting:
-            for _ in range(self.world_size):
-                q.put((None, False))
+            q.put((None, False))
 
     def _rebalance_on_schedule(self, interval_s: float) -> None:
         while not self._stopping and self.error is None:
@@ -239,26 +318,35 @@ class ExpertParallelGroup:
                 self._transport.kill()
                 missing = sorted(set(range(self.world_size)) - set(ready))
                 raise GroupFailedError(f"ranks {missing} did not start within {timeout_s:.0f}s")
-            if message[0] == "failed":
+            if message[0] in ("failed", "dead"):
                 self._transport.kill()
                 raise GroupFailedError(f"rank {message[1]} failed to start: {message[2]}")
             ready[message[1]] = message[2]
         return [ready[r] for r in range(self.world_size)]
 
-    def _pick_rank(self, size: int) -> int:
+    def _serving_ranks(self) -> list[int]:
+        """Members not known to be lost (while a group forms, the dead ones it knows of are left out)."""
+        reform = self._reform
+        return [r for r in self.members if reform is None or r not in reform.dead]
+
+    def _least_loaded(self, size: int) -> int:
+        load = dict.fromkeys(self._serving_ranks(), 0)  # tokens the rank's open requests may occupy
+        if not load:
+            raise GroupFailedError("no rank of the expert-parallel group is serving")
+        for rank, tokens in self._owner.values():
+            if rank in load:
+                load[rank] += tokens
+        return min(load, key=lambda r: (load[r], r))
+
+    def _open(self, request_id: str, size: int, command: tuple) -> tuple[asyncio.Queue, int]:
         if not self.healthy:
             raise GroupFailedError(f"the expert-parallel group is down: {self.error}")
-        with self._lock:
-            load = [0] * self.world_size  # tokens the rank's open requests may occupy
-            for rank, tokens in self._owner.values():
-                load[rank] += tokens
-            return min(range(self.world_size), key=lambda r: (load[r], r))
-
-    def _open(self, request_id: str, rank: int, size: int) -> asyncio.Queue:
         q = self._streams.open(request_id)
         with self._lock:
+            rank = self._least_loaded(size)
             self._owner[request_id] = (rank, size)
-        return q
+            self._requests[request_id] = _Tracked(command)
+        return q, rank
 
     async def _stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         try:
@@ -266,7 +354,12 @@ class ExpertParallelGroup:
                 yield out
         finally:
             with self._lock:
-                self._owner.pop(request_id, None)
+                owner = self._owner.pop(request_id, None)
+                tracked = self._requests.pop(request_id, None)
+                if owner is not None and tracked is not None and not tracked.finished and self.healthy:
+                    # The caller left before the end: the rank that has the request now (it may have moved
+                    # since an earlier abort went out) stops it.
+                    self._transport.send(owner[0], ("abort", request_id))
 
     def _deliver(self, request_id: str, item) -> None:
         self._streams.deliver(request_id, item)
@@ -278,39 +371,186 @@ class ExpertParallelGroup:
                 message = self._transport.receive(0.2)
             except (EOFError, OSError):
                 return
-            if message is not None:
-                self._handle(message)
-            elif self.error is None and time.monotonic() - last_watch > self._watch_every_s:
-                last_watch = time.monotonic()
-                dead = self._transport.dead_rank()
-                if dead is not None:
-                    self._fail(dead)
+            try:
+                if message is not None:
+                    self._handle(message)
+                if self.error is None and time.monotonic() - last_watch > self._watch_every_s:
+                    last_watch = time.monotonic()
+                    dead = {r: why for r, why in self._transport.dead_ranks().items() if r in self.members}
+                    if dead:
+                        self._rank_lost(dead)
+                    if self._reform is not None:
+                        self._advance_reform()
+            except Exception as exc:  # noqa: BLE001 - the group cannot go on unwatched: it fails, clearly
+                log.exception("the expert-parallel group's relay failed")
+                self._fail(f"the group's relay failed: {type(exc).__name__}: {exc}")
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "outputs":
             for out in message[2]:
+                if self._moved_from(message[1], out.request_id):
+                    continue  # read after its request moved on: the new rank computes these tokens again
+                self._note(out)
                 self._deliver(out.request_id, out)
         elif kind == "rejected":
-            _, _, request_id, field, text = message
-            self._deliver(request_id, RequestError(field, text.split(": ", 1)[-1]))
+            _, rank, request_id, field_name, text = message
+            if not self._moved_from(rank, request_id):
+                self._deliver(request_id, RequestError(field_name, text.split(": ", 1)[-1]))
         elif kind == "lost":  # a hand-off's latents could not be read from its prefill rank
-            _, _, request_id, text = message
-            self._deliver(request_id, KVTransferError(text))
+            _, rank, request_id, text = message
+            if not self._moved_from(rank, request_id):
+                self._deliver(request_id, KVTransferError(text))
         elif kind == "rebalanced":  # a rank uses the placement of this epoch (and of every earlier one)
             _, rank, epoch, changed = message
             with self._lock:
                 waiting = [q for e, q in self._rebalancing.items() if e <= epoch]
             for q in waiting:
                 q.put((rank, changed))
-        elif kind == "reply":
-            for reply in list(self._replies.values()):
+        elif kind == "reply":  # ("reply", rank, answer, token): to the question it answers, if still asked
+            reply = self._replies.get(message[3]) if len(message) > 3 else None
+            if reply is not None:
                 reply.put((message[1], message[2]))
+        elif kind == "broken":  # a rank's collective failed; it waits to form a group without the lost rank
+            self._rank_broken(*message[1:])
+        elif kind == "reformed":
+            self._rank_reformed(*message[1:])
+        elif kind == "dead":
+            if message[1] in self.members:
+                self._rank_lost({message[1]: message[2]})
         elif kind == "failed":
-            self._fail(message[2])
+            if message[1] in self.members:  # not a rank the group already went on without
+                self._fail(message[2])
+
+    def _moved_from(self, rank: int, request_id: str) -> bool:
+        owner = self._owner.get(request_id)
+        return owner is not None and owner[0] != rank
+
+    def _note(self, out: RequestOutput) -> None:
+        """Keep what a request streamed (and its generator), to continue it elsewhere if its rank is lost."""
+        tracked = self._requests.get(out.request_id)
+        if tracked is not None:
+            tracked.finished = tracked.finished or out.finished
+            tracked.token_ids.extend(out.token_ids)
+            if out.generator_state is not None:
+                tracked.generator_state = out.generator_state
+        out.generator_state = None  # the group's own business: never sent on
+
+    # -- losing a rank -----------------------------------------------------------------------------
+
+    def _rank_lost(self, dead: dict[int, str]) -> None:
+        if self.error is not None or self._stopping:
+            return
+        if not self.failover.degrades or len(self.members) < 2:
+            self._fail(next(iter(dead.values())))
+            return
+        reform = self._collecting()
+        fresh = {r: why for r, why in dead.items() if r not in reform.dead}
+        if fresh:
+            log.warning("expert-parallel group lost %s", "; ".join(fresh.values()))
+            reform.dead.update(fresh)
+            for rank in fresh:  # one taken for dead (its commands are stuck) must be: the others go on without it
+                self._transport.kill_rank(rank)
+            self._advance_reform()
+
+    def _rank_broken(self, rank: int, generation: int, error: str, address: str) -> None:
+        if self.error is not None or self._stopping:
+            return
+        if rank not in self.members:
+            return  # a rank the group already went on without
+        if not self.failover.degrades:
+            self._fail(error)
+            return
+        reform = self._collecting()
+        reform.broken[rank] = address
+        reform.generations[rank] = generation
+        reform.errors.append(error)
+        self._advance_reform()
+
+    def _collecting(self) -> Reform:
+        """The reform that is collecting reports; a new one if none is, or if the last was already sent (then
+        forming that group failed: a rank was lost while it formed)."""
+        if self._reform is None or self._reform.generation is not None:
+            now = time.monotonic()
+            # Every survivor reports once its collective fails: at once for a peer that died, within the
+            # collective timeout for one that stopped answering.
+            self._reform = Reform(started=now if self._reform is None else self._reform.started,
+                                  deadline=now + self._collective_timeout_s + 10.0)
+        return self._reform
+
+    def _advance_reform(self) -> None:
+        reform = self._reform
+        if reform is None or self.error is not None:
+            return
+        if reform.generation is not None:  # sent: waiting for the survivors to serve in it
+            if time.monotonic() > reform.deadline:
+                self._fail(f"the surviving ranks {list(reform.members)} did not form a group within "
+                           f"{self._start_timeout_s:.0f}s")
+            return
+        waiting = [r for r in self.members if r not in reform.dead and r not in reform.broken]
+        if waiting and time.monotonic() < reform.deadline:
+            return
+        for rank in waiting:  # alive but silent past the deadline: stuck, and taken for dead
+            reform.dead[rank] = f"rank {rank} stopped answering"
+            self._transport.kill_rank(rank)
+        if not reform.dead:
+            self._fail(f"every rank's collective failed but none was lost: {reform.errors[0]}")
+            return
+        survivors = tuple(r for r in self.members if r in reform.broken and r not in reform.dead)
+        if not survivors:
+            self._fail("no rank of the expert-parallel group survived: " + "; ".join(reform.dead.values()))
+            return
+        if len({reform.generations[r] for r in survivors}) > 1:  # their placements may differ: unsafe to go on
+            self._fail(f"the surviving ranks served in different groups ({reform.generations}): a rank was lost "
+                       "while the group formed")
+            return
+        self._generation += 1
+        reform.generation, reform.members, reform.sent = self._generation, survivors, time.monotonic()
+        reform.deadline = time.monotonic() + self._start_timeout_s
+        address = reform.broken[survivors[0]]
+        log.warning("expert-parallel group forms again with ranks %s of %d (lost: %s)", list(survivors),
+                    self.world_size, "; ".join(reform.dead.values()))
+        with self._lock:
+            epoch = self._last_epoch
+            lost = set(self.members) - set(survivors)
+            self.members = list(survivors)
+            moved = [rid for rid, (rank, _) in self._owner.items() if rank in lost]
+        self._end_rebalances()  # the re-forming places the experts; a rebalance under way is dropped
+        for rank in survivors:
+            self._transport.send(rank, ("reform", reform.generation, survivors, address, epoch))
+        for request_id in moved:  # queued on a survivor: it runs them once the group serves again
+            with self._lock:  # with the owner, so a caller that leaves meanwhile aborts it where it went
+                tracked = self._requests.get(request_id)
+                owner = self._owner.get(request_id)
+                if tracked is None or owner is None or tracked.finished:
+                    continue  # ended meanwhile
+                rank = self._least_loaded(owner[1])
+                self._owner[request_id] = (rank, owner[1])
+                self._transport.send(rank, tracked.restart())
+            log.info("request %s continues on rank %d after %d streamed tokens", request_id, rank,
+                     len(tracked.token_ids))
+
+    def _rank_reformed(self, rank: int, generation: int, loaded: int) -> None:
+        reform = self._reform
+        if reform is None or reform.generation != generation:
+            return
+        reform.formed[rank] = loaded
+        if set(reform.formed) == set(reform.members):
+            now = time.monotonic()
+            # From the first sign of the loss: every survivor reporting (a survivor waiting on a peer that broke
+            # off waits out its collective timeout), then forming the group and loading the lost experts.
+            record = {"generation": generation, "ranks": list(reform.members), "lost": dict(reform.dead),
+                      "seconds": now - reform.started, "reporting_seconds": reform.sent - reform.started,
+                      "forming_seconds": now - reform.sent,
+                      "experts_loaded": sum(reform.formed.values()), "detected_at": reform.started,
+                      "served_at": now}
+            self.reforms.append(record)
+            self._reform = None
+            log.warning("expert-parallel group serves again with %d of %d ranks after %.2fs",
+                        len(reform.members), self.world_size, record["seconds"])
 
     def _fail(self, error: str) -> None:
-        """A rank is gone: end every open request with an error now, and stop the others."""
+        """The group can serve nothing more: end every open request with an error now, and stop the ranks."""
         if self.error is None:
             self.error = error
             log.error("expert-parallel group failed: %s", error)
@@ -319,4 +559,3 @@ class ExpertParallelGroup:
             self._deliver(request_id, RequestOutput(request_id, finished=True, finish_reason="error",
                                                      error=f"expert-parallel group failed: {error}"))
         self._transport.kill()
-

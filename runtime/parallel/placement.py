@@ -117,3 +117,52 @@ def max_rank_load(placement: ExpertPlacement, loads: Sequence[float]) -> float:
         sum(loads[e] / copies[e] for e in placement.rank_experts(r)) for r in range(placement.world_size)
     ]
     return max(per_rank)
+
+
+def survivor_placement(placement: ExpertPlacement, alive: Sequence[int], loads: Sequence[float],
+                       headroom_slots: int, taken: int = 0) -> ExpertPlacement:
+    """The placement of a group that lost ranks: the ranks in `alive` (in the new group's order) keep the
+    experts they hold in their first slots, so nothing they hold moves or loads again; every expert left
+    without a copy goes to a slot added after them, heaviest first to the least-loaded survivor. Every
+    survivor gets the same number of added slots (each rank holds as many slots as the others); those the lost
+    experts leave free take copies of the experts with the most load per copy, as redundant slots do.
+    Raises PlacementError when the lost experts need more than `headroom_slots` added slots per survivor, of
+    which earlier losses `taken` some. Deterministic: every survivor computes the same result."""
+    if not alive:
+        raise PlacementError("no rank survives to hold the experts")
+    kept = [placement.rank_experts(rank) for rank in alive]
+    held = {e for experts in kept for e in experts}
+    lost = [e for e in range(placement.num_experts) if e not in held]
+    added = -(-len(lost) // len(alive))
+    if added > headroom_slots - taken:
+        earlier = f" ({taken} already taken by earlier losses)" if taken else ""
+        raise PlacementError(
+            f"no placement fits: {len(lost)} expert(s) lost their last copy, which needs {added} more slot(s) on "
+            f"each of the {len(alive)} surviving rank(s); experts.failoverHeadroomSlots allows {headroom_slots}"
+            f"{earlier}")
+    copies = [0] * placement.num_experts
+    for experts in kept:
+        for e in experts:
+            copies[e] += 1
+    rank_items = [list(experts) for experts in kept]
+    rank_load = [sum(float(loads[e]) for e in experts) for experts in kept]  # refined below as copies grow
+    free = [added] * len(alive)
+
+    def place(e: int) -> None:
+        open_ranks = [r for r in range(len(alive)) if free[r]]
+        fresh = [r for r in open_ranks if e not in rank_items[r]] or open_ranks
+        target = min(fresh, key=lambda r: (rank_load[r], r))
+        rank_items[target].append(e)
+        rank_load[target] += float(loads[e]) / (copies[e] + 1)
+        free[target] -= 1
+        copies[e] += 1
+
+    for e in sorted(lost, key=lambda e: (-float(loads[e]), e)):
+        place(e)
+    heap = [(-float(loads[e]) / copies[e], e) for e in range(placement.num_experts)]
+    heapq.heapify(heap)
+    for _ in range(sum(free)):
+        _, e = heapq.heappop(heap)
+        place(e)
+        heapq.heappush(heap, (-float(loads[e]) / copies[e], e))
+    return ExpertPlacement(placement.num_experts, len(alive), tuple(e for items in rank_items for e in items))

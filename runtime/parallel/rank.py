@@ -19,8 +19,16 @@ from r1serve.runtime.engine.outputs import RemoteLatents, RequestError
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
 from r1serve.runtime.tokenizer import Tokenizer
 
-from .layout import ExpertParallelLayout, GroupConfig, join_group, leave_group
-from .placement import ExpertPlacement, balanced_placement
+from .layout import (
+    ExpertParallelLayout,
+    Failover,
+    GroupConfig,
+    free_tcp_address,
+    join_group,
+    leave_group,
+    store_barrier,
+)
+from .placement import ExpertPlacement, PlacementError, balanced_placement, survivor_placement
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,10 @@ class RankSpec:
     device: str = "cpu"
     redundant: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    failover: Failover = Failover()
+    # MoE layer -> load per expert that earlier replicas saw (r1serve.spec.expert_load): the group starts from
+    # the placement it implies instead of the uniform one.
+    expert_load: dict[int, list[float]] | None = None
 
 
 class Parking(Protocol):
@@ -81,29 +93,36 @@ class RankWorker:
     """Owns the rank's model (attention and dense weights, plus its own experts) and its engine.
 
     Commands arrive on `inbox` as tuples; outputs leave on `outbox` as ("outputs", rank, [RequestOutput]),
-    ("rejected", rank, request_id, field, message), ("stats", rank, stats) or ("failed", rank, text).
+    ("rejected", rank, request_id, field, message), ("reply", rank, answer, token) to ("ask", token, question,
+    *args), or ("failed", rank, text). A rank
+    that may survive a lost peer (Failover.degrades) reports a broken collective as ("broken", rank, generation,
+    text, address) and waits for ("reform", generation, members, address, epoch): `members` are the surviving
+    ranks' first-group numbers, in their new order, which is how they keep naming themselves.
     """
 
     def __init__(self, spec: RankSpec, parking: Parking | None = None):
         self.spec = spec
         # Rank to rank: a prefill rank keeps each hand-off's latents on its device and hands on a reference.
         self._parking = parking if spec.engine.role == "prefill" else None
-        self.rank, self.world_size = spec.group.rank, spec.group.world_size
+        self.rank = spec.group.rank
+        self.members = tuple(range(spec.group.world_size))  # first-group numbers of the group's ranks, in order
+        self.generation = 0  # how many times the group was formed again without a lost rank
         join_group(spec.group, spec.device)
         config_dir = Path(spec.checkpoint)
         from r1serve.runtime.model.config import ModelConfig
 
         config = ModelConfig.from_file(config_dir)
         # A group of one rank (a GPU pool with expertParallel 1) holds every expert itself: no dispatch.
-        self.layout = ExpertParallelLayout(config, self.rank, self.world_size, spec.redundant) \
-            if self.world_size > 1 else None
+        self.layout = ExpertParallelLayout(config, self.rank, self.world_size, spec.redundant,
+                                           self._kept_placements(config)) if self.world_size > 1 else None
         self.model = DeepseekV3ForCausalLM.from_checkpoint(
             config_dir, getattr(torch, spec.dtype), spec.device, experts=self.layout, progress=False
         )
         # The all-to-all sizes its exchanges on the host, which a CUDA graph cannot capture: the decode
         # steps of a rank that dispatches run eagerly.
         engine_config = spec.engine if self.layout is None else replace(spec.engine, cuda_graphs=False)
-        engine_config = replace(engine_config, handoff_on_device=self._parking is not None)
+        engine_config = replace(engine_config, handoff_on_device=self._parking is not None,
+                                report_generator_state=self.layout is not None and spec.failover.degrades)
         self.engine = LLMEngine(self.model, Tokenizer.from_dir(config_dir), engine_config)
         self._park_limit = engine_config.max_parked_bytes or self.engine.cache_bytes
         if parking is not None and spec.engine.role == "decode" and hasattr(parking, "cached_tokens"):
@@ -114,42 +133,135 @@ class RankWorker:
         self._load_window: dict[int, torch.Tensor] = {}
         self._stop = False
 
+    @property
+    def world_size(self) -> int:
+        return len(self.members)
+
+    def _kept_placements(self, config) -> dict[int, ExpertPlacement]:
+        """The balanced placement of each layer that has kept load (the same on every rank: a pure function)."""
+        kept = self.spec.expert_load or {}
+        return {layer: balanced_placement(load, self.world_size, self.spec.redundant)
+                for layer, load in kept.items() if layer in config.moe_layers and any(load)}
+
     def expert_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for m in self.model.moe_layers() for p in m.experts.parameters())
 
     def run(self, inbox, outbox, idle_wait_s: float = 0.01) -> None:
-        """The lockstep loop. Every iteration all ranks agree (one all-reduce) whether any has work, a
-        rebalance is due or the group stops; then every rank runs exactly one forward, empty if idle."""
+        """Serve until stopped. A collective that fails (a peer died or stopped answering) ends the rank, unless
+        it may survive the loss: then it leaves the broken group at once (so peers waiting on it fail fast too),
+        reports itself broken and serves on in the group the survivors form, keeping its requests."""
         try:
-            busy = False
+            # Ranks load the model at their own pace: all meet before the first collective, which would time out.
+            store_barrier("r1serve/started", self.world_size, self.spec.group.meet_timeout_s)
             while True:
-                self._apply_commands(inbox, outbox, block=not busy, wait_s=idle_wait_s)
-                self._bound_admission()
-                loading = int(self._pending is not None and not self._pending.loaded)
-                flags = torch.tensor([int(self.engine.has_work), self._rebalance_wanted, int(self._stop), loading])
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                if flags[2]:
-                    break
-                if self._pending is not None and not flags[3]:
-                    self._switch(outbox)  # every rank has its incoming experts: all switch at this boundary
-                if self._pending is None and int(flags[1]) > self._rebalance_done:
-                    self.plan_rebalance(int(flags[1]), outbox)
-                busy = bool(flags[0])
-                if busy:
-                    outputs = self.engine.step(lockstep=True)
-                    if self._parking is not None:
-                        for out in outputs:
-                            if out.handoff is not None:
-                                out.handoff.latents = self._parking.park(out.handoff.latents)
-                        self._bound_admission()
-                    if outputs:
-                        outbox.put(("outputs", self.rank, outputs))
+                try:
+                    self._serve(inbox, outbox, idle_wait_s)
+                    return
+                except Exception as exc:  # noqa: BLE001 - a broken collective, or a rank that may have died
+                    if not (self.spec.failover.degrades and self.layout is not None):
+                        raise
+                    log.warning("rank %d: the group broke (%s: %s)", self.rank, type(exc).__name__, exc)
+                    error = f"{type(exc).__name__}: {exc}"
+                leave_group()
+                if not self._await_reform(inbox, outbox, error):
+                    return
         except Exception as exc:  # noqa: BLE001 - a broken collective or rank must be reported, not hang
             log.exception("rank %d failed", self.rank)
             outbox.put(("failed", self.rank, f"rank {self.rank}: {type(exc).__name__}: {exc}"))
             outbox.put(("outputs", self.rank, self.engine.fail_all(f"expert-parallel group failed: {exc}")))
         finally:
             leave_group()
+
+    def _serve(self, inbox, outbox, idle_wait_s: float) -> None:
+        """The lockstep loop. Every iteration all ranks agree (one all-reduce) whether any has work, a
+        rebalance is due or the group stops; then every rank runs exactly one forward, empty if idle. A step
+        that fails leaves nothing half done: its tokens were not sampled, and it runs again as it was."""
+        busy = False
+        while True:
+            self._apply_commands(inbox, outbox, block=not busy, wait_s=idle_wait_s)
+            self._bound_admission()
+            loading = int(self._pending is not None and not self._pending.loaded)
+            flags = torch.tensor([int(self.engine.has_work), self._rebalance_wanted, int(self._stop), loading])
+            _all_reduce(flags, self.spec.device, dist.ReduceOp.MAX)
+            if flags[2]:
+                return
+            if self._pending is not None and not flags[3]:
+                self._switch(outbox)  # every rank has its incoming experts: all switch at this boundary
+            if self._pending is None and int(flags[1]) > self._rebalance_done:
+                self.plan_rebalance(int(flags[1]), outbox)
+            busy = bool(flags[0])
+            if busy:
+                outputs = self.engine.step(lockstep=True)
+                if self._parking is not None:
+                    for out in outputs:
+                        if out.handoff is not None:
+                            out.handoff.latents = self._parking.park(out.handoff.latents)
+                    self._bound_admission()
+                if outputs:
+                    outbox.put(("outputs", self.rank, outputs))
+
+    def _await_reform(self, inbox, outbox, error: str) -> bool:
+        """Between groups: answer commands (requests queue in the engine) until the controller says which ranks
+        form the next group. False when told to stop instead."""
+        while not self._stop:  # a stop that came just before the collective failed ends the rank here
+            # Where the next group may meet if this rank leads it: an address of its machine the others reach
+            # (a Ray rank is told its node's; local processes meet on loopback).
+            address = free_tcp_address(self.spec.options.get("host", "127.0.0.1"))
+            outbox.put(("broken", self.rank, self.generation, f"rank {self.rank}: {error}", address))
+            while True:
+                command = inbox.get()
+                if command[0] == "stop":
+                    return False
+                if command[0] != "reform":
+                    self._apply(command, outbox)
+                    continue
+                try:
+                    self._reform(*command[1:], outbox)
+                    return True
+                except PlacementError:
+                    raise  # no survivor can take the lost experts: the group ends
+                except Exception as exc:  # noqa: BLE001 - another rank was lost while the group formed
+                    log.warning("rank %d: forming group %d failed (%s)", self.rank, command[1], exc)
+                    leave_group()
+                    error = f"{type(exc).__name__}: {exc}"
+                    break
+        return False
+
+    def _slots_added(self) -> int:
+        """Expert slots per rank this rank took on, over those it started with, after earlier losses."""
+        first = next(iter(self.layout.placements.values()))
+        started = (self.model.config.n_routed_experts + self.spec.redundant) // self.spec.group.world_size
+        return first.slots_per_rank - started
+
+    def _reform(self, generation: int, members: tuple[int, ...], address: str, epoch: int, outbox) -> None:
+        """Join the survivors' group and place every expert on them (survivor_placement, from the load they
+        saw): what a survivor holds stays, what was lost loads from the checkpoint into added slots. A
+        rebalance that was under way is dropped; the ranks agree on `epoch` as done."""
+        started = time.monotonic()
+        alive = [self.members.index(m) for m in members]  # the survivors' ranks in the group that broke
+        rank = members.index(self.rank)
+        join_group(replace(self.spec.group, world_size=len(members), rank=rank, init_method=address),
+                   self.spec.device)
+        placements = {}
+        for layer, placement in self.layout.placements.items():
+            load = self.layout.dispatcher(layer).total_load.clone()
+            _all_reduce(load, self.spec.device)
+            placements[layer] = survivor_placement(placement, alive, load.tolist(),
+                                                   self.spec.failover.headroom_slots, taken=self._slots_added())
+        loaded = self.model.regrow_experts(self.spec.checkpoint,
+                                           {layer: p.rank_experts(rank) for layer, p in placements.items()})
+        self.layout.reform(rank, len(members), placements)
+        # Ranks load at their own pace (some have more lost experts, or slower storage): meet again before the
+        # first collective, which would otherwise time out waiting for the slowest.
+        store_barrier(f"r1serve/formed/{generation}", len(members), self.spec.group.meet_timeout_s)
+        self.members, self.generation = tuple(members), generation
+        self._pending = None
+        self._rebalance_done = epoch
+        self._rebalance_wanted = max(self._rebalance_wanted, epoch)  # one asked meanwhile still runs
+        seconds = time.monotonic() - started
+        log.info("rank %d: group %d formed with ranks %s as rank %d of %d in %.2fs (%d experts loaded)",
+                 self.rank, generation, list(members), rank, len(members), seconds, loaded)
+        outbox.put(("reformed", self.rank, generation, loaded))
 
     def _bound_admission(self) -> None:
         """Beyond the bound of unread hand-off latents, new prompts wait for decode ranks to read them."""
@@ -172,8 +284,8 @@ class RankWorker:
         kind = command[0]
         try:
             if kind == "add":
-                _, request_id, prompt, params, resumed = command
-                self.engine.add_request(request_id, prompt, params, resumed)
+                _, request_id, prompt, params, resumed, *generator_state = command
+                self.engine.add_request(request_id, prompt, params, resumed, *generator_state)
             elif kind == "handoff":
                 outputs = self.engine.add_handoff(command[1])
                 outbox.put(("outputs", self.rank, outputs))
@@ -181,23 +293,8 @@ class RankWorker:
                 out = self.engine.abort(command[1])
                 if out is not None:
                     outbox.put(("outputs", self.rank, [out]))
-            elif kind == "stats":
-                stats = self.engine.stats()
-                if self._parking is not None:
-                    stats = replace(stats, handoff_bytes_waiting=self._parking.waiting_bytes())
-                outbox.put(("reply", self.rank, stats))
-            elif kind == "prefix_hashes":
-                outbox.put(("reply", self.rank, self.engine.cached_prefix_hashes(command[1])))
-            elif kind == "describe":
-                outbox.put(("reply", self.rank, self.engine.describe()))
-            elif kind == "load":
-                dispatchers = self.layout.dispatchers if self.layout is not None else {}
-                load = {layer: d.total_load.tolist() for layer, d in dispatchers.items()}
-                outbox.put(("reply", self.rank, load))
-            elif kind == "placements":
-                layers = self.layout.placements if self.layout is not None else {}
-                placements = {layer: p.physical_to_logical for layer, p in layers.items()}
-                outbox.put(("reply", self.rank, placements))
+            elif kind == "ask":  # a question with the asker's token, echoed so the answer meets its question
+                outbox.put(("reply", self.rank, self._answer(command[2:]), command[1]))
             elif kind == "rebalance":
                 self._rebalance_wanted = max(self._rebalance_wanted, command[1])
             elif kind == "stop":
@@ -205,6 +302,26 @@ class RankWorker:
         except RequestError as exc:
             outbox.put(("rejected", self.rank, command[1] if kind == "add" else command[1].request_id,
                         exc.field, str(exc)))
+
+    def _answer(self, question: tuple):
+        """What the controller asked: stats, prefix_hashes, describe, load or placements."""
+        kind = question[0]
+        if kind == "stats":
+            stats = self.engine.stats()
+            if self._parking is not None:
+                stats = replace(stats, handoff_bytes_waiting=self._parking.waiting_bytes())
+            return stats
+        if kind == "prefix_hashes":
+            return self.engine.cached_prefix_hashes(question[1])
+        if kind == "describe":
+            return self.engine.describe()
+        if kind == "load":
+            dispatchers = self.layout.dispatchers if self.layout is not None else {}
+            return {layer: d.total_load.tolist() for layer, d in dispatchers.items()}
+        if kind == "placements":
+            layers = self.layout.placements if self.layout is not None else {}
+            return {layer: p.physical_to_logical for layer, p in layers.items()}
+        raise ValueError(f"unknown question {kind!r}")
 
     def plan_rebalance(self, epoch: int, outbox) -> None:
         """Collective, between steps: add every rank's expert load since the last rebalance to the decayed
@@ -214,19 +331,19 @@ class RankWorker:
         changed: dict[int, ExpertPlacement] = {}
         for layer, placement in (self.layout.placements.items() if self.layout is not None else ()):
             load = self.layout.dispatcher(layer).take_load()
-            dist.all_reduce(load)
+            _all_reduce(load, self.spec.device)
             window = self._load_window.get(layer)
             window = load.double() if window is None else window * LOAD_DECAY + load.double()
             self._load_window[layer] = window
             if not window.any():
                 continue
-            new = balanced_placement(window.tolist(), self.world_size, self.layout.redundant)
+            new = balanced_placement(window.tolist(), self.layout.world_size, self.layout.redundant)
             if new != placement:
                 changed[layer] = new
         if not changed:
             outbox.put(("rebalanced", self.rank, epoch, False))
             return
-        incoming = {layer: new.rank_experts(self.rank) for layer, new in changed.items()}
+        incoming = {layer: new.rank_experts(self.layout.rank) for layer, new in changed.items()}
         delay = float(self.spec.options.get("expert_load_delay_s", 0.0))  # tests: a load that takes a while
 
         def load():
@@ -239,12 +356,22 @@ class RankWorker:
     def _switch(self, outbox) -> None:
         pending, self._pending = self._pending, None
         for layer, new in pending.placements.items():
-            self.model.install_experts(layer, new.rank_experts(self.rank), *pending.staged[layer])
+            self.model.install_experts(layer, new.rank_experts(self.layout.rank), *pending.staged[layer])
             self.layout.placements[layer] = new
             self.layout.dispatcher(layer).set_placement(new)
         log.info("rank %d: rebalance %d switched %d layer(s) after %.2fs of loading", self.rank, pending.epoch,
                  len(pending.placements), time.monotonic() - pending.started)
         outbox.put(("rebalanced", self.rank, pending.epoch, True))
+
+
+def _all_reduce(tensor: torch.Tensor, device: str, op=dist.ReduceOp.SUM) -> None:
+    """In place, on a host tensor: NCCL reduces only device tensors, so there it goes to the device and back."""
+    if dist.get_backend() != "nccl":
+        dist.all_reduce(tensor, op=op)
+        return
+    on_device = tensor.to(device)
+    dist.all_reduce(on_device, op=op)
+    tensor.copy_(on_device.cpu())
 
 
 def rank_main(spec: RankSpec, inbox, outbox, parking: Parking | None = None) -> None:

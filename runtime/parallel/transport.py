@@ -7,6 +7,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from dataclasses import replace
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -27,8 +28,12 @@ class RankTransport(Protocol):
         """The next message from any rank, or None after `timeout_s`."""
         ...
 
-    def dead_rank(self) -> str | None:
-        """A description of a rank known to be gone, if any."""
+    def dead_ranks(self) -> dict[int, str]:
+        """Every rank known to be gone, with why."""
+        ...
+
+    def kill_rank(self, rank: int) -> None:
+        """End one rank (alive but not answering), so the others can go on without it."""
         ...
 
     def stop(self, timeout_s: float) -> None: ...
@@ -36,36 +41,70 @@ class RankTransport(Protocol):
     def kill(self) -> None: ...
 
 
+class _PipeOutbox:
+    """A rank process's own pipe to the controller. A queue shared by every rank would stay locked for good if a
+    rank were killed while writing to it; a rank killed mid-write here breaks only its own pipe."""
+
+    def __init__(self, conn):
+        self._conn = conn
+        self._lock = threading.Lock()  # the rank's threads share it
+
+    def put(self, message: tuple) -> None:
+        with self._lock:
+            self._conn.send(message)
+
+
+def _process_rank_main(spec: RankSpec, inbox, conn) -> None:
+    rank_main(spec, inbox, _PipeOutbox(conn))
+
+
 class ProcessTransport:
-    """One spawned process per rank; torch.multiprocessing queues carry tensors through shared memory."""
+    """One spawned process per rank, each with its own command queue and its own pipe back; torch's pickler
+    carries tensors through shared memory."""
 
     def __init__(self, specs: Sequence[RankSpec]):
         ctx = tmp.get_context("spawn")
         self.world_size = len(specs)
-        self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in specs]
+        pipes = [ctx.Pipe(duplex=False) for _ in specs]
+        self._readers = {reader: rank for rank, (reader, _) in enumerate(pipes)}
+        self._received: deque[tuple] = deque()
         self.procs = [
-            ctx.Process(target=rank_main, args=(spec, inbox, self._outbox), daemon=True,
+            ctx.Process(target=_process_rank_main, args=(spec, inbox, writer), daemon=True,
                         name=f"r1serve-ep-rank{spec.group.rank}")
-            for spec, inbox in zip(specs, self._inboxes)
+            for spec, inbox, (_, writer) in zip(specs, self._inboxes, pipes)
         ]
         for proc in self.procs:
             proc.start()
+        for _, writer in pipes:
+            writer.close()  # the ranks hold them: a pipe reads as closed once its rank is gone
 
     def send(self, rank: int, command: tuple) -> None:
         self._inboxes[rank].put(command)
 
     def receive(self, timeout_s: float) -> tuple | None:
-        try:
-            return self._outbox.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
+        from multiprocessing.connection import wait
 
-    def dead_rank(self) -> str | None:
-        for rank, proc in enumerate(self.procs):
-            if not proc.is_alive():
-                return f"rank {rank} exited (code {proc.exitcode})"
-        return None
+        if not self._received and self._readers:
+            for reader in wait(list(self._readers), timeout_s):
+                try:
+                    while reader.poll():
+                        self._received.append(reader.recv())
+                except Exception:  # noqa: BLE001 - its rank is gone, maybe mid-write (dead_ranks says why)
+                    rank = self._readers.pop(reader, None)
+                    if rank is not None and self.procs[rank].is_alive():  # unreadable but alive: made dead
+                        self.kill_rank(rank)
+        elif not self._received:
+            time.sleep(timeout_s)
+        return self._received.popleft() if self._received else None
+
+    def dead_ranks(self) -> dict[int, str]:
+        return {rank: f"rank {rank} exited (code {proc.exitcode})"
+                for rank, proc in enumerate(self.procs) if not proc.is_alive()}
+
+    def kill_rank(self, rank: int) -> None:
+        self.procs[rank].kill()
+        self._inboxes[rank].cancel_join_thread()  # what it never read must not hold this process's exit
 
     def stop(self, timeout_s: float) -> None:
         for inbox in self._inboxes:
@@ -268,6 +307,10 @@ class _RankActor:
     lockstep loop, before its engine takes it."""
 
     def __init__(self, spec: RankSpec, outbox=None, direct: DirectLatents | GlooLatents | None = None):
+        import ray
+
+        # The address this rank offers when it leads a group formed again without a lost rank.
+        spec = replace(spec, options={**spec.options, "host": ray.util.get_node_ip_address()})
         self._inbox: queue.Queue = queue.Queue()
         outbox = outbox if outbox is not None else queue.Queue()
         self._outbox, self._rank, self._direct = outbox, spec.group.rank, direct
@@ -377,7 +420,7 @@ class RayTransport:
                 num_cpus=bundle.get("CPU", 1), num_gpus=bundle.get("GPU", 0), resources=resources,
                 scheduling_strategy=strategy, name=None, max_restarts=0,
             ).remote(spec, self._outbox, direct))
-        self._dead: str | None = None
+        self._gone: dict[int, str] = {}  # rank -> why it is known to be gone
 
     def send(self, rank: int, command: tuple) -> None:
         self.actors[rank].put.remote(command)
@@ -400,10 +443,11 @@ class RayTransport:
     def _take(self, timeout_s: float) -> None:
         import ray
 
-        if not self._pending and self._dead is None and not self._killed:
+        if not self._pending and not self._killed:
             for rank in range(self.world_size):
-                self._ask(rank)
-        if not self._pending:  # a rank died, or the group is being torn down
+                if rank not in self._gone:
+                    self._ask(rank)
+        if not self._pending:  # every rank died, or the group is being torn down
             time.sleep(timeout_s)
             return
         ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout_s)
@@ -412,9 +456,9 @@ class RayTransport:
             try:
                 self._received.extend(ray.get(ref))
             except Exception as exc:  # noqa: BLE001 - a dead rank answers with an error
-                if not self._killed:  # not the group's own shutdown
-                    self._dead = self._dead or f"rank {rank} is gone ({type(exc).__name__})"
-                    self._received.append(("failed", rank, self._dead))
+                if not self._killed and rank not in self._gone:  # not the group's own shutdown
+                    self._gone[rank] = f"rank {rank} is gone ({type(exc).__name__})"
+                    self._received.append(("dead", rank, self._gone[rank]))
                 continue
             if not self._killed:
                 self._ask(rank)
@@ -423,22 +467,25 @@ class RayTransport:
         ref = self.actors[rank].take.options(concurrency_group=TAKE_GROUP).remote(TAKE_WAIT_S)
         self._pending[ref] = rank
 
-    def dead_rank(self) -> str | None:
+    def dead_ranks(self) -> dict[int, str]:
         import ray
 
-        if self._dead is None:
-            # In the commands' group on purpose: a rank whose commands are stuck (a hand-off read that does not
-            # return) is taken for dead, and its group fails instead of hanging.
-            probes = [actor.alive.remote() for actor in self.actors]
-            for rank, probe in enumerate(probes):
-                try:
-                    if not ray.get(probe, timeout=10):
-                        self._dead = f"rank {rank} stopped"
-                except Exception as exc:  # noqa: BLE001 - a dead actor answers with an error
-                    self._dead = f"rank {rank} is gone ({type(exc).__name__})"
-                if self._dead:
-                    break
-        return self._dead
+        # In the commands' group on purpose: a rank whose commands are stuck (a hand-off read that does not
+        # return) is taken for dead, and its group goes on without it or fails, instead of hanging.
+        probes = {rank: actor.alive.remote() for rank, actor in enumerate(self.actors) if rank not in self._gone}
+        for rank, probe in probes.items():
+            try:
+                if not ray.get(probe, timeout=10):
+                    self._gone[rank] = f"rank {rank} stopped"
+            except Exception as exc:  # noqa: BLE001 - a dead actor answers with an error
+                self._gone[rank] = f"rank {rank} is gone ({type(exc).__name__})"
+        return dict(self._gone)
+
+    def kill_rank(self, rank: int) -> None:
+        import ray
+
+        self._gone.setdefault(rank, f"rank {rank} was stopped: it did not answer")
+        ray.kill(self.actors[rank], no_restart=True)
 
     def stop(self, timeout_s: float) -> None:
         for rank in range(self.world_size):

@@ -76,3 +76,35 @@ def test_a_resumption_that_leaves_nothing_to_generate_is_refused(model, tokenize
     with pytest.raises(RequestError, match=r"resumed_token_ids: 40 tokens already sent leave nothing of max_tokens"):
         engine.add_request("r~1", chat_prompt, PARAMS, resumed=sent)
     assert not engine.has_work
+
+
+def test_a_decode_engine_continues_a_request_whose_rank_was_lost_by_computing_it_again(model, tokenizer,
+                                                                                      chat_prompt, undisturbed):
+    """A decode rank that takes over a lost rank's request has no latents for it: it computes the prompt and the
+    streamed tokens again. New prompts it still refuses: they come as hand-offs."""
+    sent = [t for o in undisturbed[:9] for t in o.token_ids]
+    decode = LLMEngine(model, tokenizer, EngineConfig(role="decode", num_blocks=128, block_size=8))
+    with pytest.raises(RequestError, match="a decode engine takes hand-offs"):
+        decode.add_request("new", chat_prompt, PARAMS)
+    decode.add_request("r~1", chat_prompt, PARAMS, resumed=sent)
+    outputs: dict = {}
+    drain(decode, outputs)
+    assert _join(undisturbed[:9], outputs["r~1"]) == _fields(undisturbed)
+
+
+def test_a_seeded_request_continues_its_draws_from_the_generator_state_it_reported(model, tokenizer, chat_prompt):
+    seeded = SamplingParams(max_tokens=30, temperature=0.9, seed=5, ignore_eos=True)
+    config = EngineConfig(num_blocks=128, block_size=8, report_generator_state=True)
+    engine = LLMEngine(model, tokenizer, config)
+    engine.add_request("r", chat_prompt, seeded)
+    outputs: dict = {}
+    drain(engine, outputs)
+    whole = outputs["r"]
+    assert all(o.generator_state is not None for o in whole)  # each output says where the draws stand
+    cut = 12
+    sent = [t for o in whole[:cut] for t in o.token_ids]
+    again = LLMEngine(model, tokenizer, config)
+    again.add_request("r~1", chat_prompt, seeded, resumed=sent, generator_state=whole[cut - 1].generator_state)
+    resumed: dict = {}
+    drain(again, resumed)
+    assert sent + [t for o in resumed["r~1"] for t in o.token_ids] == [t for o in whole for t in o.token_ids]

@@ -115,14 +115,14 @@ def test_a_prefill_rank_admits_no_new_prompt_while_its_unread_hand_offs_exceed_t
         [first] = _next(outbox, "outputs")[2]
         assert first.request_id == "a" and first.handoff is not None and parking.waiting_bytes() > 0
         inbox.put(("add", "b", [10, 11, 12], greedy, ()))
-        inbox.put(("stats",))
+        inbox.put(("ask", "t", "stats"))
         stats = _next(outbox, "reply")[2]
         assert (stats.waiting, stats.running, stats.admission_held) == (1, 0, True)
         assert stats.handoff_bytes_waiting == parking.waiting_bytes()
         parking.read_all()  # decode ranks read what was parked: b is prefilled
         [second] = _next(outbox, "outputs")[2]
         assert second.request_id == "b" and second.handoff is not None
-        inbox.put(("stats",))
+        inbox.put(("ask", "t", "stats"))
         assert _next(outbox, "reply")[2].admission_held  # b's own hand-off is unread now
     finally:
         inbox.put(("stop",))

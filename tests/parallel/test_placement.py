@@ -11,6 +11,7 @@ from r1serve.runtime.parallel.placement import (
     PlacementError,
     balanced_placement,
     max_rank_load,
+    survivor_placement,
     uniform_placement,
 )
 
@@ -55,3 +56,39 @@ def test_placement_is_deterministic():
 def test_a_placement_missing_an_expert_is_invalid():
     with pytest.raises(PlacementError, match="missing"):
         ExpertPlacement(4, 2, (0, 1, 1, 2))
+
+
+def test_survivors_keep_their_experts_in_place_and_take_every_lost_one():
+    before = uniform_placement(16, 4)
+    loads = [float(e + 1) for e in range(16)]
+    after = survivor_placement(before, [0, 2, 3], loads, headroom_slots=2)
+    assert after.world_size == 3 and after.slots_per_rank == 6  # 4 lost experts over 3 ranks: 2 slots each
+    for new_rank, old_rank in enumerate([0, 2, 3]):
+        assert after.rank_experts(new_rank)[:4] == before.rank_experts(old_rank)  # nothing they held moves
+    assert set(after.physical_to_logical) == set(range(16))
+    # the lost experts, heaviest first, go to the least-loaded survivor with room (rank 0 holds the lightest
+    # experts); the 2 slots left take extra copies of the busiest experts
+    lost_on = {e: r for r in range(3) for e in after.rank_experts(r)[4:] if e in (4, 5, 6, 7)}
+    assert lost_on == {7: 0, 6: 0, 5: 1, 4: 1}
+    assert sorted(after.rank_experts(2)[4:]) == [14, 15]
+    assert survivor_placement(before, [0, 2, 3], loads, headroom_slots=2) == after  # every survivor agrees
+
+
+def test_redundant_copies_take_over_first_and_need_no_added_slot():
+    # rank 3 holds only copies: of experts 2-5 (rank 0's) and 6-7 (rank 1's)
+    before = ExpertPlacement(16, 4, (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7))
+    after = survivor_placement(before, [0, 1, 2], [1.0] * 16, headroom_slots=0)
+    assert after.slots_per_rank == before.slots_per_rank
+    assert [after.rank_experts(r) for r in range(3)] == [before.rank_experts(r) for r in (0, 1, 2)]
+
+
+def test_a_loss_beyond_the_headroom_fits_no_placement_and_says_which_field_to_raise():
+    before = uniform_placement(16, 4)
+    with pytest.raises(PlacementError, match=r"4 expert\(s\) lost their last copy, which needs 2 more slot\(s\) on "
+                       r"each of the 3 surviving rank\(s\); experts.failoverHeadroomSlots allows 1$"):
+        survivor_placement(before, [0, 1, 2], [1.0] * 16, headroom_slots=1)
+    grown = survivor_placement(before, [0, 1, 2], [1.0] * 16, headroom_slots=2)
+    with pytest.raises(PlacementError, match=r"allows 2 \(2 already taken by earlier losses\)"):
+        survivor_placement(grown, [0, 1], [1.0] * 16, headroom_slots=2, taken=2)
+    with pytest.raises(PlacementError, match="no rank survives"):
+        survivor_placement(before, [], [1.0] * 16, headroom_slots=8)

@@ -13,7 +13,10 @@ import torch
 
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.sampling import SamplingParams
+from r1serve.runtime.model.config import ModelConfig
 from r1serve.runtime.parallel.group import ExpertParallelGroup
+from r1serve.runtime.parallel.placement import balanced_placement
+from r1serve.runtime.serve.kept_load import keep_locally, read_kept_load
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +99,30 @@ def test_the_interval_rebalances_on_its_own(tiny_checkpoint):
         assert asyncio.run(_drain(group, "b", PROMPT)) == first
     finally:
         group.shutdown()
+
+
+def test_a_restarted_group_starts_from_the_load_its_predecessor_kept(tiny_checkpoint, tmp_path):
+    """The load one group saw, kept in its file, places a later group's experts from its first step (balanced,
+    not uniform); outputs do not change."""
+    config = ModelConfig.from_file(tiny_checkpoint)
+    first = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 2, engine=ENGINE, redundant=2)
+    try:
+        before = asyncio.run(_drain(first, "a", PROMPT, SamplingParams(max_tokens=48, temperature=0,
+                                                                       ignore_eos=True)))
+        uniform = first.placements()[0]
+        path = tmp_path / "expert-load" / "tiny" / "decode.json"
+        keep_locally(path, first.expert_load())
+    finally:
+        first.shutdown()
+    kept = read_kept_load(path, num_experts=config.n_routed_experts, layers=config.moe_layers)
+    assert kept is not None and set(kept) == set(config.moe_layers)
+    second = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 2, engine=ENGINE, redundant=2, expert_load=kept)
+    try:
+        placements = second.placements()[0]
+        assert placements != uniform
+        assert placements == {layer: balanced_placement(kept[layer], 2, 2).physical_to_logical
+                              for layer in config.moe_layers}
+        assert asyncio.run(_drain(second, "b", PROMPT, SamplingParams(max_tokens=48, temperature=0,
+                                                                      ignore_eos=True))) == before
+    finally:
+        second.shutdown()
