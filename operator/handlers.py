@@ -20,7 +20,7 @@ from r1serve.operator import render, rollout
 from r1serve.operator import status as S
 from r1serve.operator.config import OperatorConfig
 from r1serve.operator.kube_api import KubeApi
-from r1serve.spec import R1Deployment, SpecError, parse_r1deployment
+from r1serve.spec import R1Deployment, SpecError, expert_load, parse_r1deployment
 from r1serve.spec import constants as C
 
 # Reading the scaling status from the Serve application must not hold up a reconcile for long.
@@ -81,8 +81,34 @@ def _refresh_status(memo: kopf.Memo, owner: Mapping[str, Any], deployment: R1Dep
     _publish(memo, namespace, name, lambda live: S.aggregate(
         deployment, observed, generation=live["metadata"].get("generation"),
         previous=live.get("status"), now=_now(), silence_s=S.RAYSERVICE_SILENCE_S))
+    _keep_expert_load(memo, owner, deployment, observed.scaling)
     if rayservice is not None:
         _look_again_if_silent(memo, rayservice)
+
+
+def _keep_expert_load(memo: kopf.Memo, owner: Mapping[str, Any], deployment: R1Deployment,
+                      scaling: Mapping[str, Any] | None) -> None:
+    """Write the expert load the pools' replicas reported into the R1Deployment's ConfigMap (r1serve.spec.
+    expert_load), when newer than the last written; a pool that reported nothing keeps what the ConfigMap has."""
+    reported = {role: entry["expertLoad"] for role, entry in ((scaling or {}).get("pools") or {}).items()
+                if (entry or {}).get("expertLoad")}
+    uid = owner["metadata"].get("uid")
+    if not reported or not uid:
+        return
+    newest = max(float(entry["at"]) for entry in reported.values())
+    if memo.expert_load_kept.get(uid, 0.0) >= newest:
+        return
+    namespace = owner["metadata"]["namespace"]
+    current = memo.api.get_configmap(namespace, expert_load.configmap_name(deployment.metadata.name)) or {}
+    data = {**(current.get("data") or {}),
+            **{expert_load.pool_key(role): str(entry["load"]) for role, entry in reported.items()}}
+    size = sum(len(k) + len(v) for k, v in data.items())
+    if size > expert_load.MAX_BYTES:
+        log.warning("not keeping the expert load of %s/%s: %d bytes exceed a ConfigMap's %d", namespace,
+                    deployment.metadata.name, size, expert_load.MAX_BYTES)
+        return
+    memo.api.apply(render.expert_load_configmap(deployment, uid, data))
+    memo.expert_load_kept[uid] = newest
 
 
 def _look_again_if_silent(memo: kopf.Memo, rayservice: Mapping[str, Any]) -> None:
@@ -264,6 +290,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         memo.api = KubeApi.from_environment()
     memo.status_locks = {}
     memo.silence_lock, memo.silence_timers = threading.Lock(), {}
+    memo.expert_load_kept = {}  # R1Deployment uid -> time of the newest load written (the ConfigMap is the store)
 
 
 @kopf.on.cleanup()

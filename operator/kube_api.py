@@ -52,12 +52,24 @@ class KubeApi:
             result = self.core.patch_namespaced_service(meta["name"], meta["namespace"], obj,
                                                         **options)
             return self.client.sanitize_for_serialization(result)
+        if obj["kind"] == "ConfigMap":
+            result = self.core.patch_namespaced_config_map(meta["name"], meta["namespace"], obj,
+                                                           **options)
+            return self.client.sanitize_for_serialization(result)
         group, version = obj["apiVersion"].split("/")
         # Raw response: the client maps only 200 to a body, but an apply that creates answers 201.
         response = self.custom.patch_namespaced_custom_object(
             group, version, meta["namespace"], _PLURALS[obj["kind"]], meta["name"], obj,
             _preload_content=False, **options)
         return json.loads(response.data)
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.client.sanitize_for_serialization(self.core.read_namespaced_config_map(name, namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def get_r1deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get(K.R1D_GROUP, K.R1D_VERSION, namespace, K.R1D_PLURAL, name)

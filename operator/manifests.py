@@ -38,6 +38,9 @@ def namespaced_rules() -> list[dict[str, Any]]:
         {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch", "create", "patch"]},
         # Ready Ray pods per worker group are the pools' ready replicas.
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        # The expert load the replicas report, kept in a ConfigMap each R1Deployment owns (read first, so a
+        # pool that reported nothing keeps its entry); it goes with its owner, so no delete.
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
         # kopf posts core/v1 events (never patches them, never uses events.k8s.io).
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     ]

@@ -5,7 +5,7 @@ from typing import Any
 from r1serve.operator import constants as K
 from r1serve.operator.config import OperatorConfig
 from r1serve.spec import constants as C
-from r1serve.spec import quantity
+from r1serve.spec import expert_load, quantity
 from r1serve.spec.model import Pool, R1Deployment, Role
 from r1serve.spec.sections import SHM_MOUNT_PATH
 from r1serve.spec.serve_config import (
@@ -167,12 +167,30 @@ def grpc_tls_sidecar(deployment: R1Deployment, image: str, mounts: list) -> dict
     }
 
 
+def expert_load_configmap(deployment: R1Deployment, owner_uid: str, data: dict[str, str]) -> dict[str, Any]:
+    """The expert load the pools' replicas saw (r1serve.spec.expert_load), kept for the replicas that start
+    later; owned by the R1Deployment, so it goes with it."""
+    meta = _metadata(deployment, "expert-load", owner_uid)
+    meta["name"] = expert_load.configmap_name(deployment.metadata.name)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": dict(data)}
+
+
+def _expert_load_volume(deployment: R1Deployment) -> tuple[dict, dict]:
+    """The kept expert load in every Ray pod. Optional, and there from the first render: the ConfigMap appears
+    once replicas report load, and its appearance changes no pod template (nothing restarts)."""
+    mount = {"name": expert_load.VOLUME, "mountPath": expert_load.MOUNT_PATH, "readOnly": True}
+    volume = {"name": expert_load.VOLUME, "configMap": {
+        "name": expert_load.configmap_name(deployment.metadata.name), "optional": True}}
+    return mount, volume
+
+
 def _pod_template(deployment: R1Deployment, *, container: dict[str, Any], shm_size: str,
                   labels: dict[str, str], workers: Workers | None = None) -> dict[str, Any]:
     env, mounts, volumes = _credentials(deployment)
     model_mounts, model_volumes = _model_volume(deployment)
+    load_mount, load_volume = _expert_load_volume(deployment)
     container = {**container, "securityContext": dict(RAY_CONTAINER_SECURITY), "volumeMounts": [
-        {"name": K.SHM_VOLUME, "mountPath": SHM_MOUNT_PATH}, *mounts, *model_mounts]}
+        {"name": K.SHM_VOLUME, "mountPath": SHM_MOUNT_PATH}, *mounts, *model_mounts, load_mount]}
     if env:
         container["env"] = env
     # KubeRay takes the first container as the Ray container: sidecars go after it.
@@ -185,7 +203,7 @@ def _pod_template(deployment: R1Deployment, *, container: dict[str, Any], shm_si
         # Ray's object store and NCCL live in /dev/shm; the container default of 64Mi is far
         # too small, so it is a memory-backed emptyDir of the requested size.
         "volumes": [{"name": K.SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
-                    *volumes, *model_volumes],
+                    *volumes, *model_volumes, load_volume],
     }
     if workers is not None and workers.node_selector:
         spec["nodeSelector"] = dict(workers.node_selector)

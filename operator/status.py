@@ -192,7 +192,28 @@ def pool_status(role: Role, pool: Pool, observed: Observed, app: Mapping[str, An
     connector = kv_connector(observed.scaling, role)
     if connector is not None:
         status["kvConnector"] = connector
+    degraded = degraded_replicas(observed.scaling, role)
+    if degraded:
+        status["degradedReplicas"] = degraded
     return status
+
+
+def degraded_replicas(scaling: Mapping[str, Any] | None, role: Role) -> list[dict[str, Any]]:
+    """The pool's replicas whose expert-parallel group lost ranks and serves on without them (experts.
+    onRankFailure: degrade), as they report it in the status board."""
+    entries = (((scaling or {}).get("pools") or {}).get(role) or {}).get("degradedReplicas") or []
+    return [{"replica": str(e["replica"]), "ranksAlive": int(e["ranksAlive"]), "ranks": int(e["ranks"])}
+            for e in entries]
+
+
+RANKS_LOST_REASON = "RanksLost"
+
+
+def _ranks_lost(pools: Mapping[str, dict]) -> str | None:
+    """What the Degraded condition says while replicas serve with fewer ranks, else None."""
+    parts = [f"{role}: replica {d['replica']} serves with {d['ranksAlive']} of {d['ranks']} ranks"
+             for role, pool in pools.items() for d in pool.get("degradedReplicas") or []]
+    return "; ".join(parts) if parts else None
 
 
 def kv_connector(scaling: Mapping[str, Any] | None, role: Role) -> str | None:
@@ -231,15 +252,18 @@ def _condition(kind: str, true: bool, reason: str, message: str, generation: int
 
 
 def _conditions(verdict: _Verdict, generation: int | None, previous: Mapping[str, Any],
-                now: str) -> list[dict[str, Any]]:
+                now: str, ranks_lost: str | None = None) -> list[dict[str, Any]]:
     before = {c.get("type"): c for c in previous.get("conditions") or []}
     ready_reason = "Serving" if verdict.serving else verdict.reason
+    degraded = _condition("Degraded", verdict.phase in _WARNING_PHASES, verdict.reason, verdict.message,
+                          generation, before, now)
+    if ranks_lost is not None and degraded["status"] == "False":  # serving, with replicas short of ranks
+        degraded = _condition("Degraded", True, RANKS_LOST_REASON, ranks_lost, generation, before, now)
     return [
         _condition("Ready", verdict.serving, ready_reason, verdict.message, generation, before, now),
         _condition("Progressing", verdict.phase in ("Pending", "Progressing"), verdict.reason,
                    verdict.message, generation, before, now),
-        _condition("Degraded", verdict.phase in _WARNING_PHASES, verdict.reason, verdict.message,
-                   generation, before, now),
+        degraded,
     ]
 
 
@@ -273,7 +297,8 @@ def _finish(deployment: R1Deployment | None, verdict: _Verdict, pools: dict[str,
     status: dict[str, Any] = {"phase": verdict.phase}
     if generation is not None:
         status["observedGeneration"] = generation
-    status["conditions"] = _conditions(verdict, generation, previous, now)
+    ranks_lost = _ranks_lost(pools)
+    status["conditions"] = _conditions(verdict, generation, previous, now, ranks_lost)
     status.update(pools)
     if deployment is not None:
         status["endpoints"] = endpoints(deployment)
@@ -285,6 +310,9 @@ def _finish(deployment: R1Deployment | None, verdict: _Verdict, pools: dict[str,
         warning = verdict.phase in _WARNING_PHASES or verdict.reason == NO_STATUS_REASON
         events.insert(0, Event("Warning" if warning else "Normal",
                                verdict.reason if warning else verdict.phase, verdict.message))
+    before = {c.get("type"): c for c in previous.get("conditions") or []}.get("Degraded") or {}
+    if ranks_lost is not None and (before.get("reason"), before.get("message")) != (RANKS_LOST_REASON, ranks_lost):
+        events.append(Event("Warning", RANKS_LOST_REASON, ranks_lost))
     events += extra_events
     # Only our own keys count: anything else under status is not ours to rewrite.
     changed = any(previous.get(key) != value for key, value in status.items())

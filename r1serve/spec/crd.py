@@ -120,6 +120,16 @@ def _pool_status(role: str) -> dict[str, Any]:
             "kvConnector": {"type": "string", "description":
                             "How the pool's replicas hand prompts' KV caches over (kvTransfer.connector, "
                             "auto resolved where they run), as they report it."},
+            "degradedReplicas": {
+                "type": "array",
+                "description": "Replicas whose expert-parallel group lost ranks and serves on without them "
+                               "(experts.onRankFailure: degrade); the Degraded condition says so too.",
+                "items": {"type": "object", "description": "One degraded replica.", "properties": {
+                    "replica": {"type": "string", "description": "The Serve replica's id."},
+                    "ranksAlive": {"type": "integer", "description": "Ranks serving now."},
+                    "ranks": {"type": "integer", "description": "Ranks the replica started with."},
+                }},
+            },
         },
     }
 

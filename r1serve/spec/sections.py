@@ -34,6 +34,7 @@ RESERVED_PORTS: dict[int, str] = {
 
 Dtype = Literal["auto", "bfloat16", "float32", "float64"]
 Connector = Literal["auto", "object-store", "nixl", "gloo", "nccl"]
+RankFailurePolicy = Literal["degrade", "restart"]
 NCCL_REFUSED = ("nccl cannot serve elastic pools: Ray moves tensors over NCCL only between actors in "
                 "a fixed collective group, which cannot follow prefill and decode replicas as they "
                 "scale; use nixl (rank to rank, GPUs or CPUs) or auto")
@@ -247,6 +248,35 @@ class Experts(SpecModel):
         "fully, older load half as much per rebalance). Incoming experts load while the replica "
         "keeps serving; all its ranks switch at one step boundary. Unset: the placement "
         "computed at start-up is kept.",
+    )
+    collective_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="How long a rank of an expert-parallel replica waits in a collective (the step's "
+        "all-reduce, the experts' all-to-all) before it takes its group for broken. It bounds how long "
+        "a dead or stuck rank goes unnoticed, and so how long streams stall before onRankFailure acts. "
+        "Ranks meet before their first collective however long loading takes, so this needs to cover "
+        "only the longest pause of one rank between two collectives (a first compile of a kernel for "
+        "a new batch shape on GPUs).",
+    )
+    on_rank_failure: RankFailurePolicy = Field(
+        "degrade",
+        description="What an expert-parallel replica does when one of its ranks dies or its "
+        "collectives time out. degrade: the surviving ranks form a group without it and keep "
+        "serving: redundant copies take over its experts, experts left without a copy load from "
+        "the checkpoint onto the survivors (within failoverHeadroomSlots), and its requests "
+        "continue on the survivors from the tokens already streamed. restart: the replica fails "
+        "every request on it with a retryable error and is replaced.",
+    )
+    failover_headroom_slots: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="How many expert slots each surviving rank may add, over those it started "
+        "with, to take on experts that lost their last copy with a rank (onRankFailure: degrade). "
+        "A loss that needs more fails the replica as restart would. 0: only redundant copies take "
+        "over. Reserve the memory: each slot holds one routed expert per MoE layer.",
     )
 
 

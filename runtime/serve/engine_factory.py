@@ -90,6 +90,7 @@ def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype,
         import ray
 
         from r1serve.runtime.parallel.group import ExpertParallelGroup
+        from r1serve.runtime.parallel.layout import Failover
         from r1serve.runtime.parallel.transport import direct_latents
     except ImportError as exc:
         raise RuntimeError(f"{plan.field('expertParallel')}: {plan.expert_parallel} rank(s) with "
@@ -101,11 +102,21 @@ def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype,
     if len(bundles) != plan.expert_parallel:
         raise RuntimeError(f"{plan.field('expertParallel')}: {plan.expert_parallel} ranks, but the replica's "
                            f"placement group holds {len(bundles)} rank bundles")
+    from r1serve.runtime.model.config import ModelConfig
+
+    from .kept_load import kept_load_path, read_kept_load
+
+    config = ModelConfig.from_file(checkpoint)
+    kept = read_kept_load(kept_load_path(plan.resource, plan.pool), num_experts=config.n_routed_experts,
+                          layers=config.moe_layers)
     return ExpertParallelGroup.on_ray(str(checkpoint), [dict(b) for b in bundles], engine=plan.engine,
                                       dtype=str(dtype).removeprefix("torch."), device=device,
                                       redundant=plan.redundant_experts, placement_group=placement_group,
+                                      timeout_s=plan.collective_timeout_s,
                                       direct=direct_latents(direct, plan.kv_timeout_s) if direct else None,
-                                      rebalance_interval_s=plan.rebalance_interval_s)
+                                      rebalance_interval_s=plan.rebalance_interval_s,
+                                      failover=Failover(plan.on_rank_failure, plan.failover_headroom_slots),
+                                      expert_load=kept)
 
 
 def _mock_engine(plan: PoolPlan, source: EngineSource) -> EngineClient:

@@ -92,6 +92,10 @@ class PoolMetrics:
         self.admission_held = gauge("r1serve_pool_admission_held",
                                     "1 while a prefill rank's unread hand-off latents are at their bound and new "
                                     "prompts wait for decode ranks to read them.")
+        self.ranks_alive = gauge("r1serve_pool_ranks_alive",
+                                 "Ranks serving in the replica's expert-parallel group (fewer than "
+                                 "r1serve_pool_ranks after it lost one and went on without it).")
+        self.ranks = gauge("r1serve_pool_ranks", "Ranks the replica's expert-parallel group started with.")
         self.handoff_bytes = metrics.Counter(
             "r1serve_kv_handoff_bytes_total", "Bytes of prompt latents handed from prefill to decode, by connector.",
             tag_keys=("pool", "connector")).set_default_tags(tags)
@@ -112,3 +116,5 @@ class PoolMetrics:
         self.prefix_hit_rate.set(stats.prefix_hit_rate)
         self.handoff_waiting.set(stats.handoff_bytes_waiting)
         self.admission_held.set(int(stats.admission_held))
+        self.ranks_alive.set(stats.ranks_alive)
+        self.ranks.set(stats.ranks)

@@ -19,15 +19,17 @@ from r1serve.runtime.engine.description import format_engine
 from r1serve.runtime.engine.outputs import RequestError, RequestOutput
 from r1serve.runtime.engine.sampling import SamplingParamsError
 from r1serve.spec import R1Deployment
+from r1serve.spec.expert_load import encode as encode_load
 
 from .checkpoint import ensure_checkpoint
 from .connector import RANK_TO_RANK, HandoffTicket, make_connector
 from .engine_factory import MODEL, EngineSource, make_engine_client
 from .errors import EngineFailure, classify
+from .kept_load import OFFER_EVERY_S, keep_locally, kept_load_path, mounted, worth_keeping
 from .messages import PoolRequest, PrefillResult, merge_outputs, to_wire
 from .metrics import PoolMetrics
 from .pool_plan import PoolPlan
-from .status_board import publish_engine
+from .status_board import publish_engine, publish_expert_load, publish_ranks
 from .streams import coalesced
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ class PoolServer:
         self.engine = make_engine_client(plan, path, source, direct=direct)
         self._publish_engine(kv_connector=self.connector.name if hands_off else None)
         self.metrics = PoolMetrics(self.role)
+        self._replica = _replica_name()
+        self._offer_load_at = time.monotonic() + OFFER_EVERY_S
         self._busy_at = max(1, plan.engine.max_running // 2)
         self._stream_interval = 0.0
         self._last_handoff = -HANDOFF_GRACE_S
@@ -169,9 +173,26 @@ class PoolServer:
             try:
                 stats = self.engine.stats()
                 self.metrics.update(stats)
+                if stats.ranks_alive < stats.ranks:  # its expert-parallel group went on without a lost rank
+                    publish_ranks(self.plan.pool, self._replica, stats.ranks_alive, stats.ranks)
+                if time.monotonic() >= self._offer_load_at:
+                    self._offer_load_at = time.monotonic() + OFFER_EVERY_S
+                    self._offer_expert_load()
                 self._stream_interval = BUSY_STREAM_INTERVAL_S if stats.running >= self._busy_at else 0.0
             except Exception:
                 log.exception("updating pool metrics failed")
+
+    def _offer_expert_load(self) -> None:
+        """The expert load this replica saw, for replicas that start later (r1serve.spec.expert_load): to the
+        status board, where the operator keeps it in a ConfigMap; on one machine, straight into its file."""
+        if self.plan.expert_parallel < 2 or not hasattr(self.engine, "expert_load"):
+            return
+        load = self.engine.expert_load()
+        if not worth_keeping(load):
+            return
+        publish_expert_load(self.plan.pool, self._replica, encode_load(load))
+        if not mounted():
+            keep_locally(kept_load_path(self.plan.resource, self.plan.pool), load)
 
     def _publish_engine(self, kv_connector: str | None) -> None:
         try:
@@ -183,6 +204,18 @@ class PoolServer:
             return
         log.info("%s replica engine: %s", self.role, format_engine(description))
         publish_engine(self.plan.pool, description)
+
+
+def _replica_name() -> str:
+    """This Serve replica's id, as `r1serve status` names it (the process id outside Serve)."""
+    import os
+
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not inside a Serve replica (unit tests)
+        return f"pid-{os.getpid()}"
 
 
 def _busy(stats) -> bool:

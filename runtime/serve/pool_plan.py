@@ -38,6 +38,10 @@ class PoolPlan:
     rank_bundles: tuple[Mapping[str, float], ...]
     kv_timeout_s: float = 30.0  # spec.kvTransfer.timeoutSeconds
     rebalance_interval_s: float | None = None  # spec.experts.rebalanceIntervalSeconds (None: never)
+    on_rank_failure: str = "degrade"  # spec.experts.onRankFailure
+    collective_timeout_s: float = 60.0  # spec.experts.collectiveTimeoutSeconds
+    resource: str = ""  # metadata.name: whose kept expert load the replicas read and offer
+    failover_headroom_slots: int = 0  # spec.experts.failoverHeadroomSlots
 
     @property
     def engine_role(self) -> EngineRole:
@@ -91,5 +95,9 @@ def plan_pools(deployment: R1Deployment, options: Mapping[str, Mapping[str, Any]
             cpu_threads=max(1, int(rank_cpus(deployment.spec.workers_for(name)))),
             rank_bundles=tuple(dict(b) for b in bundles),
             kv_timeout_s=deployment.spec.kv_transfer.timeout_seconds,
-            rebalance_interval_s=deployment.spec.experts.rebalance_interval_seconds)
+            rebalance_interval_s=deployment.spec.experts.rebalance_interval_seconds,
+            on_rank_failure=deployment.spec.experts.on_rank_failure,
+            collective_timeout_s=deployment.spec.experts.collective_timeout_seconds,
+            failover_headroom_slots=deployment.spec.experts.failover_headroom_slots,
+            resource=deployment.metadata.name)
     return plans

@@ -13,6 +13,7 @@ from typing import Any
 
 from r1serve.runtime.engine.description import format_engine
 from r1serve.spec import constants as C
+from r1serve.spec import expert_load
 
 from .scaling import Decision
 
@@ -54,6 +55,15 @@ class StatusBoard:
         """How the pool's engines run (the last replica to start says; replicas of a pool run alike)."""
         self.pools.setdefault(pool, {})["engine"] = description
 
+    def record_ranks(self, pool: str, replica: str, alive: int, total: int, at: float) -> None:
+        """A replica whose expert-parallel group lost ranks and serves on without them (refreshed while so)."""
+        self.pools.setdefault(pool, {}).setdefault("degraded", {})[replica] = {
+            "replica": replica, "ranksAlive": alive, "ranks": total, "at": at}
+
+    def record_expert_load(self, pool: str, replica: str, load: str, at: float) -> None:
+        """The expert load a replica saw (r1serve.spec.expert_load's encoding), for the operator to keep."""
+        self.pools.setdefault(pool, {}).setdefault("expertLoad", {})[replica] = {"load": load, "at": at}
+
     def get(self) -> dict[str, dict[str, Any]]:
         return self.pools
 
@@ -73,29 +83,65 @@ def _handle() -> Any:
 
 def publish(decision: Decision) -> None:
     """Sends `decision` to the board when it changed or REFRESH_S passed; never raises."""
-    global _board
     now = time.time()
     body = decision.to_dict()
     key = (decision.current, decision.desired, decision.signal)
     last = _sent.get(decision.pool)
     if last is not None and last[0] == key and now - last[1] < REFRESH_S:
         return
-    try:
-        _handle().record.remote(body, now)
+    if _tell("record", body, now):
         _sent[decision.pool] = (key, now)
-    except Exception:  # no Ray here (unit tests) or the board is being restarted: try again later
+
+
+def _tell(method: str, *args) -> bool:
+    """Calls the board's `method`, fire-and-forget; False (never an exception) when the board cannot be reached:
+    no Ray here (unit tests), or the board is being restarted (the next call tries again)."""
+    global _board
+    try:
+        getattr(_handle(), method).remote(*args)
+        return True
+    except Exception:
         _board = None
-        log.debug("could not publish the scaling decision", exc_info=True)
+        log.debug("could not tell the status board (%s)", method, exc_info=True)
+        return False
 
 
 def publish_engine(pool: str, description: dict[str, str]) -> None:
     """Sends a replica's engine description to the board once, at start-up; never raises."""
-    global _board
-    try:
-        _handle().record_engine.remote(pool, description)
-    except Exception:  # no Ray here (unit tests): nothing to show it to
-        _board = None
-        log.debug("could not publish the engine description", exc_info=True)
+    _tell("record_engine", pool, description)
+
+
+def publish_ranks(pool: str, replica: str, alive: int, total: int) -> None:
+    """Sends a degraded replica's ranks to the board (the replica repeats it while it stays degraded, so an entry
+    that stops being refreshed is a replica that is gone); never raises."""
+    _tell("record_ranks", pool, replica, alive, total, time.time())
+
+
+def publish_expert_load(pool: str, replica: str, load: str) -> None:
+    """Sends the expert load a replica saw to the board; never raises."""
+    _tell("record_expert_load", pool, replica, load, time.time())
+
+
+# A degraded replica refreshes its entry every few seconds (the pool's metrics interval); one this old is gone.
+DEGRADED_STALE_S = 60.0
+# Replicas offer their expert load every kept_load.OFFER_EVERY_S; one not heard of for this long is gone.
+LOAD_STALE_S = 300.0
+
+
+def pool_expert_load(entry: dict[str, Any], now: float) -> dict[str, Any] | None:
+    """The pool's replicas' expert load as one (each weighed equally), with how many said it and when the newest
+    did; None before any replica did."""
+    fresh = [d for d in (entry.get("expertLoad") or {}).values() if now - d["at"] < LOAD_STALE_S]
+    if not fresh:
+        return None
+    merged = expert_load.merge(expert_load.decode(d["load"]) for d in fresh)
+    return {"load": expert_load.encode(merged), "replicas": len(fresh), "at": max(d["at"] for d in fresh)}
+
+
+def degraded_replicas(entry: dict[str, Any], now: float) -> list[dict[str, Any]]:
+    """The pool's replicas serving with fewer ranks than they started with, by name."""
+    fresh = [d for d in (entry.get("degraded") or {}).values() if now - d["at"] < DEGRADED_STALE_S]
+    return [{k: v for k, v in d.items() if k != "at"} for d in sorted(fresh, key=lambda d: d["replica"])]
 
 
 async def read_board() -> dict[str, dict[str, Any]]:
@@ -121,6 +167,8 @@ def pool_status(board: dict[str, dict[str, Any]], running: dict[str, int]) -> di
             "lastDecision": last,
             "lastScaleDecision": entry.get("lastScaleDecision"),
             "engine": entry.get("engine"),
+            "degradedReplicas": degraded_replicas(entry, time.time()),
+            "expertLoad": pool_expert_load(entry, time.time()),
         }
     return {"pools": pools}
 
@@ -134,6 +182,14 @@ def format_status(status: dict[str, Any]) -> str:
                      + (f", desired {desired}" if desired is not None else ", no decision yet"))
         if entry.get("engine"):
             lines.append(f"  engine: {format_engine(entry['engine'])}")
+        kept = entry.get("expertLoad")
+        if kept:
+            when = time.strftime("%H:%M:%S", time.gmtime(kept["at"]))
+            lines.append(f"  expert load: reported by {kept['replicas']} replica(s), newest at {when}, kept for "
+                         "replicas that start later")
+        for degraded in entry.get("degradedReplicas") or []:
+            lines.append(f"  degraded: replica {degraded['replica']} serves with {degraded['ranksAlive']} of "
+                         f"{degraded['ranks']} expert-parallel ranks")
         for label, key in (("last decision", "lastDecision"), ("last scale change", "lastScaleDecision")):
             d = entry.get(key)
             if d:

@@ -274,6 +274,38 @@ def test_deleting_the_resource_leaves_nothing(cluster, operator, namespace):
     assert operator.alive(), operator.tail()
 
 
+def test_the_kept_expert_load_is_owned_and_deleted_with_the_resource(cluster, operator, operator_token, namespace,
+                                                                     tmp_path):
+    """The operator's ServiceAccount writes the expert-load ConfigMap (as it does when replicas report load) and
+    reads it back; the garbage collector deletes it with the R1Deployment."""
+    import kubernetes
+
+    from r1serve.operator.kube_api import KubeApi
+    from r1serve.operator.render import expert_load_configmap
+    from r1serve.spec import expert_load, load_r1deployment
+
+    owner = cluster.custom.create_namespaced_custom_object(
+        *R1D, namespace, "r1deployments", _tiny(namespace, "keeper"))
+    kubeconfig = cluster.plane.token_kubeconfig(tmp_path / "kubeconfig", operator_token)
+    api = KubeApi(kubernetes.config.new_client_from_config(str(kubeconfig)))
+    try:
+        deployment = load_r1deployment(_tiny(namespace, "keeper"))
+        data = {expert_load.pool_key("decode"): expert_load.encode({1: [3, 1, 2]})}
+        api.apply(expert_load_configmap(deployment, owner["metadata"]["uid"], data))
+        kept = api.get_configmap(namespace, "keeper-expert-load")
+        assert kept["data"] == data
+        [reference] = kept["metadata"]["ownerReferences"]
+        assert (reference["kind"], reference["uid"], reference["controller"]) == (
+            "R1Deployment", owner["metadata"]["uid"], True)
+        if not cluster.has_controller_manager:
+            pytest.skip("garbage collection needs kube-controller-manager in $KUBEBUILDER_ASSETS")
+        cluster.custom.delete_namespaced_custom_object(*R1D, namespace, "r1deployments", "keeper")
+        eventually(lambda: api.get_configmap(namespace, "keeper-expert-load") is None, timeout=30,
+                   message="the garbage collector to delete the expert-load ConfigMap")
+    finally:
+        api.close()
+
+
 def test_the_operator_made_no_call_its_role_forbids(operator):
     # Every call went through the ServiceAccount's role; a 403 would show in the operator's log.
     assert "403" not in operator.log.read_text(errors="replace"), operator.tail()

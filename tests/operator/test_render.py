@@ -12,13 +12,14 @@ from r1serve.operator import constants as K
 from r1serve.operator.config import OperatorConfig
 from r1serve.operator.render import (
     endpoints,
+    expert_load_configmap,
     pod_labels,
     pod_security_level,
     render_children,
     render_rayservice,
     render_services,
 )
-from r1serve.spec import SpecError, load_r1deployment
+from r1serve.spec import SpecError, expert_load, load_r1deployment
 from r1serve.spec import quantity as quantity_module
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -218,6 +219,27 @@ def test_no_model_volume_is_rendered_without_spec_model_volume(variant):
         assert all(v["name"] != K.MODEL_VOLUME for v in spec["volumes"])
         assert all(m["name"] != K.MODEL_VOLUME
                    for c in spec["containers"] for m in c["volumeMounts"])
+
+
+@pytest.mark.parametrize("variant", ["tiny", "production"])
+def test_every_ray_pod_mounts_the_kept_expert_load_optionally_from_the_first_render(variant):
+    """The ConfigMap appears later (once replicas report load): optional, and already in the template, so its
+    appearance changes no pod template."""
+    deployment = load_r1deployment(copy.deepcopy(VARIANTS[variant]))
+    name = expert_load.configmap_name(deployment.metadata.name)
+    for spec in _ray_pod_specs(deployment):
+        assert {"name": expert_load.VOLUME, "configMap": {"name": name, "optional": True}} in spec["volumes"]
+        assert {"name": expert_load.VOLUME, "mountPath": expert_load.MOUNT_PATH, "readOnly": True} in \
+            spec["containers"][0]["volumeMounts"]
+
+
+def test_the_expert_load_configmap_is_owned_by_the_resource():
+    deployment = load_r1deployment(copy.deepcopy(VARIANTS["tiny"]))
+    configmap = expert_load_configmap(deployment, "uid-1", {"decode.json": "{}"})
+    assert configmap["metadata"]["name"] == "tiny-expert-load" and configmap["data"] == {"decode.json": "{}"}
+    [owner] = configmap["metadata"]["ownerReferences"]
+    assert (owner["uid"], owner["controller"], owner["kind"]) == ("uid-1", True, "R1Deployment")
+    kubernetes_validate.validate(configmap, KUBE_VERSION, strict=True)
 
 
 @pytest.mark.parametrize("variant", ["tiny", "production"])

@@ -165,6 +165,26 @@ def test_each_pool_shows_the_kv_connector_its_replicas_resolved(tiny, kuberay_wo
     assert "kvConnector" not in unreported["decode"]
 
 
+def test_a_replica_serving_with_fewer_ranks_sets_degraded_with_one_event_and_clears_it(tiny, kuberay_world):
+    """experts.onRankFailure degrade: a replica whose expert-parallel group lost a rank keeps serving; the
+    R1Deployment stays Ready, and says Degraded (with one Warning event) until no replica reports it."""
+    rs = _rayservice(kuberay_world.status("RUNNING"))
+    lost = {"pools": {"decode": {"degradedReplicas": [{"replica": "abc", "ranksAlive": 3, "ranks": 4}]}}}
+    update = aggregate(tiny, Observed(rs, _cluster(1, 1), scaling=lost), generation=1, previous=None, now=NOW)
+    status = update.status
+    assert status["decode"]["degradedReplicas"] == [{"replica": "abc", "ranksAlive": 3, "ranks": 4}]
+    conditions = _conditions(status)
+    assert conditions["Ready"][0] == "True" and conditions["Degraded"] == ("True", "RanksLost")
+    [degraded] = [c for c in status["conditions"] if c["type"] == "Degraded"]
+    assert degraded["message"] == "decode: replica abc serves with 3 of 4 ranks"
+    assert [(e.type, e.reason) for e in update.events if e.reason == "RanksLost"] == [("Warning", "RanksLost")]
+    again = aggregate(tiny, Observed(rs, _cluster(1, 1), scaling=lost), generation=1, previous=status, now=LATER)
+    assert not [e for e in again.events if e.reason == "RanksLost"]
+    replaced = aggregate(tiny, Observed(rs, _cluster(1, 1), scaling={"pools": {}}), generation=1, previous=status,
+                         now=LATER).status
+    assert _conditions(replaced)["Degraded"][0] == "False" and "degradedReplicas" not in replaced["decode"]
+
+
 def test_kuberay_missing_fails_with_instructions(tiny):
     message = kuberay_missing_message(60)
     update = failure(tiny, reason="KubeRayNotInstalled", message=message, generation=1,

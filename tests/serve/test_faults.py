@@ -238,17 +238,30 @@ def _rank_actors(replica_name: str) -> list[dict]:
             and a["OwnerAddress"]["Port"] == replica["Address"]["Port"]]
 
 
+def _streams_killing(cluster, story, rank_actor: dict) -> tuple[list, float]:
+    """REQUESTS streams of `story` at once; `rank_actor` SIGKILLed once each has its first token. Returns every
+    stream's (status, tokens, seconds) and when the kill happened."""
+    started = [threading.Event() for _ in range(REQUESTS)]
+    with ThreadPoolExecutor(REQUESTS) as pool:
+        futures = [pool.submit(run, cluster.grpc_target, story, event) for event in started]
+        wait_until(lambda: all(e.is_set() for e in started), 60, "every stream's first token")
+        killed_at = time.monotonic()
+        os.kill(rank_actor["Pid"], signal.SIGKILL)
+        return [f.result(timeout=120) for f in futures], killed_at
+
+
 def test_killed_expert_parallel_rank_fails_its_replica_and_its_streams_resume_on_the_other_replica(
         cluster, docs, served_checkpoint, reliability):
-    """Real engine, one pool of two replicas, each an EP group of 2 ranks. SIGKILL one rank of one replica: the
-    group fails its streams within seconds (its other rank never finishes the step, the group watches its
-    ranks), the Ingress resumes each on the other replica after the tokens it had sent, and every stream
-    completes with exactly the greedy tokens of an undisturbed run; Serve's health check replaces the failed
-    replica, and new requests succeed."""
+    """Real engine, one pool of two replicas, each an EP group of 2 ranks, experts.onRankFailure: restart. SIGKILL
+    one rank of one replica: the group fails its streams within seconds (its other rank never finishes the step,
+    the group watches its ranks), the Ingress resumes each on the other replica after the tokens it had sent, and
+    every stream completes with exactly the greedy tokens of an undisturbed run; Serve's health check replaces the
+    failed replica, and new requests succeed."""
     import ray
 
     doc = docs.single_pool()
     doc["spec"]["decode"].update(replicas={"min": 2, "max": 2}, expertParallel=2)
+    doc["spec"].setdefault("experts", {})["onRankFailure"] = "restart"
     doc["spec"]["decode"]["autoscaling"] = {"targetOngoingRequests": 4}
     doc["spec"]["workers"] = {"resources": {"cpu": "1", "memory": "1Gi"}}
     cluster.deploy(doc)
@@ -262,13 +275,7 @@ def test_killed_expert_parallel_rank_fails_its_replica_and_its_streams_resume_on
     victim_replica = replicas[0]
     victim = wait_until(lambda: _rank_actors(victim_replica), BOUND_S, "the replica's rank actors")
     assert len(victim) == 2
-    started = [threading.Event() for _ in range(REQUESTS)]
-    with ThreadPoolExecutor(REQUESTS) as pool:
-        futures = [pool.submit(run, cluster.grpc_target, story, event) for event in started]
-        wait_until(lambda: all(e.is_set() for e in started), 60, "every stream's first token")
-        killed_at = time.monotonic()
-        os.kill(victim[1]["Pid"], signal.SIGKILL)
-        results = [f.result(timeout=120) for f in futures]
+    results, killed_at = _streams_killing(cluster, story, victim[1])
     ended_after = time.monotonic() - killed_at
     wait_until(lambda: len(names := _running_decode_replicas()) == 2 and victim_replica not in names, 180,
                "Serve to replace the failed replica")
@@ -289,6 +296,46 @@ def test_killed_expert_parallel_rank_fails_its_replica_and_its_streams_resume_on
     assert not wrong, [(r[0], len(r[1]), r[1] == reference[1][:len(r[1])]) for r in wrong]
     assert ended_after < BOUND_S + 60
     assert all(len(r[1]) < tokens for r in results if r[0] == "UNAVAILABLE")
+
+
+def test_killed_expert_parallel_rank_is_left_behind_and_its_replica_serves_every_stream_on(
+        cluster, docs, served_checkpoint, reliability):
+    """Real engine, one replica, an EP group of 2 ranks, experts.onRankFailure: degrade with the headroom to hold
+    every expert on one rank. SIGKILL one rank mid-stream: the replica is not replaced; the survivor forms a group
+    of one, loads the lost experts, and every stream completes with exactly the greedy tokens of an undisturbed
+    run; the replica says it serves with 1 of 2 ranks (stats and `r1serve status`), and takes new requests."""
+    import httpx
+
+    doc = docs.single_pool()
+    doc["spec"]["decode"].update(replicas={"min": 1, "max": 1}, expertParallel=2)
+    doc["spec"].setdefault("experts", {}).update(onRankFailure="degrade", failoverHeadroomSlots=8)
+    doc["spec"]["workers"] = {"resources": {"cpu": "1", "memory": "1Gi"}}
+    cluster.deploy(doc)
+    tokens = 120
+    story = request(tokens, "the expert-parallel story goes on")
+    reference = run(cluster.grpc_target, story)
+    assert reference[0] == "OK" and len(reference[1]) == tokens
+    [replica] = wait_until(_running_decode_replicas, BOUND_S, "the decode replica")
+    victim = wait_until(lambda: _rank_actors(replica), BOUND_S, "the replica's rank actors")
+    assert len(victim) == 2
+    results, killed_at = _streams_killing(cluster, story, victim[1])
+    ended_after = time.monotonic() - killed_at
+    wrong = [r for r in results if (r[0], r[1]) != ("OK", reference[1])]
+    stats = cluster.stats("decode")
+    status = wait_until(lambda: httpx.get(f"{cluster.http_url}{C.SCALING_STATUS_ROUTE}", timeout=30).json()[
+        "pools"]["decode"]["degradedReplicas"], BOUND_S, "the replica to report itself degraded")
+    reliability("fault-ep-rank-left-behind", "fault", what=f"one of the 2 ranks of the decode replica's expert-"
+                f"parallel group SIGKILLed while {REQUESTS} greedy streams of {tokens} tokens ran (real tiny "
+                "model, experts.onRankFailure degrade); then new requests", requests=REQUESTS, failed=len(wrong),
+                failures="none: the survivor went on alone with every expert; all streams completed equal to an "
+                f"undisturbed run, the last {ended_after:.1f} s after the kill, on the same replica" if not wrong
+                else ", ".join(f"{r[0]} after {len(r[1])} tokens" for r in wrong),
+                duration_s=max(r[2] for r in results), recovery_s=ended_after)
+    assert not wrong, [(r[0], len(r[1]), r[1] == reference[1][:len(r[1])]) for r in wrong]
+    assert _running_decode_replicas() == {replica}  # not replaced
+    assert (stats["ranks_alive"], stats["ranks"]) == (1, 2)
+    assert status == [{"replica": status[0]["replica"], "ranksAlive": 1, "ranks": 2}]
+    assert run(cluster.grpc_target, story)[1] == reference[1]
 
 
 # Hand-offs rank to rank over gloo, real engine, expert parallelism on both sides: the decode replica holds every

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from r1serve.runtime.serve.scaling import Bounds, prefill_decision
 from r1serve.runtime.serve.status_board import (
     StatusBoard,
@@ -9,6 +11,7 @@ from r1serve.runtime.serve.status_board import (
     pool_status,
     publish,
     publish_engine,
+    publish_ranks,
 )
 
 
@@ -36,7 +39,8 @@ def test_status_shows_current_and_desired_replicas_with_the_reason():
     assert status["pools"]["prefill"]["currentReplicas"] == 1
     assert status["pools"]["prefill"]["desiredReplicas"] == 5
     assert status["pools"]["decode"] == {"currentReplicas": 2, "desiredReplicas": None, "lastDecision": None,
-                                         "lastScaleDecision": None, "engine": None}
+                                         "lastScaleDecision": None, "engine": None, "degradedReplicas": [],
+                                         "expertLoad": None}
     text = format_status(status)
     assert "prefill: 1 replicas, desired 5" in text
     assert "queued prompt tokens 5000 in the pool vs target 1000 per replica" in text
@@ -58,3 +62,14 @@ def test_status_shows_how_each_pools_engine_runs():
     assert "  engine: on cuda:0, kernels triton, CUDA graphs 12 graphs, batch 1-256, 850 MiB" in text
     assert "  engine: on cuda:0, kernels triton, CUDA graphs off, 8 expert-parallel ranks" in text
     publish_engine("decode", {"kernels": "torch"})  # no Ray running: silently skipped
+
+
+def test_status_names_replicas_serving_with_fewer_ranks_until_they_stop_saying_so():
+    board = StatusBoard()
+    now = time.time()
+    board.record_ranks("decode", "r-new", 3, 4, now)
+    board.record_ranks("decode", "r-gone", 2, 4, now - 3600)  # a replaced replica refreshes nothing
+    status = pool_status(board.get(), {"decode": 2})
+    assert status["pools"]["decode"]["degradedReplicas"] == [{"replica": "r-new", "ranksAlive": 3, "ranks": 4}]
+    assert "  degraded: replica r-new serves with 3 of 4 expert-parallel ranks" in format_status(status)
+    publish_ranks("decode", "r-new", 3, 4)  # no Ray running: silently skipped
