@@ -189,11 +189,27 @@ class DeepseekV3ForCausalLM(nn.Module):
         experts.w13.copy_(w13)
         experts.w2.copy_(w2)
 
-    def regrow_experts(self, checkpoint_dir: str | Path, layer_experts: dict[int, Sequence[int]]) -> int:
-        """Give MoE layers a new, possibly larger, list of experts (a group that lost a rank): experts a layer
-        already holds are copied from its own slots, the others then read from the checkpoint into their slots.
-        One layer's weights are reallocated at a time (the memory of one layer more, at most), so CUDA graphs
-        captured over them must be captured again. Returns how many experts were read from the checkpoint."""
+    def read_experts(self, checkpoint_dir: str | Path, wanted: set[tuple[int, int]]
+                     ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """(layer, expert) -> its (w13, w2) rows in host tensors, read from the checkpoint without touching the
+        model (so it can keep running): experts staged ahead of `regrow_experts`."""
+        staged = {}
+        for layer, expert in wanted:
+            experts = self.model.layers[layer].mlp.experts
+            staged[layer, expert] = (torch.empty((1, *experts.w13.shape[1:]), dtype=experts.w13.dtype),
+                                     torch.empty((1, *experts.w2.shape[1:]), dtype=experts.w2.dtype))
+        for layer, expert, proj, tensor in self._read_experts(checkpoint_dir, wanted):
+            _copy_expert(*staged[layer, expert], (expert,), expert, proj, tensor)
+        return staged
+
+    def regrow_experts(self, checkpoint_dir: str | Path, layer_experts: dict[int, Sequence[int]],
+                       staged: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> int:
+        """Give MoE layers a new list of experts, longer or shorter (a group that lost a rank, or grew back):
+        experts a layer already holds are copied from its own slots, those `staged` (read_experts) from there,
+        and the others then read from the checkpoint into their slots. One layer's weights are reallocated at a
+        time (the memory of one layer more, at most), so CUDA graphs captured over them must be captured again.
+        Returns how many experts were read from the checkpoint here."""
+        staged = staged or {}
         wanted = set()
         for layer, expert_ids in layer_experts.items():
             experts = self.model.layers[layer].mlp.experts
@@ -205,6 +221,9 @@ class DeepseekV3ForCausalLM(nn.Module):
                     held = experts.expert_ids.index(expert)
                     w13[slot].copy_(experts.w13[held])
                     w2[slot].copy_(experts.w2[held])
+                elif (layer, expert) in staged:
+                    w13[slot].copy_(staged[layer, expert][0][0])
+                    w2[slot].copy_(staged[layer, expert][1][0])
                 else:
                     wanted.add((layer, expert))
             experts.resize(expert_ids, w13, w2)  # the old weights go now

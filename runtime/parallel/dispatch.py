@@ -21,7 +21,11 @@ class AllToAllDispatcher:
 
     def __init__(self, placement: ExpertPlacement, group: dist.ProcessGroup | None = None):
         self.group = group
-        self.regroup(placement)
+        if dist.is_initialized():
+            self.regroup(placement)
+        else:  # a rank that joins a running group builds its model first; it takes its place when it joins
+            self.rank, self.world_size = None, placement.world_size
+            self.set_placement(placement)
 
     def regroup(self, placement: ExpertPlacement) -> None:
         """This rank's place in the group and the placement over it; again when the group was formed without a

@@ -25,6 +25,7 @@ from r1serve.runtime.engine.sampling import SamplingParams
 from r1serve.runtime.engine.stream_relay import StreamRelay
 
 from .layout import Failover, GroupConfig, free_tcp_address
+from .placement import regrown_placement
 from .rank import RankSpec
 from .transport import DirectLatents, GlooLatents, ProcessTransport, RankTransport, RayTransport, rank0_address
 
@@ -88,14 +89,32 @@ class Reform:
     formed: dict[int, int] = field(default_factory=dict)  # rank -> experts it loaded
 
 
+@dataclass
+class Grow:
+    """A degraded group growing back: the lost ranks respawned in their places, each building its model, then
+    (once all are ready) the survivors told to switch to the larger group; each rank says when it serves in it."""
+
+    started: float
+    generation: int
+    joiners: tuple[int, ...]
+    members: tuple[int, ...]
+    ready: dict[int, int] = field(default_factory=dict)  # joiner -> expert bytes it holds
+    failed: str | None = None
+    woken: threading.Event = field(default_factory=threading.Event)
+    sent: float = 0.0
+    formed: dict[int, int] = field(default_factory=dict)  # rank -> experts it loaded
+
+
 class ExpertParallelGroup:
     """`world_size` rank processes that together hold every expert; attention is data-parallel, so each
     request lives on one rank, chosen as the least loaded. One thread relays the ranks' outputs to the
-    waiting callers and watches the processes: a rank that dies fails every request within `timeout_s`."""
+    waiting callers and watches the processes. A rank that dies fails every request (Failover restart), or the
+    group goes on without it (degrade) and, every `grow_back_interval_s`, tries to start it again in its place and
+    grow back to its full size."""
 
     def __init__(self, transport: RankTransport, *, start_timeout_s: float = 300.0, watch_every_s: float = 1.0,
                  rebalance_interval_s: float | None = None, failover: Failover = Failover(),
-                 collective_timeout_s: float = 60.0):
+                 collective_timeout_s: float = 60.0, grow_back_interval_s: float | None = 30.0):
         self._transport = transport
         self.world_size = transport.world_size
         self.members: list[int] = list(range(self.world_size))  # ranks alive, in the order of their group
@@ -105,6 +124,13 @@ class ExpertParallelGroup:
         self._reform: Reform | None = None
         self._generation = 0
         self.reforms: list[dict[str, Any]] = []  # each time the group went on without a lost rank
+        self._grow: Grow | None = None
+        self.regrowths: list[dict[str, Any]] = []  # each time it grew back
+        # Respawned ranks lost before they joined: survivors that had switched to the larger group report broken,
+        # and the group they form again is without these.
+        self._lost_joiners: dict[int, str] = {}
+        self._grow_back_interval_s = grow_back_interval_s
+        self._regrow_not_before = 0.0  # a try waits one interval after the group went on without a rank
         self._requests: dict[str, _Tracked] = {}
         self.error: str | None = None
         self._watch_every_s = watch_every_s
@@ -122,27 +148,32 @@ class ExpertParallelGroup:
         if rebalance_interval_s is not None and self.world_size > 1:  # experts.rebalanceIntervalSeconds
             threading.Thread(target=self._rebalance_on_schedule, args=(rebalance_interval_s,), daemon=True,
                              name="r1serve-ep-rebalance").start()
+        if grow_back_interval_s is not None and self.world_size > 1 and failover.degrades:
+            threading.Thread(target=self._grow_back_on_schedule, args=(grow_back_interval_s,), daemon=True,
+                             name="r1serve-ep-regrow").start()
 
     @classmethod
     def in_processes(cls, checkpoint: str, world_size: int, *, engine: EngineConfig = EngineConfig(),
                      dtype: str = "float32", device: str = "cpu", redundant: int = 0, timeout_s: float = 30.0,
                      start_timeout_s: float = 300.0, rebalance_interval_s: float | None = None,
                      options: dict[str, Any] | None = None, failover: Failover = Failover(),
-                     expert_load: dict[int, list[float]] | None = None) -> ExpertParallelGroup:
+                     expert_load: dict[int, list[float]] | None = None,
+                     grow_back_interval_s: float | None = 30.0) -> ExpertParallelGroup:
         """A group of local processes (one machine, no Ray): tests, benchmarks, the offline CLI. `expert_load`:
         kept load to start from (see RankSpec)."""
         return cls(ProcessTransport(rank_specs(checkpoint, world_size, engine=engine, dtype=dtype, device=device,
                                                redundant=redundant, timeout_s=timeout_s, options=options,
                                                failover=failover, expert_load=expert_load)),
                    start_timeout_s=start_timeout_s, rebalance_interval_s=rebalance_interval_s, failover=failover,
-                   collective_timeout_s=timeout_s)
+                   collective_timeout_s=timeout_s, grow_back_interval_s=grow_back_interval_s)
 
     @classmethod
     def on_ray(cls, checkpoint: str, bundles: list[dict[str, float]], *, engine: EngineConfig, dtype: str,
                device: str, redundant: int, placement_group=None, timeout_s: float = 60.0,
                direct: DirectLatents | GlooLatents | None = None,
                rebalance_interval_s: float | None = None, failover: Failover = Failover(),
-               expert_load: dict[int, list[float]] | None = None) -> ExpertParallelGroup:
+               expert_load: dict[int, list[float]] | None = None,
+               grow_back_interval_s: float | None = 30.0) -> ExpertParallelGroup:
         """One rank per bundle, as Ray actors in bundles 1..N of `placement_group` (a Serve replica's own,
         whose bundle 0 is the replica); without one the ranks are scheduled freely. With `direct`, hand-offs
         move rank to rank."""
@@ -152,7 +183,8 @@ class ExpertParallelGroup:
                            expert_load=expert_load)
         log.info("starting %d %s ranks at %s", len(bundles), engine.role, address)
         return cls(RayTransport(specs, bundles, placement_group=placement_group, direct=direct),
-                   rebalance_interval_s=rebalance_interval_s, failover=failover, collective_timeout_s=timeout_s)
+                   rebalance_interval_s=rebalance_interval_s, failover=failover, collective_timeout_s=timeout_s,
+                   grow_back_interval_s=grow_back_interval_s)
 
     # -- EngineClient ------------------------------------------------------------------------------
 
@@ -193,7 +225,7 @@ class ExpertParallelGroup:
         first = per_rank[0]
         combined = {f: (any if isinstance(getattr(first, f), bool) else sum)(getattr(s, f) for s in per_rank)
                     for f in first.__dataclass_fields__ if f != "role"}
-        combined.update(ranks=self.world_size, ranks_alive=len(self.members))
+        combined.update(ranks=self.world_size, ranks_alive=len(self._serving_ranks()))
         return replace(first, **combined)
 
     def describe(self) -> dict[str, str]:
@@ -325,9 +357,11 @@ class ExpertParallelGroup:
         return [ready[r] for r in range(self.world_size)]
 
     def _serving_ranks(self) -> list[int]:
-        """Members not known to be lost (while a group forms, the dead ones it knows of are left out)."""
-        reform = self._reform
-        return [r for r in self.members if reform is None or r not in reform.dead]
+        """Members not known to be lost (while a group forms, the dead ones it knows of are left out), nor still
+        joining as the group grows back."""
+        reform, grow = self._reform, self._grow
+        return [r for r in self.members
+                if (reform is None or r not in reform.dead) and (grow is None or r not in grow.joiners)]
 
     def _least_loaded(self, size: int) -> int:
         load = dict.fromkeys(self._serving_ranks(), 0)  # tokens the rank's open requests may occupy
@@ -415,11 +449,27 @@ class ExpertParallelGroup:
             self._rank_broken(*message[1:])
         elif kind == "reformed":
             self._rank_reformed(*message[1:])
+        elif kind == "grow-failed":  # a survivor could not read the experts it would hold: stay as we are
+            grow = self._grow
+            if grow is not None and grow.generation == message[2] and grow.sent:
+                self._abandon_grow(grow, dict.fromkeys(grow.joiners, message[3]))
+        elif kind == "ready":  # a respawned rank built its model and waits to join
+            grow = self._grow
+            if grow is not None and message[1] in grow.joiners:
+                grow.ready[message[1]] = message[2]
+                grow.woken.set()
         elif kind == "dead":
             if message[1] in self.members:
                 self._rank_lost({message[1]: message[2]})
         elif kind == "failed":
-            if message[1] in self.members:  # not a rank the group already went on without
+            grow = self._grow
+            if grow is not None and message[1] in grow.joiners:  # a respawned rank: the group goes on without it
+                grow.failed = message[2]
+                grow.woken.set()
+                if message[1] in self.members:
+                    self._transport.kill_rank(message[1])
+                    self._rank_lost({message[1]: message[2]})
+            elif message[1] in self.members:  # not a rank the group already went on without
                 self._fail(message[2])
 
     def _moved_from(self, rank: int, request_id: str) -> bool:
@@ -441,6 +491,14 @@ class ExpertParallelGroup:
     def _rank_lost(self, dead: dict[int, str]) -> None:
         if self.error is not None or self._stopping:
             return
+        grow = self._grow
+        if grow is not None and grow.sent:
+            joiners = {r: why for r, why in dead.items() if r in grow.joiners and r not in grow.formed}
+            if joiners:
+                self._abandon_grow(grow, joiners)
+                dead = {r: why for r, why in dead.items() if r not in joiners}
+                if not dead:
+                    return
         if not self.failover.degrades or len(self.members) < 2:
             self._fail(next(iter(dead.values())))
             return
@@ -475,7 +533,8 @@ class ExpertParallelGroup:
             # Every survivor reports once its collective fails: at once for a peer that died, within the
             # collective timeout for one that stopped answering.
             self._reform = Reform(started=now if self._reform is None else self._reform.started,
-                                  deadline=now + self._collective_timeout_s + 10.0)
+                                  deadline=now + self._collective_timeout_s + 10.0, dead=dict(self._lost_joiners))
+            self._lost_joiners = {}
         return self._reform
 
     def _advance_reform(self) -> None:
@@ -504,8 +563,11 @@ class ExpertParallelGroup:
             self._fail(f"the surviving ranks served in different groups ({reform.generations}): a rank was lost "
                        "while the group formed")
             return
-        self._generation += 1
-        reform.generation, reform.members, reform.sent = self._generation, survivors, time.monotonic()
+        with self._lock:  # the grow-back thread numbers groups too
+            self._generation += 1
+            generation = self._generation
+        self._grow = None  # a grow under way, if any, is over: this group forms without its lost ranks
+        reform.generation, reform.members, reform.sent = generation, survivors, time.monotonic()
         reform.deadline = time.monotonic() + self._start_timeout_s
         address = reform.broken[survivors[0]]
         log.warning("expert-parallel group forms again with ranks %s of %d (lost: %s)", list(survivors),
@@ -531,6 +593,20 @@ class ExpertParallelGroup:
                      len(tracked.token_ids))
 
     def _rank_reformed(self, rank: int, generation: int, loaded: int) -> None:
+        grow = self._grow
+        if grow is not None and grow.generation == generation:
+            grow.formed[rank] = loaded
+            if set(grow.formed) == set(grow.members):
+                now = time.monotonic()
+                record = {"generation": generation, "ranks": list(grow.members), "joined": list(grow.joiners),
+                          "seconds": now - grow.started, "starting_seconds": grow.sent - grow.started,
+                          "switching_seconds": now - grow.sent, "experts_loaded": sum(grow.formed.values()),
+                          "sent_at": grow.sent, "served_at": now}
+                self.regrowths.append(record)
+                self._grow = None
+                log.warning("expert-parallel group grew back to %d ranks in %.2fs (%.2fs to switch)",
+                            len(grow.members), record["seconds"], record["switching_seconds"])
+            return
         reform = self._reform
         if reform is None or reform.generation != generation:
             return
@@ -546,8 +622,89 @@ class ExpertParallelGroup:
                       "served_at": now}
             self.reforms.append(record)
             self._reform = None
+            if self._grow_back_interval_s is not None:
+                self._regrow_not_before = max(self._regrow_not_before, now + self._grow_back_interval_s)
             log.warning("expert-parallel group serves again with %d of %d ranks after %.2fs",
                         len(reform.members), self.world_size, record["seconds"])
+
+    # -- growing back ------------------------------------------------------------------------------
+
+    def _grow_back_on_schedule(self, every_s: float) -> None:
+        """From one interval after a loss on, every `every_s`: start the lost ranks again where they were."""
+        while not self._stopping and self.error is None:
+            time.sleep(min(every_s, 1.0))
+            lost = [r for r in range(self.world_size) if r not in self.members]
+            if (not lost or self._reform is not None or self._grow is not None or self._stopping or self.error
+                    or time.monotonic() < self._regrow_not_before):
+                continue
+            try:
+                self._grow_back(lost)
+            except Exception as exc:  # noqa: BLE001 - the group serves on degraded and tries again later
+                log.warning("the expert-parallel group could not grow back ranks %s yet: %s", lost, exc)
+                self._regrow_not_before = max(self._regrow_not_before, time.monotonic() + every_s)
+
+    def _grow_back(self, lost: list[int]) -> None:
+        """Start the lost ranks again in their places, each with its part of a placement balanced over the full
+        group; once all have built their models, tell the survivors to switch. Raises (and stops the respawned
+        ranks) when a place cannot be scheduled, a respawned rank fails, or the group lost a rank meanwhile."""
+        started = time.monotonic()
+        self._lost_joiners = {}
+        address = self._transport.address_for(lost[0], min(self._start_timeout_s, 60.0))  # it leads
+        base = self._transport.specs[0]
+        placements = {layer: regrown_placement(load, self.world_size, base.redundant).physical_to_logical
+                      for layer, load in self.expert_load().items()}
+        members = tuple(lost) + tuple(self.members)
+        with self._lock:
+            self._generation += 1
+            grow = self._grow = Grow(started, self._generation, tuple(lost), members)
+        try:
+            for position, rank in enumerate(lost):
+                spec = self._transport.specs[rank]
+                self._transport.respawn(rank, replace(
+                    spec, group=replace(spec.group, world_size=len(members), rank=position, init_method=address),
+                    members=members, joins=grow.generation, placements=placements))
+            deadline = time.monotonic() + self._start_timeout_s
+            while set(grow.ready) != set(lost):
+                dead = [why for r, why in self._transport.dead_ranks().items() if r in lost]
+                problem = grow.failed or (dead and dead[0]) or (self._grow is not grow and "the group lost a rank")
+                if problem or time.monotonic() > deadline:
+                    raise GroupFailedError(problem or f"ranks {lost} did not start within {self._start_timeout_s:.0f}s")
+                grow.woken.wait(0.5)
+                grow.woken.clear()
+            with self._lock:
+                if self._grow is not grow or self._reform is not None or self.error or self._stopping:
+                    raise GroupFailedError("the group lost a rank or stopped while ranks were respawned")
+                epoch = self._last_epoch
+                self.members = list(members)
+                grow.sent = time.monotonic()
+        except BaseException:
+            if self._grow is grow:
+                self._grow = None
+            for rank in lost:
+                self._transport.kill_rank(rank)
+            raise
+        self._end_rebalances()  # growing places the experts; a rebalance under way is dropped
+        log.warning("expert-parallel group grows back to %d ranks: %s respawned", len(members), lost)
+        for rank in members[len(lost):]:
+            self._transport.send(rank, ("grow", grow.generation, members, address, epoch, placements))
+
+    def _abandon_grow(self, grow: Grow, lost: dict[int, str]) -> None:
+        """A respawned rank was lost before it joined: the survivors are told to stay in their group. Those
+        that switched already (all at one boundary, or none) cannot join and report broken; the group they
+        form again is without the respawned ranks."""
+        log.warning("expert-parallel group does not grow back: %s", "; ".join(lost.values()))
+        survivors = grow.members[len(grow.joiners):]
+        with self._lock:
+            self.members = list(survivors)
+            self._grow = None
+            self._lost_joiners = {r: f"rank {r} was lost while it joined" for r in grow.joiners}
+            # Survivors that had switched report broken within their collective timeout: no new try before.
+            self._regrow_not_before = max(self._regrow_not_before,
+                                          time.monotonic() + self._collective_timeout_s + 10.0)
+        for rank in grow.joiners:
+            self._transport.kill_rank(rank)
+        for rank in survivors:
+            self._transport.send(rank, ("grow-cancel", grow.generation))
 
     def _fail(self, error: str) -> None:
         """The group can serve nothing more: end every open request with an error now, and stop the ranks."""

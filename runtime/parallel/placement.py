@@ -166,3 +166,11 @@ def survivor_placement(placement: ExpertPlacement, alive: Sequence[int], loads: 
         place(e)
         heapq.heappush(heap, (-float(loads[e]) / copies[e], e))
     return ExpertPlacement(placement.num_experts, len(alive), tuple(e for items in rank_items for e in items))
+
+
+def regrown_placement(loads: Sequence[float], world_size: int, redundant: int = 0) -> ExpertPlacement:
+    """The placement of a group grown back to its full size: balanced from the load seen (every expert loads
+    again from where it is cheapest to hold), or uniform before any load was seen."""
+    if any(loads):
+        return balanced_placement(loads, world_size, redundant)
+    return uniform_placement(len(loads), world_size, redundant)

@@ -43,6 +43,7 @@ class PendingPlacement:
 
     def __init__(self, epoch: int, placements: dict[int, ExpertPlacement], load):
         self.epoch, self.placements = epoch, placements
+        self.what = getattr(self, "what", f"rebalance {epoch}")
         self.staged: dict | None = None
         self.error: BaseException | None = None
         self.started = time.monotonic()
@@ -58,8 +59,19 @@ class PendingPlacement:
     @property
     def loaded(self) -> bool:
         if self.error is not None:
-            raise RuntimeError(f"loading experts for rebalance {self.epoch} failed: {self.error}") from self.error
+            raise RuntimeError(f"loading experts for {self.what} failed: {self.error}") from self.error
         return self.staged is not None
+
+
+class PendingGrow(PendingPlacement):
+    """The group growing back: respawned ranks wait at `address` for the survivors, who read the experts they
+    will hold and do not hold yet on a thread while they keep stepping, then all switch at one step boundary."""
+
+    def __init__(self, generation: int, members: tuple[int, ...], address: str, epoch: int,
+                 placements: dict[int, ExpertPlacement], load):
+        self.generation, self.members, self.address, self.after_epoch = generation, members, address, epoch
+        self.what = f"growing back into group {generation}"
+        super().__init__(generation, placements, load)
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,17 @@ class RankSpec:
     # MoE layer -> load per expert that earlier replicas saw (r1serve.spec.expert_load): the group starts from
     # the placement it implies instead of the uniform one.
     expert_load: dict[int, list[float]] | None = None
+    # A rank that joins a running group (it grows back after a loss): the group's members, as first-group
+    # numbers in group order, the generation it joins and every layer's placement (physical_to_logical). It
+    # builds its model first and joins once the survivors are told to switch.
+    members: tuple[int, ...] | None = None
+    joins: int = 0
+    placements: dict[int, tuple[int, ...]] | None = None
+
+    @property
+    def first_rank(self) -> int:
+        """The number the rank keeps through every group: its rank in the group first formed."""
+        return self.members[self.group.rank] if self.members else self.group.rank
 
 
 class Parking(Protocol):
@@ -97,23 +120,27 @@ class RankWorker:
     *args), or ("failed", rank, text). A rank
     that may survive a lost peer (Failover.degrades) reports a broken collective as ("broken", rank, generation,
     text, address) and waits for ("reform", generation, members, address, epoch): `members` are the surviving
-    ranks' first-group numbers, in their new order, which is how they keep naming themselves.
+    ranks' first-group numbers, in their new order, which is how they keep naming themselves. When respawned
+    ranks are ready to join, ("grow", generation, members, address, epoch, placements) tells the survivors the
+    larger group they switch to together.
     """
 
     def __init__(self, spec: RankSpec, parking: Parking | None = None):
         self.spec = spec
         # Rank to rank: a prefill rank keeps each hand-off's latents on its device and hands on a reference.
         self._parking = parking if spec.engine.role == "prefill" else None
-        self.rank = spec.group.rank
-        self.members = tuple(range(spec.group.world_size))  # first-group numbers of the group's ranks, in order
-        self.generation = 0  # how many times the group was formed again without a lost rank
-        join_group(spec.group, spec.device)
+        self.rank = spec.first_rank
+        # First-group numbers of the group's ranks, in order.
+        self.members = spec.members or tuple(range(spec.group.world_size))
+        self.generation = spec.joins  # how many times the group was formed again (without a lost rank, or grown)
+        if not spec.joins:
+            join_group(spec.group, spec.device)
         config_dir = Path(spec.checkpoint)
         from r1serve.runtime.model.config import ModelConfig
 
         config = ModelConfig.from_file(config_dir)
         # A group of one rank (a GPU pool with expertParallel 1) holds every expert itself: no dispatch.
-        self.layout = ExpertParallelLayout(config, self.rank, self.world_size, spec.redundant,
+        self.layout = ExpertParallelLayout(config, spec.group.rank, self.world_size, spec.redundant,
                                            self._kept_placements(config)) if self.world_size > 1 else None
         self.model = DeepseekV3ForCausalLM.from_checkpoint(
             config_dir, getattr(torch, spec.dtype), spec.device, experts=self.layout, progress=False
@@ -130,6 +157,7 @@ class RankWorker:
         self._rebalance_wanted = 0  # the newest rebalance epoch asked of this rank
         self._rebalance_done = 0  # the newest epoch the ranks agreed on and planned
         self._pending: PendingPlacement | None = None
+        self._grow: PendingGrow | None = None
         self._load_window: dict[int, torch.Tensor] = {}
         self._stop = False
 
@@ -138,10 +166,14 @@ class RankWorker:
         return len(self.members)
 
     def _kept_placements(self, config) -> dict[int, ExpertPlacement]:
-        """The balanced placement of each layer that has kept load (the same on every rank: a pure function)."""
+        """The balanced placement of each layer that has kept load (the same on every rank: a pure function),
+        or the placements a joining rank was given."""
         kept = self.spec.expert_load or {}
-        return {layer: balanced_placement(load, self.world_size, self.spec.redundant)
-                for layer, load in kept.items() if layer in config.moe_layers and any(load)}
+        placements = {layer: balanced_placement(load, self.world_size, self.spec.redundant)
+                      for layer, load in kept.items() if layer in config.moe_layers and any(load)}
+        for layer, physical in (self.spec.placements or {}).items():
+            placements[layer] = ExpertPlacement(config.n_routed_experts, self.world_size, tuple(physical))
+        return placements
 
     def expert_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for m in self.model.moe_layers() for p in m.experts.parameters())
@@ -151,8 +183,15 @@ class RankWorker:
         it may survive the loss: then it leaves the broken group at once (so peers waiting on it fail fast too),
         reports itself broken and serves on in the group the survivors form, keeping its requests."""
         try:
+            if self.spec.joins:  # respawned: the survivors come to meet it once told to grow
+                join_group(self.spec.group, self.spec.device)
+                self.layout.reform(self.spec.group.rank, self.world_size, self.layout.placements)
+                barrier = f"r1serve/formed/{self.spec.joins}"
+                outbox.put(("reformed", self.rank, self.spec.joins, 0))
+            else:
+                barrier = "r1serve/started"
             # Ranks load the model at their own pace: all meet before the first collective, which would time out.
-            store_barrier("r1serve/started", self.world_size, self.spec.group.meet_timeout_s)
+            store_barrier(barrier, self.world_size, self.spec.group.meet_timeout_s)
             while True:
                 try:
                     self._serve(inbox, outbox, idle_wait_s)
@@ -181,10 +220,15 @@ class RankWorker:
             self._apply_commands(inbox, outbox, block=not busy, wait_s=idle_wait_s)
             self._bound_admission()
             loading = int(self._pending is not None and not self._pending.loaded)
-            flags = torch.tensor([int(self.engine.has_work), self._rebalance_wanted, int(self._stop), loading])
+            grown = self._grow_loaded(outbox)
+            flags = torch.tensor([int(self.engine.has_work), self._rebalance_wanted, int(self._stop), loading,
+                                  -grown])
             _all_reduce(flags, self.spec.device, dist.ReduceOp.MAX)
             if flags[2]:
                 return
+            if grown and -int(flags[4]) == grown:
+                self._switch_to_grown(outbox)  # in the larger group, the next iteration agrees afresh
+                continue
             if self._pending is not None and not flags[3]:
                 self._switch(outbox)  # every rank has its incoming experts: all switch at this boundary
             if self._pending is None and int(flags[1]) > self._rebalance_done:
@@ -255,13 +299,63 @@ class RankWorker:
         # first collective, which would otherwise time out waiting for the slowest.
         store_barrier(f"r1serve/formed/{generation}", len(members), self.spec.group.meet_timeout_s)
         self.members, self.generation = tuple(members), generation
-        self._pending = None
+        self._pending = self._grow = None
         self._rebalance_done = epoch
         self._rebalance_wanted = max(self._rebalance_wanted, epoch)  # one asked meanwhile still runs
         seconds = time.monotonic() - started
         log.info("rank %d: group %d formed with ranks %s as rank %d of %d in %.2fs (%d experts loaded)",
                  self.rank, generation, list(members), rank, len(members), seconds, loaded)
         outbox.put(("reformed", self.rank, generation, loaded))
+
+    def _plan_grow(self, generation: int, members: tuple[int, ...], address: str, epoch: int,
+                   placements: dict[int, tuple[int, ...]]) -> None:
+        """Respawned ranks wait to join: read the experts this rank will hold and does not hold now, on a thread
+        (what it holds is copied from its own slots at the switch, whatever a rebalance moved meanwhile)."""
+        num_experts = self.model.config.n_routed_experts
+        grown = {layer: ExpertPlacement(num_experts, len(members), tuple(physical))
+                 for layer, physical in placements.items()}
+        rank = members.index(self.rank)
+        wanted = {(layer, expert) for layer, placement in grown.items() for expert in placement.rank_experts(rank)
+                  if expert not in self.layout.placements[layer].rank_experts(self.layout.rank)}
+        self._grow = PendingGrow(generation, tuple(members), address, epoch, grown,
+                                 lambda: self.model.read_experts(self.spec.checkpoint, wanted))
+
+    def _grow_loaded(self, outbox) -> int:
+        """The grow this rank has read its experts for (0: none). Its vote in the step's all-reduce, as a
+        negative: a MAX of negatives is minus the MIN, so all switch only once every rank has read its own.
+        One that cannot read them drops the grow (it never votes for it, so none switches) and says so."""
+        if self._grow is None:
+            return 0
+        try:
+            return self._grow.generation if self._grow.loaded else 0
+        except RuntimeError as exc:
+            log.warning("rank %d: %s", self.rank, exc)
+            outbox.put(("grow-failed", self.rank, self._grow.generation, f"rank {self.rank}: {exc}"))
+            self._grow = None
+            return 0
+
+    def _switch_to_grown(self, outbox) -> None:
+        """At the boundary every rank agreed on: leave this group for the larger one, where the respawned ranks
+        wait; hold the grown placement's experts (those staged, those held, the rest read now). A join that
+        fails (a respawned rank died meanwhile) breaks this rank as a lost peer would."""
+        grow, self._grow = self._grow, None
+        started = time.monotonic()
+        rank = grow.members.index(self.rank)
+        leave_group()
+        join_group(replace(self.spec.group, world_size=len(grow.members), rank=rank, init_method=grow.address,
+                           meet_timeout_s=self.spec.group.timeout_s), self.spec.device)
+        loaded = self.model.regrow_experts(self.spec.checkpoint,
+                                           {layer: p.rank_experts(rank) for layer, p in grow.placements.items()},
+                                           staged=grow.staged)
+        self.layout.reform(rank, len(grow.members), grow.placements)
+        store_barrier(f"r1serve/formed/{grow.generation}", len(grow.members), self.spec.group.meet_timeout_s)
+        self.members, self.generation = grow.members, grow.generation
+        self._pending = None  # a rebalance under way is dropped: every rank switched here
+        self._rebalance_done = max(self._rebalance_done, grow.after_epoch)
+        self._rebalance_wanted = max(self._rebalance_wanted, grow.after_epoch)
+        log.info("rank %d: grew back into group %d with ranks %s as rank %d of %d in %.2fs", self.rank,
+                 grow.generation, list(grow.members), rank, len(grow.members), time.monotonic() - started)
+        outbox.put(("reformed", self.rank, grow.generation, loaded + len(grow.staged)))
 
     def _bound_admission(self) -> None:
         """Beyond the bound of unread hand-off latents, new prompts wait for decode ranks to read them."""
@@ -297,6 +391,11 @@ class RankWorker:
                 outbox.put(("reply", self.rank, self._answer(command[2:]), command[1]))
             elif kind == "rebalance":
                 self._rebalance_wanted = max(self._rebalance_wanted, command[1])
+            elif kind == "grow":
+                self._plan_grow(*command[1:])
+            elif kind == "grow-cancel":  # consistent: a switch needs every rank's vote at one boundary
+                if self._grow is not None and self._grow.generation == command[1]:
+                    self._grow = None
             elif kind == "stop":
                 self._stop = True
         except RequestError as exc:
@@ -380,8 +479,8 @@ def rank_main(spec: RankSpec, inbox, outbox, parking: Parking | None = None) -> 
     try:
         worker = RankWorker(spec, parking)
     except Exception:  # noqa: BLE001
-        outbox.put(("failed", spec.group.rank, traceback.format_exc(limit=3)))
+        outbox.put(("failed", spec.first_rank, traceback.format_exc(limit=3)))
         leave_group()
         return
-    outbox.put(("ready", spec.group.rank, worker.expert_bytes()))
+    outbox.put(("ready", worker.rank, worker.expert_bytes()))
     worker.run(inbox, outbox)

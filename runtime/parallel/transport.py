@@ -16,11 +16,13 @@ import torch.multiprocessing as tmp
 from r1serve.runtime.engine.outputs import KVHandoff, KVTransferError, RemoteLatents
 
 from .kv_pairs import PairLinks, ParkedLatents
+from .layout import free_tcp_address
 from .rank import RankSpec, rank_main
 
 
 class RankTransport(Protocol):
     world_size: int
+    specs: list[RankSpec]
 
     def send(self, rank: int, command: tuple) -> None: ...
 
@@ -34,6 +36,15 @@ class RankTransport(Protocol):
 
     def kill_rank(self, rank: int) -> None:
         """End one rank (alive but not answering), so the others can go on without it."""
+        ...
+
+    def address_for(self, rank: int, timeout_s: float) -> str:
+        """A free address where `rank`, respawned, can lead a group; raises when its place (a placement-group
+        bundle) cannot be scheduled within `timeout_s`."""
+        ...
+
+    def respawn(self, rank: int, spec: RankSpec) -> None:
+        """Start `rank` again, in the place the lost one had, from `spec` (it joins a running group)."""
         ...
 
     def stop(self, timeout_s: float) -> None: ...
@@ -63,21 +74,30 @@ class ProcessTransport:
     carries tensors through shared memory."""
 
     def __init__(self, specs: Sequence[RankSpec]):
-        ctx = tmp.get_context("spawn")
+        self._ctx = tmp.get_context("spawn")
         self.world_size = len(specs)
-        self._inboxes = [ctx.Queue() for _ in specs]
-        pipes = [ctx.Pipe(duplex=False) for _ in specs]
-        self._readers = {reader: rank for rank, (reader, _) in enumerate(pipes)}
+        self.specs = list(specs)  # as the ranks first started
+        self._readers_lock = threading.Lock()  # the relay reads while a respawn adds a pipe
+        self._readers: dict = {}
         self._received: deque[tuple] = deque()
-        self.procs = [
-            ctx.Process(target=_process_rank_main, args=(spec, inbox, writer), daemon=True,
-                        name=f"r1serve-ep-rank{spec.group.rank}")
-            for spec, inbox, (_, writer) in zip(specs, self._inboxes, pipes)
-        ]
-        for proc in self.procs:
-            proc.start()
-        for _, writer in pipes:
-            writer.close()  # the ranks hold them: a pipe reads as closed once its rank is gone
+        self._inboxes: list = [None] * self.world_size
+        self.procs: list = [None] * self.world_size
+        for spec in specs:
+            self.respawn(spec.group.rank, spec)
+
+    def respawn(self, rank: int, spec: RankSpec) -> None:
+        inbox = self._ctx.Queue()
+        reader, writer = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(target=_process_rank_main, args=(spec, inbox, writer), daemon=True,
+                                 name=f"r1serve-ep-rank{rank}")
+        proc.start()
+        writer.close()  # the rank holds it: the pipe reads as closed once its rank is gone
+        self._inboxes[rank], self.procs[rank] = inbox, proc
+        with self._readers_lock:
+            self._readers[reader] = rank
+
+    def address_for(self, rank: int, timeout_s: float) -> str:
+        return free_tcp_address()
 
     def send(self, rank: int, command: tuple) -> None:
         self._inboxes[rank].put(command)
@@ -85,13 +105,16 @@ class ProcessTransport:
     def receive(self, timeout_s: float) -> tuple | None:
         from multiprocessing.connection import wait
 
-        if not self._received and self._readers:
-            for reader in wait(list(self._readers), timeout_s):
+        with self._readers_lock:
+            readers = list(self._readers)
+        if not self._received and readers:
+            for reader in wait(readers, timeout_s):
                 try:
                     while reader.poll():
                         self._received.append(reader.recv())
                 except Exception:  # noqa: BLE001 - its rank is gone, maybe mid-write (dead_ranks says why)
-                    rank = self._readers.pop(reader, None)
+                    with self._readers_lock:
+                        rank = self._readers.pop(reader, None)
                     if rank is not None and self.procs[rank].is_alive():  # unreadable but alive: made dead
                         self.kill_rank(rank)
         elif not self._received:
@@ -399,28 +422,47 @@ class RayTransport:
                  relay: str = "direct"):
         import ray
         from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if relay not in self.RELAYS:
             raise ValueError(f"relay: must be one of {', '.join(self.RELAYS)} (got {relay!r})")
         self.world_size, self.relay = len(specs), relay
+        self.specs = list(specs)  # as the ranks first started
         self._outbox = Queue(actor_options={"num_cpus": 0}) if relay == "queue" else None
         self._pending: dict = {}  # open `take` call -> rank
         self._killed = False
         self._received: deque[tuple] = deque()
-        actor = ray.remote(enable_tensor_transport=isinstance(direct, DirectLatents),
-                           concurrency_groups={TAKE_GROUP: 1, KV_GROUP: 4})(_RankActor)
-        self.actors = []
-        for spec, bundle in zip(specs, bundles):
-            resources = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
-            strategy = None
-            if placement_group is not None:
-                strategy = PlacementGroupSchedulingStrategy(placement_group, first_bundle + spec.group.rank)
-            self.actors.append(actor.options(
-                num_cpus=bundle.get("CPU", 1), num_gpus=bundle.get("GPU", 0), resources=resources,
-                scheduling_strategy=strategy, name=None, max_restarts=0,
-            ).remote(spec, self._outbox, direct))
+        self._actor_class = ray.remote(enable_tensor_transport=isinstance(direct, DirectLatents),
+                                       concurrency_groups={TAKE_GROUP: 1, KV_GROUP: 4})(_RankActor)
+        self._bundles, self._placement_group, self._first_bundle = list(bundles), placement_group, first_bundle
+        self._direct = direct
         self._gone: dict[int, str] = {}  # rank -> why it is known to be gone
+        self._respawned: deque[int] = deque()  # ranks whose outputs the relay starts collecting
+        self.actors: list = [None] * self.world_size
+        for spec in specs:
+            self.actors[spec.group.rank] = self._start(spec.group.rank, spec)
+
+    def _start(self, rank: int, spec: RankSpec):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = self._bundles[rank]
+        resources = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+        strategy = None
+        if self._placement_group is not None:
+            strategy = PlacementGroupSchedulingStrategy(self._placement_group, self._first_bundle + rank)
+        return self._actor_class.options(
+            num_cpus=bundle.get("CPU", 1), num_gpus=bundle.get("GPU", 0), resources=resources,
+            scheduling_strategy=strategy, name=None, max_restarts=0,
+        ).remote(spec, self._outbox, self._direct)
+
+    def address_for(self, rank: int, timeout_s: float) -> str:
+        # A probe in the lost rank's bundle: it answers once Ray can schedule that bundle again (a node that
+        # died is replaced first), with an address on the node the respawned rank will run on.
+        return rank0_address(self._placement_group, timeout_s, self._first_bundle + rank)
+
+    def respawn(self, rank: int, spec: RankSpec) -> None:
+        self.actors[rank] = self._start(rank, spec)
+        self._gone.pop(rank, None)
+        self._respawned.append(rank)
 
     def send(self, rank: int, command: tuple) -> None:
         self.actors[rank].put.remote(command)
@@ -444,9 +486,12 @@ class RayTransport:
         import ray
 
         if not self._pending and not self._killed:
+            self._respawned.clear()
             for rank in range(self.world_size):
                 if rank not in self._gone:
                     self._ask(rank)
+        while self._respawned and not self._killed:
+            self._ask(self._respawned.popleft())
         if not self._pending:  # every rank died, or the group is being torn down
             time.sleep(timeout_s)
             return

@@ -1,7 +1,8 @@
 """An expert-parallel group that loses a rank keeps serving (gloo on CPU, short collective timeouts): the
 survivors form a group without it, take over its experts, and continue its requests from the tokens already
 streamed, so every output equals the reference; a loss that no placement can absorb fails every request
-clearly and soon."""
+clearly and soon; the lost rank is started again and the group grows back to its full size, also when the
+respawned rank is lost on its way in."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def test_a_rank_killed_mid_stream_loses_no_request_and_the_group_keeps_serving(t
     expected = _reference(tiny_checkpoint)
     group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 4, engine=ENGINE, redundant=redundant,
                                              timeout_s=COLLECTIVE_TIMEOUT_S,
-                                             failover=Failover(headroom_slots=headroom))
+                                             failover=Failover(headroom_slots=headroom), grow_back_interval_s=None)
     try:
         results = asyncio.run(asyncio.wait_for(_generate_killing(group, victim), 120))
         for request_id, (tokens, outs) in results.items():
@@ -95,7 +96,7 @@ def test_a_rank_killed_mid_stream_loses_no_request_and_the_group_keeps_serving(t
 
 def test_a_second_loss_that_no_placement_fits_fails_every_request_clearly_and_soon(tiny_checkpoint):
     group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 4, engine=ENGINE, timeout_s=COLLECTIVE_TIMEOUT_S,
-                                             failover=Failover(headroom_slots=2))
+                                             failover=Failover(headroom_slots=2), grow_back_interval_s=None)
     try:
         asyncio.run(asyncio.wait_for(_generate_killing(group, victim=3), 120))
         assert group.healthy and len(group.reforms) == 1  # the first loss took both headroom slots
@@ -116,3 +117,74 @@ def test_a_second_loss_that_no_placement_fits_fails_every_request_clearly_and_so
 
 async def _collect(group, request_id, prompt) -> list[int]:
     return [t async for out in group.generate(request_id, prompt, GREEDY) for t in out.token_ids]
+
+
+def _wait_until(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return result
+
+
+async def _generate_all(group, prefix: str) -> dict[str, list[int]]:
+    async def one(request_id, prompt):
+        return request_id, [t async for out in group.generate(prefix + request_id, prompt, _params(request_id))
+                            for t in out.token_ids]
+
+    return dict(await asyncio.gather(*(one(rid, prompt) for rid, prompt in PROMPTS.items())))
+
+
+def _assert_grown_back(group, expected, respawned: int, slots: int) -> None:
+    assert group.healthy and sorted(group.members) == [0, 1, 2, 3]
+    stats = group.stats()
+    assert (stats.ranks, stats.ranks_alive) == (4, 4)
+    # Back to the slots it started with, every expert placed, the same view on every rank.
+    [placement] = {tuple(p[1]) for p in group.placements()}
+    assert len(placement) == slots and set(placement) == set(range(16))
+    # The respawned rank holds experts every forward reaches, and takes requests of its own.
+    assert asyncio.run(asyncio.wait_for(_generate_all(group, "after-"), 60)) == expected
+    assert group.rank_stats()[respawned].finished > 0
+
+
+def test_a_lost_rank_is_started_again_and_the_group_grows_back_to_its_full_size(tiny_checkpoint):
+    expected = _reference(tiny_checkpoint)
+    group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 4, engine=ENGINE, redundant=4,
+                                             timeout_s=COLLECTIVE_TIMEOUT_S, failover=Failover(headroom_slots=2),
+                                             grow_back_interval_s=0.5)
+    try:
+        results = asyncio.run(asyncio.wait_for(_generate_killing(group, victim=2), 120))
+        assert {rid: tokens for rid, (tokens, _) in results.items()} == expected
+        [grew] = _wait_until(lambda: group.regrowths, 120, "the group did not grow back")
+        assert grew["joined"] == [2] and grew["ranks"] == [2, 0, 1, 3]
+        assert grew["generation"] == group.reforms[0]["generation"] + 1
+        _assert_grown_back(group, expected, respawned=2, slots=20)
+    finally:
+        group.shutdown()
+
+
+def test_a_respawned_rank_lost_on_its_way_in_leaves_the_group_serving_until_the_next_try(tiny_checkpoint):
+    """The first respawned rank is killed as the survivors are told to switch: those that switched re-form
+    without it, those that had not stay; either way the group serves on, and grows back at the next try."""
+    expected = _reference(tiny_checkpoint)
+    group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 4, engine=ENGINE,
+                                             timeout_s=COLLECTIVE_TIMEOUT_S, failover=Failover(headroom_slots=2),
+                                             grow_back_interval_s=0.5)
+    transport, send = group._transport, group._transport.send
+    killed = []
+
+    def send_killing_the_first_joiner(rank, command):
+        if command[0] == "grow" and not killed:
+            killed.append(command[2][0])
+            _kill(group, command[2][0])
+        send(rank, command)
+
+    transport.send = send_killing_the_first_joiner
+    try:
+        results = asyncio.run(asyncio.wait_for(_generate_killing(group, victim=1), 120))
+        assert {rid: tokens for rid, (tokens, _) in results.items()} == expected
+        _wait_until(lambda: group.regrowths, 180, "the group did not grow back at the next try")
+        assert killed == [1]
+        _assert_grown_back(group, expected, respawned=1, slots=16)
+    finally:
+        group.shutdown()

@@ -11,6 +11,7 @@ from r1serve.runtime.parallel.placement import (
     PlacementError,
     balanced_placement,
     max_rank_load,
+    regrown_placement,
     survivor_placement,
     uniform_placement,
 )
@@ -92,3 +93,12 @@ def test_a_loss_beyond_the_headroom_fits_no_placement_and_says_which_field_to_ra
         survivor_placement(grown, [0, 1], [1.0] * 16, headroom_slots=2, taken=2)
     with pytest.raises(PlacementError, match="no rank survives"):
         survivor_placement(before, [], [1.0] * 16, headroom_slots=8)
+
+
+def test_a_group_grown_back_holds_the_slots_it_started_with_balanced_by_the_load_seen():
+    loads = [float(e % 5) for e in range(16)]
+    grown = regrown_placement(loads, 4, redundant=4)
+    assert grown == balanced_placement(loads, 4, 4) and grown.slots_per_rank == 5
+    assert grown.replicas(4) and len(grown.replicas(4)) == 2  # the busiest experts get the redundant copies
+    # Before any load was seen there is nothing to balance: the placement a new group starts from.
+    assert regrown_placement([0.0] * 16, 4, redundant=4) == uniform_placement(16, 4, 4)
