@@ -269,6 +269,16 @@ class Experts(SpecModel):
         "continue on the survivors from the tokens already streamed. restart: the replica fails "
         "every request on it with a retryable error and is replaced.",
     )
+    grow_back_interval_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="How often an expert-parallel replica serving without lost ranks "
+        "(onRankFailure: degrade) tries to start them again in their places: their placement-group "
+        "bundles, which Ray schedules again once their node or another one has room. Once the "
+        "respawned ranks have loaded, every rank switches at one step boundary to the full group and "
+        "an expert placement balanced from the load seen; streams go on.",
+    )
     failover_headroom_slots: int = Field(
         0,
         ge=0,

@@ -116,7 +116,7 @@ def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype,
                                       direct=direct_latents(direct, plan.kv_timeout_s) if direct else None,
                                       rebalance_interval_s=plan.rebalance_interval_s,
                                       failover=Failover(plan.on_rank_failure, plan.failover_headroom_slots),
-                                      expert_load=kept)
+                                      expert_load=kept, grow_back_interval_s=plan.grow_back_interval_s)
 
 
 def _mock_engine(plan: PoolPlan, source: EngineSource) -> EngineClient:

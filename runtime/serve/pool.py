@@ -64,6 +64,7 @@ class PoolServer:
         self.metrics = PoolMetrics(self.role)
         self._replica = _replica_name()
         self._offer_load_at = time.monotonic() + OFFER_EVERY_S
+        self._degraded = False  # what the last metrics update saw
         self._busy_at = max(1, plan.engine.max_running // 2)
         self._stream_interval = 0.0
         self._last_handoff = -HANDOFF_GRACE_S
@@ -173,8 +174,10 @@ class PoolServer:
             try:
                 stats = self.engine.stats()
                 self.metrics.update(stats)
-                if stats.ranks_alive < stats.ranks:  # its expert-parallel group went on without a lost rank
+                degraded = stats.ranks_alive < stats.ranks  # its expert-parallel group went on without a lost rank
+                if degraded or self._degraded:  # and once more when it grew back
                     publish_ranks(self.plan.pool, self._replica, stats.ranks_alive, stats.ranks)
+                self._degraded = degraded
                 if time.monotonic() >= self._offer_load_at:
                     self._offer_load_at = time.monotonic() + OFFER_EVERY_S
                     self._offer_expert_load()

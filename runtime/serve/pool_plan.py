@@ -42,6 +42,7 @@ class PoolPlan:
     collective_timeout_s: float = 60.0  # spec.experts.collectiveTimeoutSeconds
     resource: str = ""  # metadata.name: whose kept expert load the replicas read and offer
     failover_headroom_slots: int = 0  # spec.experts.failoverHeadroomSlots
+    grow_back_interval_s: float = 30.0  # spec.experts.growBackIntervalSeconds
 
     @property
     def engine_role(self) -> EngineRole:
@@ -99,5 +100,6 @@ def plan_pools(deployment: R1Deployment, options: Mapping[str, Mapping[str, Any]
             on_rank_failure=deployment.spec.experts.on_rank_failure,
             collective_timeout_s=deployment.spec.experts.collective_timeout_seconds,
             failover_headroom_slots=deployment.spec.experts.failover_headroom_slots,
+            grow_back_interval_s=deployment.spec.experts.grow_back_interval_seconds,
             resource=deployment.metadata.name)
     return plans

@@ -56,9 +56,13 @@ class StatusBoard:
         self.pools.setdefault(pool, {})["engine"] = description
 
     def record_ranks(self, pool: str, replica: str, alive: int, total: int, at: float) -> None:
-        """A replica whose expert-parallel group lost ranks and serves on without them (refreshed while so)."""
-        self.pools.setdefault(pool, {}).setdefault("degraded", {})[replica] = {
-            "replica": replica, "ranksAlive": alive, "ranks": total, "at": at}
+        """A replica whose expert-parallel group lost ranks and serves on without them (refreshed while so), or
+        that grew back to all its ranks (its entry goes)."""
+        degraded = self.pools.setdefault(pool, {}).setdefault("degraded", {})
+        if alive >= total:
+            degraded.pop(replica, None)
+            return
+        degraded[replica] = {"replica": replica, "ranksAlive": alive, "ranks": total, "at": at}
 
     def record_expert_load(self, pool: str, replica: str, load: str, at: float) -> None:
         """The expert load a replica saw (r1serve.spec.expert_load's encoding), for the operator to keep."""

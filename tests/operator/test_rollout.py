@@ -29,6 +29,7 @@ CHANGES = [
     ("`spec.experts.rebalanceIntervalSeconds: 300`", "serve-config"),
     ("`spec.experts.onRankFailure: restart`", "serve-config"),
     ("`spec.experts.collectiveTimeoutSeconds: 20`", "serve-config"),
+    ("`spec.experts.growBackIntervalSeconds: 120`", "serve-config"),
     ("`spec.experts.failoverHeadroomSlots: 2`", "serve-config"),
     ("`spec.prefill.replicas.max: 8`", "scale"),
     ("`spec.prefill.replicas.min: 2`", "scale"),

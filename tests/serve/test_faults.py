@@ -24,6 +24,7 @@ from r1serve.spec import constants as C
 pytestmark = pytest.mark.slow
 REQUESTS = 8
 BOUND_S = 30.0
+GROW_BACK_S = 10.0  # experts.growBackIntervalSeconds where a test waits for a group to grow back
 
 
 def request(tokens: int = 8, text: str = "tell me a story") -> pb.GenerateRequest:
@@ -298,17 +299,19 @@ def test_killed_expert_parallel_rank_fails_its_replica_and_its_streams_resume_on
     assert all(len(r[1]) < tokens for r in results if r[0] == "UNAVAILABLE")
 
 
-def test_killed_expert_parallel_rank_is_left_behind_and_its_replica_serves_every_stream_on(
+def test_killed_expert_parallel_rank_is_left_behind_and_its_replica_serves_every_stream_on_then_grows_back(
         cluster, docs, served_checkpoint, reliability):
     """Real engine, one replica, an EP group of 2 ranks, experts.onRankFailure: degrade with the headroom to hold
     every expert on one rank. SIGKILL one rank mid-stream: the replica is not replaced; the survivor forms a group
     of one, loads the lost experts, and every stream completes with exactly the greedy tokens of an undisturbed
-    run; the replica says it serves with 1 of 2 ranks (stats and `r1serve status`), and takes new requests."""
+    run; the replica says it serves with 1 of 2 ranks (stats and `r1serve status`), and takes new requests. After
+    experts.growBackIntervalSeconds the lost rank starts again in its bundle and the replica serves with both."""
     import httpx
 
     doc = docs.single_pool()
     doc["spec"]["decode"].update(replicas={"min": 1, "max": 1}, expertParallel=2)
-    doc["spec"].setdefault("experts", {}).update(onRankFailure="degrade", failoverHeadroomSlots=8)
+    doc["spec"].setdefault("experts", {}).update(onRankFailure="degrade", failoverHeadroomSlots=8,
+                                                 growBackIntervalSeconds=GROW_BACK_S)
     doc["spec"]["workers"] = {"resources": {"cpu": "1", "memory": "1Gi"}}
     cluster.deploy(doc)
     tokens = 120
@@ -322,20 +325,38 @@ def test_killed_expert_parallel_rank_is_left_behind_and_its_replica_serves_every
     ended_after = time.monotonic() - killed_at
     wrong = [r for r in results if (r[0], r[1]) != ("OK", reference[1])]
     stats = cluster.stats("decode")
-    status = wait_until(lambda: httpx.get(f"{cluster.http_url}{C.SCALING_STATUS_ROUTE}", timeout=30).json()[
-        "pools"]["decode"]["degradedReplicas"], BOUND_S, "the replica to report itself degraded")
-    reliability("fault-ep-rank-left-behind", "fault", what=f"one of the 2 ranks of the decode replica's expert-"
-                f"parallel group SIGKILLed while {REQUESTS} greedy streams of {tokens} tokens ran (real tiny "
-                "model, experts.onRankFailure degrade); then new requests", requests=REQUESTS, failed=len(wrong),
-                failures="none: the survivor went on alone with every expert; all streams completed equal to an "
-                f"undisturbed run, the last {ended_after:.1f} s after the kill, on the same replica" if not wrong
-                else ", ".join(f"{r[0]} after {len(r[1])} tokens" for r in wrong),
-                duration_s=max(r[2] for r in results), recovery_s=ended_after)
+
+    def degraded_replicas():
+        return httpx.get(f"{cluster.http_url}{C.SCALING_STATUS_ROUTE}", timeout=30).json()[
+            "pools"]["decode"]["degradedReplicas"]
+
+    what = (f"one of the 2 ranks of the decode replica's expert-parallel group SIGKILLed while {REQUESTS} greedy "
+            f"streams of {tokens} tokens ran (real tiny model, experts.onRankFailure degrade, "
+            f"growBackIntervalSeconds {GROW_BACK_S:g}); then new requests")
+    if wrong:
+        reliability("fault-ep-rank-left-behind", "fault", what=what, requests=REQUESTS, failed=len(wrong),
+                    failures=", ".join(f"{r[0]} after {len(r[1])} tokens" for r in wrong),
+                    duration_s=max(r[2] for r in results), recovery_s=ended_after)
     assert not wrong, [(r[0], len(r[1]), r[1] == reference[1][:len(r[1])]) for r in wrong]
+    status = wait_until(degraded_replicas, BOUND_S, "the replica to report itself degraded")
     assert _running_decode_replicas() == {replica}  # not replaced
     assert (stats["ranks_alive"], stats["ranks"]) == (1, 2)
     assert status == [{"replica": status[0]["replica"], "ranksAlive": 1, "ranks": 2}]
     assert run(cluster.grpc_target, story)[1] == reference[1]
+    # Growing back: a new rank actor in the lost one's bundle, the same replica serving with both ranks.
+    wait_until(lambda: cluster.stats("decode")["ranks_alive"] == 2, GROW_BACK_S + BOUND_S + 60,
+               "the replica's group to grow back")
+    grown_after = time.monotonic() - killed_at
+    assert _running_decode_replicas() == {replica}
+    ranks = _rank_actors(replica)
+    assert len(ranks) == 2 and victim[1]["ActorID"] not in {r["ActorID"] for r in ranks}
+    assert run(cluster.grpc_target, story)[1] == reference[1]
+    wait_until(lambda: not degraded_replicas(), BOUND_S, "the replica to stop reporting itself degraded")
+    reliability("fault-ep-rank-left-behind", "fault", what=what, requests=REQUESTS, failed=0,
+                failures="none: the survivor went on alone with every expert; all streams completed equal to an "
+                f"undisturbed run, the last {ended_after:.1f} s after the kill, on the same replica, which grew "
+                f"back to 2 ranks {grown_after:.1f} s after the kill", duration_s=max(r[2] for r in results),
+                recovery_s=grown_after)
 
 
 # Hand-offs rank to rank over gloo, real engine, expert parallelism on both sides: the decode replica holds every

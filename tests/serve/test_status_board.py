@@ -72,4 +72,6 @@ def test_status_names_replicas_serving_with_fewer_ranks_until_they_stop_saying_s
     status = pool_status(board.get(), {"decode": 2})
     assert status["pools"]["decode"]["degradedReplicas"] == [{"replica": "r-new", "ranksAlive": 3, "ranks": 4}]
     assert "  degraded: replica r-new serves with 3 of 4 expert-parallel ranks" in format_status(status)
+    board.record_ranks("decode", "r-new", 4, 4, now + 1)  # it grew back
+    assert pool_status(board.get(), {"decode": 2})["pools"]["decode"]["degradedReplicas"] == []
     publish_ranks("decode", "r-new", 3, 4)  # no Ray running: silently skipped

@@ -105,6 +105,8 @@ INVALID = [
          "spec.experts.onRankFailure", "(got 'reboot')"),
     case("zero_collective_timeout", changed(spec__experts={"redundant": 32, "collectiveTimeoutSeconds": 0}),
          "spec.experts.collectiveTimeoutSeconds", "(got 0)"),
+    case("zero_grow_back_interval", changed(spec__experts={"redundant": 32, "growBackIntervalSeconds": 0}),
+         "spec.experts.growBackIntervalSeconds", "(got 0)"),
     case("negative_failover_headroom", changed(spec__experts={"redundant": 32, "failoverHeadroomSlots": -1}),
          "spec.experts.failoverHeadroomSlots", "(got -1)"),
     case("experts_not_divisible", changed(spec__experts__redundant=30),
