@@ -9,6 +9,8 @@ def format_engine(description: Mapping[str, str]) -> str:
     """"on cuda:0, kernels triton, CUDA graphs 12 graphs, batch 1-256, 850 MiB" (plus the ranks of a group)."""
     line = (f"on {description.get('device', '?')}, kernels {description.get('kernels', '?')}, "
             f"CUDA graphs {description.get('cudaGraphs', '?')}")
+    if description.get("weights"):  # how an FP8 checkpoint's weights are held: fp8 or dequantized
+        line = f"{line}, weights {description['weights']}"
     ranks = description.get("ranks")
     if ranks and ranks != "1":
         line = f"{line}, {ranks} expert-parallel ranks"

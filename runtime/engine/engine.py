@@ -126,8 +126,10 @@ class LLMEngine:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, config: EngineConfig = EngineConfig(), *,
-                        dtype: torch.dtype = torch.float32, device: str = "cpu") -> LLMEngine:
-        model = DeepseekV3ForCausalLM.from_checkpoint(checkpoint, dtype, device, progress=False)
+                        dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        weights: str = "dequantized") -> LLMEngine:
+        """`weights`: how an FP8 checkpoint's weights are held (fp8, dequantized, auto; see the model)."""
+        model = DeepseekV3ForCausalLM.from_checkpoint(checkpoint, dtype, device, progress=False, weights=weights)
         return cls(model, Tokenizer.from_dir(checkpoint), config)
 
     # -- requests ---------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ class ModelRunner:
             graphs = "off"
         else:
             graphs = self.graphs.describe()
-        return {"device": str(self.device), "kernels": self.paths.kernels, "cudaGraphs": graphs}
+        return {"device": str(self.device), "kernels": self.paths.kernels, "cudaGraphs": graphs,
+                "weights": self.model.weight_format}
 
     def slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
         """[num_tokens] cache slots of the sequence's first `num_tokens` tokens."""

@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .errors import CheckpointError
-from .fp8 import DEFAULT_BLOCK, dequantize_blockwise, scale_shape
+from .fp8 import DEFAULT_BLOCK, Fp8Weight, dequantize_blockwise, scale_shape
 
 __all__ = [
     "CONFIG_FILE",
@@ -185,7 +185,8 @@ def load_weights(
     num_hidden_layers: int,
     progress: bool = True,
     cast: bool = True,
-) -> Iterator[tuple[str, Tensor]]:
+    keep_fp8: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[str, Tensor | Fp8Weight]]:
     """Yield (name, contiguous CPU tensor in ``dtype``) for each expected name that ``include`` accepts.
 
     With ``cast=False`` unquantized tensors come as stored: a caller that copies them into preallocated
@@ -195,7 +196,8 @@ def load_weights(
     The whole checkpoint is validated against ``expected`` before the first tensor is yielded (so a
     broken checkpoint fails before any weight is loaded). Tensors come in shard order, read one at a
     time; FP8 weights are dequantized with their scale. MTP layers (index >= num_hidden_layers) that
-    ``expected`` does not name are skipped; see ``load_mtp_weights``.
+    ``expected`` does not name are skipped; see ``load_mtp_weights``. An FP8 weight that ``keep_fp8`` accepts
+    comes as stored instead, an ``Fp8Weight`` with its multipliers (128x128 blocks only).
     """
     index = read_index(checkpoint_dir)
     _check_names(index, expected, num_hidden_layers)
@@ -204,7 +206,11 @@ def load_weights(
     for name, shape in expected.items():
         _check_tensor(index, infos, name, tuple(shape), block)
     wanted = [name for name in expected if include is None or include(name)]
-    return _stream(index, infos, wanted, dtype, block, progress, cast)
+    if keep_fp8 is not None and block != DEFAULT_BLOCK and any(keep_fp8(name) for name in wanted):
+        raise CheckpointError(f"FP8 weights are kept as FP8 only in {list(DEFAULT_BLOCK)} blocks; this checkpoint's "
+                              f"weight_block_size is {list(block)}: load it dequantized",
+                              file=index.directory / CONFIG_FILE)
+    return _stream(index, infos, wanted, dtype, block, progress, cast, keep_fp8)
 
 
 def mtp_tensor_names(index: CheckpointIndex, num_hidden_layers: int) -> list[str]:
@@ -316,6 +322,16 @@ def _check_tensor(
         )
 
 
+def is_fp8_checkpoint(directory: str | Path) -> bool:
+    """Whether config.json says the weights are FP8 (DeepSeek-V3/R1's quantization_config)."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        quant = json.loads(path.read_text(encoding="utf-8")).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"cannot read quantization_config: {e}", file=path) from e
+    return isinstance(quant, dict) and quant.get("quant_method") == "fp8"
+
+
 def _block_size(directory: Path) -> tuple[int, int]:
     """FP8 block shape from config.json's quantization_config (DeepSeek-V3 uses 128x128)."""
     path = directory / CONFIG_FILE
@@ -339,7 +355,8 @@ def _stream(
     block: tuple[int, int],
     progress: bool,
     cast: bool = True,
-) -> Iterator[tuple[str, Tensor]]:
+    keep_fp8: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[str, Tensor | Fp8Weight]]:
     # Reading shard by shard, in file order, turns the reads into one sequential pass over each file.
     ordered = sorted(names, key=lambda n: (index.weight_map[n], infos[n].offsets))
     bar = tqdm(total=len(ordered), desc="Loading weights", unit="tensor", disable=None if progress else True)
@@ -352,7 +369,8 @@ def _stream(
                 raise CheckpointError(f"cannot open the shard: {e}", file=path) from e
             with handle as f:
                 for name in group:
-                    yield name, _read_tensor(index, f, name, infos[name], dtype, block, cast)
+                    keep = keep_fp8 is not None and keep_fp8(name)
+                    yield name, _read_tensor(index, f, name, infos[name], dtype, block, cast, keep)
                     bar.update()
 
 
@@ -364,7 +382,8 @@ def _read_tensor(
     dtype: torch.dtype,
     block: tuple[int, int],
     cast: bool = True,
-) -> Tensor:
+    keep_fp8: bool = False,
+) -> Tensor | Fp8Weight:
     path = index.path_of(name)
     try:
         tensor = f.get_tensor(name)
@@ -376,6 +395,8 @@ def _read_tensor(
             else:
                 with safe_open(str(scale_path), framework="pt", device="cpu") as other:
                     scale_inv = other.get_tensor(scale)
+            if keep_fp8:
+                return Fp8Weight(tensor.contiguous(), scale_inv.to(torch.float32).contiguous())
             return dequantize_blockwise(tensor, scale_inv, dtype, block).contiguous()
         return tensor.to(dtype).contiguous() if cast else tensor
     except (SafetensorError, OSError, RuntimeError) as e:

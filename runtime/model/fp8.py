@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -15,6 +16,31 @@ DEFAULT_BLOCK = (128, 128)
 # The published FP8 checkpoints quantize only the linear projections inside decoder layers; embeddings,
 # lm_head, norms, the router (mlp.gate) and the MTP module's eh_proj/shared_head stay in bf16.
 _QUANTIZED_NAME = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(.+\.)?[a-z_]*proj(_with_mqa)?\.weight$")
+
+
+WEIGHT_FORMATS = ("auto", "fp8", "dequantized")
+
+
+class Fp8Weight(NamedTuple):
+    """A weight kept as the checkpoint stores it: e4m3 values and the float32 multiplier of each block."""
+
+    weight: Tensor
+    scale_inv: Tensor
+
+
+def resolve_weight_format(choice: str, checkpoint_is_fp8: bool, device: torch.device | str) -> str:
+    """auto: fp8 for an FP8 checkpoint on a GPU with FP8 tensor cores (compute capability 8.9 and above), else
+    dequantized. fp8 needs an FP8 checkpoint (on any device: the CPU runs it dequantizing on the fly, for tests)."""
+    if choice not in WEIGHT_FORMATS:
+        raise ValueError(f"weights: must be one of {', '.join(WEIGHT_FORMATS)} (got {choice!r})")
+    if choice == "fp8" and not checkpoint_is_fp8:
+        raise ValueError("weights: fp8 needs a checkpoint with FP8 weights (config.json's quantization_config); "
+                         "this one is not quantized: use dequantized or auto")
+    if choice != "auto":
+        return choice
+    device = torch.device(device)
+    fp8_cores = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return "fp8" if checkpoint_is_fp8 and fp8_cores else "dequantized"
 
 
 def is_quantized_name(name: str) -> bool:

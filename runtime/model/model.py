@@ -11,6 +11,8 @@ from torch import nn
 from .attention import AttentionPath, MLAttention
 from .batch import ForwardBatch
 from .config import ModelConfig
+from .fp8 import Fp8Weight, is_quantized_name, resolve_weight_format
+from .fp8_linear import Fp8Linear
 from .kernels import KernelPath
 from .layers import MLP, RMSNorm, linear
 from .moe import ExpertLayout, LocalExperts, MoE, RoutedExperts
@@ -51,6 +53,11 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     `experts` says which routed experts each MoE layer holds here and how tokens reach them (expert
     parallelism); by default this process holds them all.
+
+    `weights`: dequantized (every weight in `dtype`) or fp8: the projections an FP8 checkpoint stores as e4m3
+    (attention's, the dense and shared MLPs') stay so, as `Fp8Linear` layers; MLA's `kv_b_proj`, which the
+    absorbed decode path splits per head, stays dequantized (it is small), as do embeddings, lm_head, norms
+    and the router. Only the dequantized format is token-exact with the reference model.
     """
 
     def __init__(
@@ -60,14 +67,31 @@ class DeepseekV3ForCausalLM(nn.Module):
         device: torch.device | str = "cpu",
         *,
         experts: ExpertLayout | None = None,
+        weights: str = "dequantized",
     ):
         super().__init__()
-        self.config, self.dtype = config, dtype
+        if weights not in ("fp8", "dequantized"):
+            raise ValueError(f"weights: must be fp8 or dequantized here (got {weights!r}); resolve auto first")
+        self.config, self.dtype, self.weight_format = config, dtype, weights
         self.model = Backbone(config, dtype, device, experts or LocalExperts(config.n_routed_experts))
         self.rotary = RotaryEmbedding(config).to(device)
         self._kernels: KernelPath = "torch"
         if not config.tie_word_embeddings:
             self.lm_head = linear(config.hidden_size, config.vocab_size, dtype, device)
+        if weights == "fp8":
+            self._keep_projections_fp8(device)
+
+    def _keep_projections_fp8(self, device) -> None:
+        for name, module in list(self.named_modules()):
+            if (isinstance(module, nn.Linear) and is_quantized_name(f"{name}.weight")
+                    and not name.endswith("kv_b_proj")):
+                parent, _, attribute = name.rpartition(".")
+                setattr(self.get_submodule(parent), attribute, Fp8Linear(
+                    module.in_features, module.out_features, self.dtype, device, bias=module.bias is not None))
+
+    def fp8_weight_names(self) -> set[str]:
+        """The checkpoint names of the weights this instance keeps in FP8."""
+        return {f"{name}.weight" for name, module in self.named_modules() if isinstance(module, Fp8Linear)}
 
     @property
     def device(self) -> torch.device:
@@ -83,7 +107,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             raise ValueError(f"kernels: must be torch or triton here (got {path!r}); resolve auto first")
         self._kernels = path
         for module in self.modules():
-            if isinstance(module, (MLAttention, RoutedExperts)):
+            if isinstance(module, (MLAttention, RoutedExperts, Fp8Linear)):
                 module.kernels = path
 
     def allocate_kv_cache(self, num_slots: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
@@ -119,8 +143,14 @@ class DeepseekV3ForCausalLM(nn.Module):
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor into its place (a stacked expert slot or a named parameter)."""
         hit = expert_of(name)
+        if isinstance(tensor, Fp8Weight):  # kept as stored, with its multipliers
+            self.get_parameter(name).copy_(tensor.weight)
+            self.get_parameter(name.removesuffix("weight") + "weight_scale_inv").copy_(tensor.scale_inv)
+            return
         if hit is None:
             target = self.get_parameter(name) if not name.endswith("e_score_correction_bias") else self.get_buffer(name)
+            if target.dtype == torch.float8_e4m3fn:
+                raise ValueError(f"weights: fp8 needs {name} stored as FP8 in the checkpoint (it is {tensor.dtype})")
             target.copy_(tensor)
             return
         layer, expert, proj = hit
@@ -247,11 +277,16 @@ class DeepseekV3ForCausalLM(nn.Module):
         *,
         experts: ExpertLayout | None = None,
         progress: bool = True,
+        weights: str = "dequantized",
     ) -> DeepseekV3ForCausalLM:
-        """Build the model without initialising weights, then stream the checkpoint in, tensor by tensor."""
+        """Build the model without initialising weights, then stream the checkpoint in, tensor by tensor.
+        `weights`: fp8, dequantized or auto (fp8.resolve_weight_format)."""
+        from .checkpoint import is_fp8_checkpoint
+
         config = ModelConfig.from_file(checkpoint_dir)
+        weights = resolve_weight_format(weights, is_fp8_checkpoint(checkpoint_dir), device)
         with torch.device("meta"):
-            model = cls(config, dtype, "meta", experts=experts)
+            model = cls(config, dtype, "meta", experts=experts, weights=weights)
         model.to_empty(device=device)
         model.reset_buffers()
         model.load_checkpoint_tensors(checkpoint_dir, progress=progress)
@@ -269,6 +304,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         for name, tensor in load_weights(
             checkpoint_dir, checkpoint_shapes(self.config), self.dtype, include=wanted.__contains__,
             num_hidden_layers=self.config.num_hidden_layers, progress=progress, cast=False,
+            keep_fp8=self.fp8_weight_names().__contains__,
         ):
             self.load_tensor(name, tensor)
 
