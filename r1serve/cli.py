@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="offline only")
+    gen.add_argument("--weights", choices=("auto", "fp8", "dequantized"), default="dequantized",
+                     help="offline only: how an FP8 checkpoint's projections are held (spec.model.weights)")
     gen.add_argument("--timeout", type=float, default=None, help="--target only: deadline in seconds")
     gen.add_argument("--token", default=None,
                      help="--target only: bearer token (default: the R1SERVE_API_TOKEN environment variable)")
@@ -169,7 +171,8 @@ async def _stream_generation(args, params) -> int:
     from r1serve.runtime.engine.async_engine import AsyncEngine
     from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 
-    engine = LLMEngine.from_checkpoint(args.checkpoint, EngineConfig(), dtype=getattr(torch, args.dtype))
+    engine = LLMEngine.from_checkpoint(args.checkpoint, EngineConfig(), dtype=getattr(torch, args.dtype),
+                                       weights=args.weights)
     tokenizer = engine.tokenizer
     if args.chat:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])

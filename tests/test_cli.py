@@ -88,3 +88,11 @@ def test_status_prints_each_pool_with_its_last_decision(capsys):
     assert main(["status", "--url", "http://127.0.0.1:1"]) == 1
     assert main(["status", "--url", "https://127.0.0.1:1", "--ca-file", "/nonexistent/ca.pem"]) == 2
     assert "--ca-file /nonexistent/ca.pem" in capsys.readouterr().err
+
+
+def test_fp8_weights_for_a_checkpoint_without_them_is_one_clear_line(tiny_checkpoint, capsys):
+    argv = ["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "x", "--weights", "fp8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r1serve: error:") and "weights: fp8 needs a checkpoint with FP8 weights" in err
+    assert "Traceback" not in err

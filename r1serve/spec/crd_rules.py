@@ -16,6 +16,7 @@ from r1serve.spec.base import (
     MAX_NAME_LENGTH,
 )
 from r1serve.spec.sections import (
+    FP8_NEEDS_GPUS,
     GLOO_NEEDS_CPU_POOLS,
     NCCL_REFUSED,
     NORMAL_ABSOLUTE_PATTERN,
@@ -272,6 +273,9 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
         _rule("self.kvTransfer.connector != 'gloo' || (self.decode.gpusPerRank == 0 "
               "&& (!has(self.prefill) || self.prefill.gpusPerRank == 0))",
               f"kvTransfer.connector {GLOO_NEEDS_CPU_POOLS}", ".kvTransfer.connector"),
+        _rule("self.model.weights != 'fp8' || (self.decode.gpusPerRank > 0 "
+              "&& (!has(self.prefill) || self.prefill.gpusPerRank > 0))",
+              f"model.weights {FP8_NEEDS_GPUS}", ".model.weights"),
         _rule("!has(self.ratio) || !has(self.prefill) || double(self.ratio.min) <= "
               f"double(self.prefill.replicas.max) / {_DECODE_MIN}",
               "ratio.min is above the highest reachable ratio prefill.replicas.max / "

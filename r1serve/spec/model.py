@@ -8,7 +8,16 @@ from pydantic import AfterValidator, Field, model_validator
 from r1serve.spec.base import SpecModel, check_dns_1035_label, check_dns_1123_label
 from r1serve.spec.errors import FieldError, raise_all
 from r1serve.spec.pool import DecodePool, PrefillPool
-from r1serve.spec.sections import GLOO_NEEDS_CPU_POOLS, NCCL_REFUSED, ApiSpec, Experts, KVTransfer, ModelSpec, Ratio
+from r1serve.spec.sections import (
+    FP8_NEEDS_GPUS,
+    GLOO_NEEDS_CPU_POOLS,
+    NCCL_REFUSED,
+    ApiSpec,
+    Experts,
+    KVTransfer,
+    ModelSpec,
+    Ratio,
+)
 from r1serve.spec.upgrade import INCREMENTAL, Upgrade
 from r1serve.spec.workers import Workers
 
@@ -131,6 +140,12 @@ def _check_connector(spec: "R1DeploymentSpec") -> list[FieldError]:
     return []
 
 
+def _check_weights(spec: "R1DeploymentSpec") -> list[FieldError]:
+    if spec.model.weights == "fp8" and not all(pool.gpus_per_rank for pool in spec.active_pools().values()):
+        return [FieldError("model.weights", FP8_NEEDS_GPUS, spec.model.weights)]
+    return []
+
+
 def _check_upgrade(spec: "R1DeploymentSpec") -> list[FieldError]:
     # The Gateway KubeRay builds for an incremental upgrade sends plaintext HTTP to Serve's
     # HTTP port, which api.tls turns into a TLS-only port: every request through it would fail.
@@ -188,7 +203,7 @@ class R1DeploymentSpec(SpecModel):
     def _cross_section_rules(self) -> "R1DeploymentSpec":
         errors = _check_pools(self)
         for check in (_check_ratio, _check_divisibility, _check_kv_cache, _check_connector,
-                      _check_upgrade):
+                      _check_weights, _check_upgrade):
             errors += check(self)
         raise_all(errors)
         return self

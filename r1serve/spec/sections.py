@@ -33,6 +33,9 @@ RESERVED_PORTS: dict[int, str] = {
 }
 
 Dtype = Literal["auto", "bfloat16", "float32", "float64"]
+WeightFormat = Literal["auto", "fp8", "dequantized"]
+FP8_NEEDS_GPUS = ("fp8 runs the weights through FP8 tensor cores: every pool needs GPUs (gpusPerRank > 0); "
+                  "use dequantized or auto")
 Connector = Literal["auto", "object-store", "nixl", "gloo", "nccl"]
 RankFailurePolicy = Literal["degrade", "restart"]
 NCCL_REFUSED = ("nccl cannot serve elastic pools: Ray moves tensors over NCCL only between actors in "
@@ -164,7 +167,19 @@ class ModelSpec(SpecModel):
     dtype: Dtype = Field(
         "auto",
         description="Compute dtype: auto (bfloat16 on GPUs, float32 on CPU), bfloat16, "
-        "float32 or float64 (reference checks). FP8 checkpoint weights are dequantized to it.",
+        "float32 or float64 (reference checks). FP8 checkpoint weights are dequantized to it "
+        "unless weights keeps them FP8.",
+    )
+    weights: WeightFormat = Field(
+        "dequantized",
+        description="How an FP8 checkpoint's projections are held (DeepSeek-V3/R1 publish theirs as "
+        "e4m3 with one multiplier per 128x128 block). dequantized: converted to dtype when loading; "
+        "the format whose greedy output is token-exact with the reference model. fp8: kept as "
+        "published (half the memory and bytes read of bf16) and run as block-scaled FP8 matmuls with "
+        "activations quantized per token in groups of 128; needs GPUs in every pool, and an FP8 "
+        "checkpoint (checked when the replica starts). auto: fp8 for an FP8 checkpoint on GPUs with FP8 "
+        "tensor cores (compute capability 8.9 and above), else dequantized; resolved where the replica "
+        "starts. Routed experts, embeddings, lm_head, norms, the router and kv_b_proj stay dequantized.",
     )
     served_model_name: NonBlank | None = Field(
         None,

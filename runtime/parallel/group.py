@@ -39,10 +39,11 @@ class GroupFailedError(EngineUnavailableError):
 def rank_specs(checkpoint: str, world_size: int, *, engine: EngineConfig, dtype: str, device: str,
                redundant: int, timeout_s: float, address: str | None = None,
                options: dict[str, Any] | None = None, failover: Failover = Failover(),
-               expert_load: dict[int, list[float]] | None = None) -> list[RankSpec]:
+               expert_load: dict[int, list[float]] | None = None, weights: str = "dequantized") -> list[RankSpec]:
     address = address or free_tcp_address()
     return [RankSpec(GroupConfig(world_size, rank, address, timeout_s=timeout_s), checkpoint, engine, dtype, device,
-                     redundant, dict(options or {}), failover, expert_load) for rank in range(world_size)]
+                     redundant, dict(options or {}), failover, expert_load, weights=weights)
+            for rank in range(world_size)]
 
 
 @dataclass
@@ -158,12 +159,12 @@ class ExpertParallelGroup:
                      start_timeout_s: float = 300.0, rebalance_interval_s: float | None = None,
                      options: dict[str, Any] | None = None, failover: Failover = Failover(),
                      expert_load: dict[int, list[float]] | None = None,
-                     grow_back_interval_s: float | None = 30.0) -> ExpertParallelGroup:
+                     grow_back_interval_s: float | None = 30.0, weights: str = "dequantized") -> ExpertParallelGroup:
         """A group of local processes (one machine, no Ray): tests, benchmarks, the offline CLI. `expert_load`:
         kept load to start from (see RankSpec)."""
         return cls(ProcessTransport(rank_specs(checkpoint, world_size, engine=engine, dtype=dtype, device=device,
                                                redundant=redundant, timeout_s=timeout_s, options=options,
-                                               failover=failover, expert_load=expert_load)),
+                                               failover=failover, expert_load=expert_load, weights=weights)),
                    start_timeout_s=start_timeout_s, rebalance_interval_s=rebalance_interval_s, failover=failover,
                    collective_timeout_s=timeout_s, grow_back_interval_s=grow_back_interval_s)
 
@@ -173,14 +174,14 @@ class ExpertParallelGroup:
                direct: DirectLatents | GlooLatents | None = None,
                rebalance_interval_s: float | None = None, failover: Failover = Failover(),
                expert_load: dict[int, list[float]] | None = None,
-               grow_back_interval_s: float | None = 30.0) -> ExpertParallelGroup:
+               grow_back_interval_s: float | None = 30.0, weights: str = "dequantized") -> ExpertParallelGroup:
         """One rank per bundle, as Ray actors in bundles 1..N of `placement_group` (a Serve replica's own,
         whose bundle 0 is the replica); without one the ranks are scheduled freely. With `direct`, hand-offs
         move rank to rank."""
         address = rank0_address(placement_group, max(timeout_s, 60.0))  # scheduling the probe may take a while
         specs = rank_specs(checkpoint, len(bundles), engine=engine, dtype=dtype, device=device,
                            redundant=redundant, timeout_s=timeout_s, address=address, failover=failover,
-                           expert_load=expert_load)
+                           expert_load=expert_load, weights=weights)
         log.info("starting %d %s ranks at %s", len(bundles), engine.role, address)
         return cls(RayTransport(specs, bundles, placement_group=placement_group, direct=direct),
                    rebalance_interval_s=rebalance_interval_s, failover=failover, collective_timeout_s=timeout_s,

@@ -92,6 +92,7 @@ class RankSpec:
     # A rank that joins a running group (it grows back after a loss): the group's members, as first-group
     # numbers in group order, the generation it joins and every layer's placement (physical_to_logical). It
     # builds its model first and joins once the survivors are told to switch.
+    weights: str = "dequantized"  # how an FP8 checkpoint's weights are held (the model's `weights`)
     members: tuple[int, ...] | None = None
     joins: int = 0
     placements: dict[int, tuple[int, ...]] | None = None
@@ -143,7 +144,8 @@ class RankWorker:
         self.layout = ExpertParallelLayout(config, spec.group.rank, self.world_size, spec.redundant,
                                            self._kept_placements(config)) if self.world_size > 1 else None
         self.model = DeepseekV3ForCausalLM.from_checkpoint(
-            config_dir, getattr(torch, spec.dtype), spec.device, experts=self.layout, progress=False
+            config_dir, getattr(torch, spec.dtype), spec.device, experts=self.layout, progress=False,
+            weights=spec.weights,
         )
         # The all-to-all sizes its exchanges on the host, which a CUDA graph cannot capture: the decode
         # steps of a rank that dispatches run eagerly.

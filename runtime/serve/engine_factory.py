@@ -71,7 +71,8 @@ def make_engine_client(plan: PoolPlan, checkpoint: Path, source: EngineSource = 
     from r1serve.runtime.engine.async_engine import AsyncEngine
     from r1serve.runtime.engine.engine import LLMEngine
 
-    return AsyncEngine(LLMEngine.from_checkpoint(checkpoint, plan.engine, dtype=dtype, device=device))
+    return AsyncEngine(LLMEngine.from_checkpoint(checkpoint, plan.engine, dtype=dtype, device=device,
+                                                 weights=plan.weights))
 
 
 def torch_dtype(name: str, device: str):
@@ -116,7 +117,8 @@ def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype,
                                       direct=direct_latents(direct, plan.kv_timeout_s) if direct else None,
                                       rebalance_interval_s=plan.rebalance_interval_s,
                                       failover=Failover(plan.on_rank_failure, plan.failover_headroom_slots),
-                                      expert_load=kept, grow_back_interval_s=plan.grow_back_interval_s)
+                                      expert_load=kept, grow_back_interval_s=plan.grow_back_interval_s,
+                                      weights=plan.weights)
 
 
 def _mock_engine(plan: PoolPlan, source: EngineSource) -> EngineClient:

@@ -43,6 +43,7 @@ class PoolPlan:
     resource: str = ""  # metadata.name: whose kept expert load the replicas read and offer
     failover_headroom_slots: int = 0  # spec.experts.failoverHeadroomSlots
     grow_back_interval_s: float = 30.0  # spec.experts.growBackIntervalSeconds
+    weights: str = "dequantized"  # spec.model.weights: auto resolves on the replica, where the GPU is known
 
     @property
     def engine_role(self) -> EngineRole:
@@ -101,5 +102,5 @@ def plan_pools(deployment: R1Deployment, options: Mapping[str, Mapping[str, Any]
             collective_timeout_s=deployment.spec.experts.collective_timeout_seconds,
             failover_headroom_slots=deployment.spec.experts.failover_headroom_slots,
             grow_back_interval_s=deployment.spec.experts.grow_back_interval_seconds,
-            resource=deployment.metadata.name)
+            weights=deployment.spec.model.weights, resource=deployment.metadata.name)
     return plans

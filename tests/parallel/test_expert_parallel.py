@@ -57,8 +57,8 @@ def _prompts():
     return [list(range(100 + 9 * i, 100 + 9 * i + n)) for i, n in enumerate([5, 40, 12, 1, 26, 60])]
 
 
-def _single_process(checkpoint, prompts) -> dict[str, list[int]]:
-    engine = LLMEngine.from_checkpoint(checkpoint, ENGINE, dtype=torch.float64)
+def _single_process(checkpoint, prompts, weights: str = "dequantized") -> dict[str, list[int]]:
+    engine = LLMEngine.from_checkpoint(checkpoint, ENGINE, dtype=torch.float64, weights=weights)
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, GREEDY)
     out: dict[str, list[int]] = {}
@@ -115,6 +115,17 @@ def test_a_group_of_one_rank_holds_every_expert_and_generates_like_one_process(t
         assert group.placements() == [{}] and group.expert_load() == {}
         group.rebalance()
         assert list(_through_group(group, prompts, prefix="again").values()) == list(expected.values())
+    finally:
+        group.shutdown()
+
+
+def test_a_group_keeps_fp8_weights_and_generates_like_one_process_that_does(tiny_checkpoints):
+    checkpoint = tiny_checkpoints["fp8"]
+    prompts = _prompts()[:4]
+    group = ExpertParallelGroup.in_processes(str(checkpoint), 2, engine=ENGINE, dtype="float64", weights="fp8")
+    try:
+        assert group.describe()["weights"] == "fp8"
+        assert _through_group(group, prompts) == _single_process(checkpoint, prompts, weights="fp8")
     finally:
         group.shutdown()
 

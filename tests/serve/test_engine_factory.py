@@ -37,8 +37,9 @@ def test_a_gpu_pool_of_one_rank_runs_its_engine_in_the_rank_that_holds_the_gpu(m
     doc = yaml.safe_load(TINY.read_text())
     doc["spec"]["decode"].update(expertParallel=1, gpusPerRank=1)
     doc["spec"]["prefill"].update(gpusPerRank=1)
+    doc["spec"]["model"]["weights"] = "fp8"
     plan = _plans(parse_r1deployment(doc))["decode"]
-    assert plan.rank_bundles[0]["GPU"] == 1.0
+    assert plan.rank_bundles[0]["GPU"] == 1.0 and plan.weights == "fp8"
     monkeypatch.setitem(sys.modules, "r1serve.runtime.parallel.group", None)
     with pytest.raises(RuntimeError, match=r"spec\.decode\.expertParallel: 1 rank\(s\) with 1 GPU\(s\) each"):
         make_engine_client(plan, tmp_path)
@@ -49,6 +50,7 @@ def test_each_pool_plan_follows_its_own_section_and_the_engine_roles_follow_disa
     plans = _plans(parse_r1deployment(doc))
     assert {p: (plan.engine_role, plan.deployment, plan.engine.max_batch_tokens) for p, plan in plans.items()} == {
         "prefill": ("prefill", "PrefillServer", 1024), "decode": ("decode", "DecodeServer", 512)}
+    assert {plan.weights for plan in plans.values()} == {"dequantized"}  # model.weights' default
     # The rank bundles are the ones the Serve config reserves for the pool, rank by rank.
     options = deployment_options(parse_r1deployment(doc))
     assert list(plans["decode"].rank_bundles) == options["DecodeServer"]["placement_group_bundles"][1:]
