@@ -45,8 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--if-missing", action="store_true", help="do nothing when OUT_DIR already holds a checkpoint")
     tiny.set_defaults(run=_make_tiny)
 
-    check = ckpt.add_parser("check", help="validate a checkpoint's index, shards, shapes and scales")
+    check = ckpt.add_parser("check", help="validate a checkpoint's index, shards, shapes and scales, and report "
+                                          "the weight bytes each expert-parallel rank holds")
     check.add_argument("checkpoint", type=Path)
+    check.add_argument("--weights", choices=("fp8", "dequantized"), default="dequantized",
+                       help="how the projections are held (spec.model.weights)")
+    check.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                       help="what dequantized weights take (spec.model.dtype)")
+    check.add_argument("--expert-parallel", type=int, default=1, metavar="N", help="ranks per replica")
+    check.add_argument("--redundant", type=int, default=0, metavar="R", help="redundant expert slots per replica")
     check.set_defaults(run=_check_checkpoint)
 
     gen = sub.add_parser("generate", help="generate from a checkpoint (offline) or a server (--target), streaming")
@@ -102,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     spec = sub.add_parser("spec", help="work with R1Deployment files").add_subparsers(title="spec")
     validate = spec.add_parser("validate", help="check an R1Deployment YAML and print it with defaults")
     validate.add_argument("file", type=Path)
+    validate.add_argument("--checkpoint", type=Path, default=None,
+                          help="warn when a pool's ranks would hold more weights than --max-weight-share of a GPU")
+    validate.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                          help="with --checkpoint: the memory of one GPU of the pools (default 80)")
+    validate.add_argument("--max-weight-share", type=float, default=0.85,
+                          help="with --checkpoint: the share of it weights may take, leaving the rest to the KV "
+                               "cache and activations (default 0.85)")
     validate.set_defaults(run=_validate_spec)
     return parser
 
@@ -145,10 +159,20 @@ def _make_tiny(args) -> int:
 def _check_checkpoint(args) -> int:
     import torch
 
+    from r1serve.runtime.model.checkpoint import is_fp8_checkpoint
+    from r1serve.runtime.model.config import ModelConfig
+    from r1serve.runtime.model.memory import format_weight_bytes, weight_bytes_per_rank
     from r1serve.runtime.model.model import DeepseekV3ForCausalLM
 
+    if args.weights == "fp8" and not is_fp8_checkpoint(args.checkpoint):
+        raise ValueError("--weights fp8: the checkpoint's weights are not FP8 (no quantization_config in config.json)")
+    plan = weight_bytes_per_rank(ModelConfig.from_file(args.checkpoint), weights=args.weights,
+                                 dtype_bytes=torch.empty((), dtype=getattr(torch, args.dtype)).element_size(),
+                                 expert_parallel=args.expert_parallel, redundant=args.redundant)
     DeepseekV3ForCausalLM.from_checkpoint(args.checkpoint, torch.float32, progress=True)
     print(f"{args.checkpoint}: complete and consistent")
+    print(f"weights ({args.weights}, {args.dtype}, expert parallel {args.expert_parallel}, {args.redundant} "
+          f"redundant): {format_weight_bytes(plan)}")
     return 0
 
 
@@ -243,6 +267,11 @@ def _validate_spec(args) -> int:
 
     deployment = load_r1deployment(args.file)
     print(yaml.safe_dump(deployment.to_manifest(), sort_keys=False), end="")
+    if args.checkpoint is not None:
+        from r1serve.spec.weight_fit import weight_warnings
+
+        for warning in weight_warnings(deployment, args.checkpoint, args.gpu_memory_gib, args.max_weight_share):
+            print(f"r1serve: warning: {warning}", file=sys.stderr)
     return 0
 
 

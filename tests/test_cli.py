@@ -96,3 +96,58 @@ def test_fp8_weights_for_a_checkpoint_without_them_is_one_clear_line(tiny_checkp
     err = capsys.readouterr().err
     assert err.startswith("r1serve: error:") and "weights: fp8 needs a checkpoint with FP8 weights" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("weights", ["fp8", "dequantized"])
+def test_checkpoint_check_reports_the_weight_bytes_a_rank_holds(tiny_checkpoints, capsys, weights):
+    import torch
+
+    from r1serve.runtime.model.model import DeepseekV3ForCausalLM
+
+    checkpoint = tiny_checkpoints["fp8"]
+    # What one process that holds every expert really holds: its parameters and the routers' bias buffers.
+    model = DeepseekV3ForCausalLM.from_checkpoint(checkpoint, torch.bfloat16, progress=False, weights=weights)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    held += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    experts = sum(p.numel() * p.element_size() for m in model.moe_layers() for p in m.experts.parameters())
+    n = model.config.n_routed_experts
+    assert main(["checkpoint", "check", str(checkpoint), "--weights", weights, "--expert-parallel", "4",
+                 "--redundant", "4"]) == 0
+    out = capsys.readouterr().out
+    # Each of 4 ranks holds (n + 4) / 4 expert slots and every other weight whole.
+    routed = experts * (n + 4) // 4 // n
+    line = next(line for line in out.splitlines() if line.startswith("weights ("))
+    assert line == (f"weights ({weights}, bfloat16, expert parallel 4, 4 redundant): "
+                    f"{(routed + held - experts) / 2**30:.2f} GiB per rank (routed experts {routed / 2**30:.2f} GiB, "
+                    f"replicated weights {(held - experts) / 2**30:.2f} GiB)")
+    from r1serve.runtime.model.config import ModelConfig
+    from r1serve.runtime.model.memory import weight_bytes_per_rank
+
+    exact = weight_bytes_per_rank(ModelConfig.from_file(checkpoint), weights=weights, dtype_bytes=2)
+    assert (exact.routed_experts, exact.replicated) == (experts, held - experts)
+
+
+def test_spec_validate_warns_when_weights_alone_exceed_a_share_of_the_gpus(tiny_checkpoint, capsys, tmp_path):
+    from pathlib import Path
+
+    import yaml
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    argv = ["spec", "validate", str(examples / "r1-production.yaml"), "--checkpoint", str(tiny_checkpoint)]
+    assert main(argv) == 2  # R1's layout does not fit the tiny checkpoint's 16 experts
+    assert ("spec.prefill.expertParallel: the checkpoint's 16 routed experts + experts.redundant 32 do not divide "
+            "over 32 ranks") in capsys.readouterr().err
+    doc = yaml.safe_load((examples / "tiny.yaml").read_text())
+    for pool in ("prefill", "decode"):
+        doc["spec"][pool]["gpusPerRank"] = 1
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(doc))
+    argv = ["spec", "validate", str(tmp_path / "gpu.yaml"), "--checkpoint", str(tiny_checkpoint)]
+    assert main(argv) == 0
+    assert "warning" not in capsys.readouterr().err  # a tiny model fits any GPU
+    assert main([*argv, "--gpu-memory-gib", "0.001"]) == 0
+    err = capsys.readouterr().err
+    for pool in ("prefill", "decode"):
+        assert f"r1serve: warning: spec.{pool}: weights alone take" in err
+    assert "more than 85% of 1 x 0.001 GiB (--gpu-memory-gib, --max-weight-share)" in err
+    assert main([*argv, "--max-weight-share", "1.5"]) == 2
+    assert "--max-weight-share: must be in (0, 1] (got 1.5)" in capsys.readouterr().err

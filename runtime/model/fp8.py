@@ -48,6 +48,12 @@ def is_quantized_name(name: str) -> bool:
     return _QUANTIZED_NAME.match(name) is not None
 
 
+def kept_fp8(name: str) -> bool:
+    """Whether the model with `weights: fp8` keeps tensor ``name`` in FP8: every quantized projection but the
+    routed experts' (held dequantized for now) and MLA's kv_b_proj (split per head by the absorbed decode)."""
+    return is_quantized_name(name) and ".mlp.experts." not in name and ".kv_b_proj." not in name
+
+
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, int]:
     """Shape of the ``weight_scale_inv`` for a 2-D weight: [ceil(out/block0), ceil(in/block1)]."""
     if len(shape) != 2:

@@ -11,7 +11,7 @@ from torch import nn
 from .attention import AttentionPath, MLAttention
 from .batch import ForwardBatch
 from .config import ModelConfig
-from .fp8 import Fp8Weight, is_quantized_name, resolve_weight_format
+from .fp8 import Fp8Weight, kept_fp8, resolve_weight_format
 from .fp8_linear import Fp8Linear
 from .kernels import KernelPath
 from .layers import MLP, RMSNorm, linear
@@ -83,8 +83,7 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def _keep_projections_fp8(self, device) -> None:
         for name, module in list(self.named_modules()):
-            if (isinstance(module, nn.Linear) and is_quantized_name(f"{name}.weight")
-                    and not name.endswith("kv_b_proj")):
+            if isinstance(module, nn.Linear) and kept_fp8(f"{name}.weight"):
                 parent, _, attribute = name.rpartition(".")
                 setattr(self.get_submodule(parent), attribute, Fp8Linear(
                     module.in_features, module.out_features, self.dtype, device, bias=module.bias is not None))
