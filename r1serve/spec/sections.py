@@ -179,7 +179,8 @@ class ModelSpec(SpecModel):
         "activations quantized per token in groups of 128; needs GPUs in every pool, and an FP8 "
         "checkpoint (checked when the replica starts). auto: fp8 for an FP8 checkpoint on GPUs with FP8 "
         "tensor cores (compute capability 8.9 and above), else dequantized; resolved where the replica "
-        "starts. Routed experts, embeddings, lm_head, norms, the router and kv_b_proj stay dequantized.",
+        "starts. Routed experts are kept FP8 too; embeddings, lm_head, norms, the router and kv_b_proj "
+        "are dequantized.",
     )
     served_model_name: NonBlank | None = Field(
         None,

@@ -49,9 +49,9 @@ def is_quantized_name(name: str) -> bool:
 
 
 def kept_fp8(name: str) -> bool:
-    """Whether the model with `weights: fp8` keeps tensor ``name`` in FP8: every quantized projection but the
-    routed experts' (held dequantized for now) and MLA's kv_b_proj (split per head by the absorbed decode)."""
-    return is_quantized_name(name) and ".mlp.experts." not in name and ".kv_b_proj." not in name
+    """Whether the model with `weights: fp8` keeps tensor ``name`` in FP8: every quantized projection, routed
+    experts included, but MLA's kv_b_proj (split per head by the absorbed decode path; it is small)."""
+    return is_quantized_name(name) and ".kv_b_proj." not in name
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, int]:

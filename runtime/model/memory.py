@@ -29,9 +29,9 @@ class WeightBytes:
 
 def weight_bytes_per_rank(config: ModelConfig, *, weights: str, dtype_bytes: int, expert_parallel: int = 1,
                           redundant: int = 0) -> WeightBytes:
-    """`weights` fp8: the projections the model keeps FP8 (fp8.kept_fp8) take one byte per value plus a float32
-    multiplier per 128x128 block; the router four bytes per value; everything else, routed experts included,
-    takes `dtype_bytes` per value."""
+    """`weights` fp8: the projections the model keeps FP8 (fp8.kept_fp8, routed experts included) take one byte
+    per value plus a float32 multiplier per 128x128 block; the router four bytes per value; everything else
+    `dtype_bytes` per value."""
     if weights not in ("fp8", "dequantized"):
         raise ValueError(f"weights: must be fp8 or dequantized here (got {weights!r}); resolve auto first")
     if expert_parallel <= 0 or (config.n_routed_experts + redundant) % expert_parallel:
@@ -40,14 +40,16 @@ def weight_bytes_per_rank(config: ModelConfig, *, weights: str, dtype_bytes: int
     experts = replicated = 0
     for name, shape in checkpoint_shapes(config).items():
         values = math.prod(shape)
-        if expert_of(name) is not None:
-            experts += values * dtype_bytes
-        elif name.endswith(ROUTER_FLOAT32):
-            replicated += values * 4
+        if name.endswith(ROUTER_FLOAT32):
+            size = values * 4
         elif weights == "fp8" and kept_fp8(name):
-            replicated += values + 4 * math.prod(scale_shape(shape, DEFAULT_BLOCK))
+            size = values + 4 * math.prod(scale_shape(shape, DEFAULT_BLOCK))
         else:
-            replicated += values * dtype_bytes
+            size = values * dtype_bytes
+        if expert_of(name) is not None:
+            experts += size
+        else:
+            replicated += size
     slots = (config.n_routed_experts + redundant) // expert_parallel
     return WeightBytes(routed_experts=experts * slots // config.n_routed_experts, replicated=replicated)
 

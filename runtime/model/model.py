@@ -55,7 +55,8 @@ class DeepseekV3ForCausalLM(nn.Module):
     parallelism); by default this process holds them all.
 
     `weights`: dequantized (every weight in `dtype`) or fp8: the projections an FP8 checkpoint stores as e4m3
-    (attention's, the dense and shared MLPs') stay so, as `Fp8Linear` layers; MLA's `kv_b_proj`, which the
+    (attention's, the dense and shared MLPs' as `Fp8Linear` layers, the routed experts' in FP8
+    `RoutedExperts`) stay so; MLA's `kv_b_proj`, which the
     absorbed decode path splits per head, stays dequantized (it is small), as do embeddings, lm_head, norms
     and the router. Only the dequantized format is token-exact with the reference model.
     """
@@ -87,10 +88,12 @@ class DeepseekV3ForCausalLM(nn.Module):
                 parent, _, attribute = name.rpartition(".")
                 setattr(self.get_submodule(parent), attribute, Fp8Linear(
                     module.in_features, module.out_features, self.dtype, device, bias=module.bias is not None))
+        for moe in self.moe_layers():
+            moe.experts = RoutedExperts(self.config, moe.experts.expert_ids, self.dtype, device, fp8=True)
 
-    def fp8_weight_names(self) -> set[str]:
-        """The checkpoint names of the weights this instance keeps in FP8."""
-        return {f"{name}.weight" for name, module in self.named_modules() if isinstance(module, Fp8Linear)}
+    def _keep_fp8(self):
+        """Which checkpoint tensors loading keeps as stored (None: every one dequantized)."""
+        return kept_fp8 if self.weight_format == "fp8" else None
 
     @property
     def device(self) -> torch.device:
@@ -142,7 +145,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     def load_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Copy one checkpoint tensor into its place (a stacked expert slot or a named parameter)."""
         hit = expert_of(name)
-        if isinstance(tensor, Fp8Weight):  # kept as stored, with its multipliers
+        if hit is None and isinstance(tensor, Fp8Weight):  # kept as stored, with its multipliers
             self.get_parameter(name).copy_(tensor.weight)
             self.get_parameter(name.removesuffix("weight") + "weight_scale_inv").copy_(tensor.scale_inv)
             return
@@ -154,10 +157,12 @@ class DeepseekV3ForCausalLM(nn.Module):
             return
         layer, expert, proj = hit
         experts = self.model.layers[layer].mlp.experts
-        _copy_expert(experts.w13, experts.w2, experts.expert_ids, expert, proj, tensor)
+        _copy_expert(experts.tensors(), experts.expert_ids, expert, proj, tensor)
 
     def checkpoint_tensors(self) -> Iterable[tuple[str, torch.Tensor]]:
         """This instance's weights under their published names (the inverse of load_tensor)."""
+        if self.weight_format != "dequantized":
+            raise ValueError("checkpoint_tensors: only a model with dequantized weights holds them as tensors")
         for name in self.expected_checkpoint_shapes():
             hit = expert_of(name)
             if hit is None:
@@ -182,17 +187,17 @@ class DeepseekV3ForCausalLM(nn.Module):
         return experts
 
     def stage_experts(self, checkpoint_dir: str | Path, layer_experts: dict[int, Sequence[int]]
-                      ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                      ) -> dict[int, tuple[torch.Tensor, ...]]:
         """Read the weights MoE layers would hold with other experts in their slots (`layer_experts`), into
-        host tensors shaped like the layers' own, without touching the model (so it can keep running)."""
+        host tensors shaped like the layers' own (`RoutedExperts.tensors()`: FP8 experts with their
+        multipliers), without touching the model (so it can keep running)."""
         staged = {}
         for layer, expert_ids in layer_experts.items():
             experts = self.model.layers[layer].mlp.experts
-            staged[layer] = (torch.empty(experts.w13.shape, dtype=experts.w13.dtype),
-                             torch.empty(experts.w2.shape, dtype=experts.w2.dtype))
+            staged[layer] = experts.empty_slots(experts.num_slots, device="cpu")
         wanted = {(layer, expert) for layer, expert_ids in layer_experts.items() for expert in expert_ids}
         for layer, expert, proj, tensor in self._read_experts(checkpoint_dir, wanted):
-            _copy_expert(*staged[layer], layer_experts[layer], expert, proj, tensor)
+            _copy_expert(staged[layer], layer_experts[layer], expert, proj, tensor)
         return staged
 
     def _read_experts(self, checkpoint_dir: str | Path, wanted: set[tuple[int, int]]
@@ -207,32 +212,30 @@ class DeepseekV3ForCausalLM(nn.Module):
             return
         for name, tensor in load_weights(
             checkpoint_dir, checkpoint_shapes(self.config), self.dtype, include=names.__contains__,
-            num_hidden_layers=self.config.num_hidden_layers, progress=False, cast=False,
+            num_hidden_layers=self.config.num_hidden_layers, progress=False, cast=False, keep_fp8=self._keep_fp8(),
         ):
             yield (*expert_of(name), tensor)
 
-    def install_experts(self, layer: int, expert_ids: Sequence[int], w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """Switch a MoE layer to other experts whose weights were staged: copied in place, so CUDA graphs
-        captured over the layer stay valid."""
+    def install_experts(self, layer: int, expert_ids: Sequence[int], *staged: torch.Tensor) -> None:
+        """Switch a MoE layer to other experts whose weights were staged (stage_experts): copied in place, so
+        CUDA graphs captured over the layer stay valid."""
         experts = self.replace_experts(layer, expert_ids)
-        experts.w13.copy_(w13)
-        experts.w2.copy_(w2)
+        for held, new in zip(experts.tensors(), staged, strict=True):
+            held.copy_(new)
 
     def read_experts(self, checkpoint_dir: str | Path, wanted: set[tuple[int, int]]
-                     ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
-        """(layer, expert) -> its (w13, w2) rows in host tensors, read from the checkpoint without touching the
-        model (so it can keep running): experts staged ahead of `regrow_experts`."""
+                     ) -> dict[tuple[int, int], tuple[torch.Tensor, ...]]:
+        """(layer, expert) -> its one-slot `RoutedExperts.tensors()` in host tensors, read from the checkpoint
+        without touching the model (so it can keep running): experts staged ahead of `regrow_experts`."""
         staged = {}
         for layer, expert in wanted:
-            experts = self.model.layers[layer].mlp.experts
-            staged[layer, expert] = (torch.empty((1, *experts.w13.shape[1:]), dtype=experts.w13.dtype),
-                                     torch.empty((1, *experts.w2.shape[1:]), dtype=experts.w2.dtype))
+            staged[layer, expert] = self.model.layers[layer].mlp.experts.empty_slots(1, device="cpu")
         for layer, expert, proj, tensor in self._read_experts(checkpoint_dir, wanted):
-            _copy_expert(*staged[layer, expert], (expert,), expert, proj, tensor)
+            _copy_expert(staged[layer, expert], (expert,), expert, proj, tensor)
         return staged
 
     def regrow_experts(self, checkpoint_dir: str | Path, layer_experts: dict[int, Sequence[int]],
-                       staged: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] | None = None) -> int:
+                       staged: dict[tuple[int, int], tuple[torch.Tensor, ...]] | None = None) -> int:
         """Give MoE layers a new list of experts, longer or shorter (a group that lost a rank, or grew back):
         experts a layer already holds are copied from its own slots, those `staged` (read_experts) from there,
         and the others then read from the checkpoint into their slots. One layer's weights are reallocated at a
@@ -242,23 +245,21 @@ class DeepseekV3ForCausalLM(nn.Module):
         wanted = set()
         for layer, expert_ids in layer_experts.items():
             experts = self.model.layers[layer].mlp.experts
-            n = len(expert_ids)
-            w13 = torch.empty((n, *experts.w13.shape[1:]), dtype=experts.w13.dtype, device=experts.w13.device)
-            w2 = torch.empty((n, *experts.w2.shape[1:]), dtype=experts.w2.dtype, device=experts.w2.device)
+            new = experts.empty_slots(len(expert_ids))
             for slot, expert in enumerate(expert_ids):
                 if expert in experts.expert_ids:
                     held = experts.expert_ids.index(expert)
-                    w13[slot].copy_(experts.w13[held])
-                    w2[slot].copy_(experts.w2[held])
+                    for target, source in zip(new, experts.tensors()):
+                        target[slot].copy_(source[held])
                 elif (layer, expert) in staged:
-                    w13[slot].copy_(staged[layer, expert][0][0])
-                    w2[slot].copy_(staged[layer, expert][1][0])
+                    for target, source in zip(new, staged[layer, expert]):
+                        target[slot].copy_(source[0])
                 else:
                     wanted.add((layer, expert))
-            experts.resize(expert_ids, w13, w2)  # the old weights go now
+            experts.resize(expert_ids, *new)  # the old weights go now
         for layer, expert, proj, tensor in self._read_experts(checkpoint_dir, wanted):
             experts = self.model.layers[layer].mlp.experts
-            _copy_expert(experts.w13, experts.w2, experts.expert_ids, expert, proj, tensor)
+            _copy_expert(experts.tensors(), experts.expert_ids, expert, proj, tensor)
         return len(wanted)
 
     def reset_buffers(self) -> None:
@@ -303,23 +304,35 @@ class DeepseekV3ForCausalLM(nn.Module):
         for name, tensor in load_weights(
             checkpoint_dir, checkpoint_shapes(self.config), self.dtype, include=wanted.__contains__,
             num_hidden_layers=self.config.num_hidden_layers, progress=progress, cast=False,
-            keep_fp8=self.fp8_weight_names().__contains__,
+            keep_fp8=self._keep_fp8(),
         ):
             self.load_tensor(name, tensor)
 
 
-def _copy_expert(w13: torch.Tensor, w2: torch.Tensor, expert_ids: Sequence[int], expert: int, proj: str,
-                 tensor: torch.Tensor) -> None:
-    """One checkpoint projection of `expert` into every slot holding it (gate and up share w13's rows)."""
+def _copy_expert(tensors: Sequence[torch.Tensor], expert_ids: Sequence[int], expert: int, proj: str,
+                 tensor: torch.Tensor | Fp8Weight) -> None:
+    """One checkpoint projection of `expert` into every slot holding it, in per-slot `tensors` laid out as
+    `RoutedExperts.tensors()`: gate and up share w13's rows, and with FP8 weights their multipliers' block rows
+    (moe_intermediate_size is a multiple of 128 then)."""
+    fp8 = isinstance(tensor, Fp8Weight)
+    if fp8 != (len(tensors) == 4):
+        raise ValueError(f"weights: expert {expert}'s {proj} is stored as {'FP8' if fp8 else tensor.dtype}, but "
+                         f"the model holds its experts {'dequantized' if fp8 else 'in FP8'}")
+    w13, w2 = tensors[:2]
     half = w13.shape[1] // 2
     for slot, eid in enumerate(expert_ids):
         if eid != expert:
             continue
         if proj == "down_proj":
-            w2[slot].copy_(tensor)
-        else:
-            rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
-            w13[slot, rows].copy_(tensor)
+            w2[slot].copy_(tensor.weight if fp8 else tensor)
+            if fp8:
+                tensors[3][slot].copy_(tensor.scale_inv)
+            continue
+        gate = proj == "gate_proj"
+        w13[slot, slice(0, half) if gate else slice(half, 2 * half)].copy_(tensor.weight if fp8 else tensor)
+        if fp8:
+            blocks = tensors[2].shape[1] // 2
+            tensors[2][slot, slice(0, blocks) if gate else slice(blocks, 2 * blocks)].copy_(tensor.scale_inv)
 
 
 __all__ = ["DeepseekV3ForCausalLM", "layer_of"]

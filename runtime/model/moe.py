@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .fp8 import FP8_DTYPE, scale_shape
+from .fp8_moe import check_fp8_experts, fp8_experts_torch, fp8_experts_triton
 from .fused_moe import fused_experts
 from .kernels import KernelPath
 from .layers import MLP
@@ -56,17 +58,28 @@ class RoutedExperts(nn.Module):
     several slots when redundant copies are placed on the same rank. `kernels` picks the implementation:
     the torch path below (CPU, and the reference) or the fused Triton kernels, which read only the
     experts that received tokens.
+
+    With `fp8`, the weights stay as an FP8 checkpoint stores them (e4m3, with `w13_scale_inv` and
+    `w2_scale_inv`: one float32 multiplier per 128x128 block of each slot's matrices) and run through the FP8
+    expert path (fp8_moe.py). `tensors()` are the per-slot tensors either way, which expert moves copy.
     """
 
     kernels: KernelPath = "torch"
 
-    def __init__(self, config: ModelConfig, expert_ids: Sequence[int], dtype: torch.dtype, device=None):
+    def __init__(self, config: ModelConfig, expert_ids: Sequence[int], dtype: torch.dtype, device=None,
+                 fp8: bool = False):
         super().__init__()
         n, h, i = len(expert_ids), config.hidden_size, config.moe_intermediate_size
         self.expert_ids = tuple(expert_ids)
         self.intermediate = i
-        self.w13 = nn.Parameter(torch.empty(n, 2 * i, h, dtype=dtype, device=device), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(n, h, i, dtype=dtype, device=device), requires_grad=False)
+        weight_dtype = FP8_DTYPE if fp8 else dtype
+        self.w13 = nn.Parameter(torch.empty(n, 2 * i, h, dtype=weight_dtype, device=device), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(n, h, i, dtype=weight_dtype, device=device), requires_grad=False)
+        if fp8:
+            check_fp8_experts(i)
+            self.w13_scale_inv = nn.Parameter(torch.ones(n, *scale_shape((2 * i, h)), device=device),
+                                              requires_grad=False)
+            self.w2_scale_inv = nn.Parameter(torch.ones(n, *scale_shape((h, i)), device=device), requires_grad=False)
         self.num_experts = config.n_routed_experts
         self.register_buffer("slot_of", _slot_lookup(self.expert_ids, self.num_experts, device), persistent=False)
 
@@ -85,14 +98,29 @@ class RoutedExperts(nn.Module):
         self.expert_ids = tuple(expert_ids)
         self.slot_of.copy_(_slot_lookup(self.expert_ids, self.num_experts, self.slot_of.device))
 
-    def resize(self, expert_ids: Sequence[int], w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """Hold `expert_ids` with these weights, in as many slots as there are ids (an expert-parallel group
-        that lost a rank): reallocated, unlike `reassign`."""
-        if w13.shape[0] != len(expert_ids) or w2.shape[0] != len(expert_ids):
-            raise ValueError(f"expert_ids: {len(expert_ids)} experts for weights of {w13.shape[0]} slots")
+    TENSORS = ("w13", "w2", "w13_scale_inv", "w2_scale_inv")
+
+    @property
+    def fp8(self) -> bool:
+        return self.w13.dtype == FP8_DTYPE
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The per-slot tensors, slot first: (w13, w2), and with FP8 weights their multipliers too."""
+        return tuple(getattr(self, name) for name in self.TENSORS[: 4 if self.fp8 else 2])
+
+    def empty_slots(self, n: int, device=None) -> tuple[torch.Tensor, ...]:
+        """Uninitialised tensors like `tensors()` for `n` slots (on `device`, default the layer's)."""
+        return tuple(torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=t.device if device is None else device)
+                     for t in self.tensors())
+
+    def resize(self, expert_ids: Sequence[int], *tensors: torch.Tensor) -> None:
+        """Hold `expert_ids` with these per-slot tensors (as `tensors()`), in as many slots as there are ids
+        (an expert-parallel group that lost a rank or grew back): reallocated, unlike `reassign`."""
+        if len(tensors) != len(self.tensors()) or any(t.shape[0] != len(expert_ids) for t in tensors):
+            raise ValueError(f"expert_ids: {len(expert_ids)} experts for weights of {tensors[0].shape[0]} slots")
         self.expert_ids = tuple(expert_ids)
-        self.w13 = nn.Parameter(w13, requires_grad=False)
-        self.w2 = nn.Parameter(w2, requires_grad=False)
+        for name, tensor in zip(self.TENSORS, tensors):
+            setattr(self, name, nn.Parameter(tensor, requires_grad=False))
         self.slot_of = _slot_lookup(self.expert_ids, self.num_experts, self.slot_of.device)
 
     @property
@@ -110,6 +138,9 @@ class RoutedExperts(nn.Module):
         run as two batched matmuls, padded to the busiest expert. Many (prefill): one matmul pair per
         expert over its contiguous rows.
         """
+        if self.fp8:
+            fp8_experts = fp8_experts_triton if self.kernels == "triton" else fp8_experts_torch
+            return fp8_experts(x, slots, self.w13, self.w13_scale_inv, self.w2, self.w2_scale_inv)
         if self.kernels == "triton":
             return fused_experts(x, slots, self.w13, self.w2, self.intermediate)
         n, hidden = x.shape

@@ -122,10 +122,14 @@ def test_a_group_of_one_rank_holds_every_expert_and_generates_like_one_process(t
 def test_a_group_keeps_fp8_weights_and_generates_like_one_process_that_does(tiny_checkpoints):
     checkpoint = tiny_checkpoints["fp8"]
     prompts = _prompts()[:4]
-    group = ExpertParallelGroup.in_processes(str(checkpoint), 2, engine=ENGINE, dtype="float64", weights="fp8")
+    group = ExpertParallelGroup.in_processes(str(checkpoint), 2, engine=ENGINE, dtype="float64", weights="fp8",
+                                             redundant=2)
     try:
         assert group.describe()["weights"] == "fp8"
-        assert _through_group(group, prompts) == _single_process(checkpoint, prompts, weights="fp8")
+        expected = _single_process(checkpoint, prompts, weights="fp8")
+        assert _through_group(group, prompts) == expected
+        assert group.rebalance()  # FP8 experts move with their multipliers
+        assert list(_through_group(group, prompts, prefix="again").values()) == list(expected.values())
     finally:
         group.shutdown()
 
