@@ -493,13 +493,11 @@ class ExpertParallelGroup:
         if self.error is not None or self._stopping:
             return
         grow = self._grow
-        if grow is not None and grow.sent:
-            joiners = {r: why for r, why in dead.items() if r in grow.joiners and r not in grow.formed}
-            if joiners:
-                self._abandon_grow(grow, joiners)
-                dead = {r: why for r, why in dead.items() if r not in joiners}
-                if not dead:
-                    return
+        if grow is not None and grow.sent:  # any loss while the group grows: it does not grow this time
+            self._abandon_grow(grow, dead)
+            dead = {r: why for r, why in dead.items() if r not in grow.joiners}
+            if not dead:
+                return
         if not self.failover.degrades or len(self.members) < 2:
             self._fail(next(iter(dead.values())))
             return
@@ -520,6 +518,9 @@ class ExpertParallelGroup:
         if not self.failover.degrades:
             self._fail(error)
             return
+        grow = self._grow
+        if grow is not None and grow.sent and rank not in grow.joiners:  # the larger group broke, or never formed
+            self._abandon_grow(grow, {rank: error})
         reform = self._collecting()
         reform.broken[rank] = address
         reform.generations[rank] = generation
@@ -529,14 +530,16 @@ class ExpertParallelGroup:
     def _collecting(self) -> Reform:
         """The reform that is collecting reports; a new one if none is, or if the last was already sent (then
         forming that group failed: a rank was lost while it formed)."""
-        if self._reform is None or self._reform.generation is not None:
-            now = time.monotonic()
-            # Every survivor reports once its collective fails: at once for a peer that died, within the
-            # collective timeout for one that stopped answering.
-            self._reform = Reform(started=now if self._reform is None else self._reform.started,
-                                  deadline=now + self._collective_timeout_s + 10.0, dead=dict(self._lost_joiners))
-            self._lost_joiners = {}
-        return self._reform
+        with self._lock:  # the grow-back thread checks for a reform under it before it sends a grow
+            if self._reform is None or self._reform.generation is not None:
+                now = time.monotonic()
+                # Every survivor reports once its collective fails: at once for a peer that died, within the
+                # collective timeout for one that stopped answering.
+                self._reform = Reform(started=now if self._reform is None else self._reform.started,
+                                      deadline=now + self._collective_timeout_s + 10.0,
+                                      dead=dict(self._lost_joiners))
+                self._lost_joiners = {}
+            return self._reform
 
     def _advance_reform(self) -> None:
         reform = self._reform
@@ -605,6 +608,7 @@ class ExpertParallelGroup:
                           "sent_at": grow.sent, "served_at": now}
                 self.regrowths.append(record)
                 self._grow = None
+                self._end_rebalances()  # one asked meanwhile was dropped at the switch
                 log.warning("expert-parallel group grew back to %d ranks in %.2fs (%.2fs to switch)",
                             len(grow.members), record["seconds"], record["switching_seconds"])
             return
@@ -649,11 +653,11 @@ class ExpertParallelGroup:
         group; once all have built their models, tell the survivors to switch. Raises (and stops the respawned
         ranks) when a place cannot be scheduled, a respawned rank fails, or the group lost a rank meanwhile."""
         started = time.monotonic()
-        self._lost_joiners = {}
         address = self._transport.address_for(lost[0], min(self._start_timeout_s, 60.0))  # it leads
         base = self._transport.specs[0]
         placements = {layer: regrown_placement(load, self.world_size, base.redundant).physical_to_logical
                       for layer, load in self.expert_load().items()}
+        self._lost_joiners = {}  # every survivor answered: none is still stuck joining an earlier try
         members = tuple(lost) + tuple(self.members)
         with self._lock:
             self._generation += 1
@@ -690,9 +694,10 @@ class ExpertParallelGroup:
             self._transport.send(rank, ("grow", grow.generation, members, address, epoch, placements))
 
     def _abandon_grow(self, grow: Grow, lost: dict[int, str]) -> None:
-        """A respawned rank was lost before it joined: the survivors are told to stay in their group. Those
-        that switched already (all at one boundary, or none) cannot join and report broken; the group they
-        form again is without the respawned ranks."""
+        """A rank was lost while the group grew (a respawned one before it joined, or a survivor): the
+        respawned ranks are stopped and the survivors told to stay in their group. Those that switched already
+        (all at one boundary, or none) cannot form the larger group and report broken; the group they form again
+        is without the respawned ranks."""
         log.warning("expert-parallel group does not grow back: %s", "; ".join(lost.values()))
         survivors = grow.members[len(grow.joiners):]
         with self._lock:

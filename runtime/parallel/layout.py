@@ -78,6 +78,9 @@ def join_group(config: GroupConfig, device: torch.device | str) -> None:
     host, port = config.init_method.removeprefix("tcp://").rsplit(":", 1)
     store = dist.TCPStore(host, int(port), config.world_size, config.rank == 0,
                           timeout=timedelta(seconds=config.meet_timeout_s))
+    # Every rank meets here first: forming the group waits only the collective timeout, and a rank may be
+    # early by much more (a respawned rank waits while the survivors read their experts).
+    _count_in(store, "r1serve/meet", config.world_size, config.meet_timeout_s)
     dist.init_process_group(backend, store=store, world_size=config.world_size, rank=config.rank,
                             timeout=timedelta(seconds=config.timeout_s))
 
@@ -85,7 +88,10 @@ def join_group(config: GroupConfig, device: torch.device | str) -> None:
 def store_barrier(key: str, count: int, timeout_s: float) -> None:
     """Wait until `count` ranks reached this point, counted in the group's store: no collective, so it waits as
     long as meeting may take (a collective would time out sooner)."""
-    store = dist.distributed_c10d._get_default_store()
+    _count_in(dist.distributed_c10d._get_default_store(), key, count, timeout_s)
+
+
+def _count_in(store, key: str, count: int, timeout_s: float) -> None:
     store.add(key, 1)
     deadline = time.monotonic() + timeout_s
     while store.add(key, 0) < count:

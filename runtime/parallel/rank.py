@@ -188,12 +188,13 @@ class RankWorker:
             if self.spec.joins:  # respawned: the survivors come to meet it once told to grow
                 join_group(self.spec.group, self.spec.device)
                 self.layout.reform(self.spec.group.rank, self.world_size, self.layout.placements)
-                barrier = f"r1serve/formed/{self.spec.joins}"
                 outbox.put(("reformed", self.rank, self.spec.joins, 0))
+                store_barrier(f"r1serve/formed/{self.spec.joins}", self.world_size, self.spec.group.meet_timeout_s)
+                self._agree_on_rebalances()
             else:
-                barrier = "r1serve/started"
-            # Ranks load the model at their own pace: all meet before the first collective, which would time out.
-            store_barrier(barrier, self.world_size, self.spec.group.meet_timeout_s)
+                # Ranks load the model at their own pace: all meet before the first collective, which would time
+                # out waiting for the slowest.
+                store_barrier("r1serve/started", self.world_size, self.spec.group.meet_timeout_s)
             while True:
                 try:
                     self._serve(inbox, outbox, idle_wait_s)
@@ -355,9 +356,19 @@ class RankWorker:
         self._pending = None  # a rebalance under way is dropped: every rank switched here
         self._rebalance_done = max(self._rebalance_done, grow.after_epoch)
         self._rebalance_wanted = max(self._rebalance_wanted, grow.after_epoch)
+        self._agree_on_rebalances()
         log.info("rank %d: grew back into group %d with ranks %s as rank %d of %d in %.2fs", self.rank,
                  grow.generation, list(grow.members), rank, len(grow.members), time.monotonic() - started)
         outbox.put(("reformed", self.rank, grow.generation, loaded + len(grow.staged)))
+
+    def _agree_on_rebalances(self) -> None:
+        """Collective, first thing in a grown group: the respawned ranks take the survivors' rebalance epochs
+        (else they alone would plan one the others count as done), and every rank starts a new load window
+        (the respawned ones have none; balancing from different windows would place experts differently)."""
+        epochs = torch.tensor([self._rebalance_done, self._rebalance_wanted])
+        _all_reduce(epochs, self.spec.device, dist.ReduceOp.MAX)
+        self._rebalance_done, self._rebalance_wanted = int(epochs[0]), int(epochs[1])
+        self._load_window = {}
 
     def _bound_admission(self) -> None:
         """Beyond the bound of unread hand-off latents, new prompts wait for decode ranks to read them."""

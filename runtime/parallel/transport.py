@@ -78,7 +78,8 @@ class ProcessTransport:
         self.world_size = len(specs)
         self.specs = list(specs)  # as the ranks first started
         self._readers_lock = threading.Lock()  # the relay reads while a respawn adds a pipe
-        self._readers: dict = {}
+        self._readers: dict = {}  # pipe -> (rank, its process)
+        self._closing: list = []  # pipes of lost ranks, closed by the relay thread (it may be waiting on them)
         self._received: deque[tuple] = deque()
         self._inboxes: list = [None] * self.world_size
         self.procs: list = [None] * self.world_size
@@ -92,9 +93,16 @@ class ProcessTransport:
                                  name=f"r1serve-ep-rank{rank}")
         proc.start()
         writer.close()  # the rank holds it: the pipe reads as closed once its rank is gone
-        self._inboxes[rank], self.procs[rank] = inbox, proc
+        old_inbox, self._inboxes[rank], self.procs[rank] = self._inboxes[rank], inbox, proc
         with self._readers_lock:
-            self._readers[reader] = rank
+            stale = [r for r, (owner, _) in self._readers.items() if owner == rank]
+            for old in stale:  # the lost rank's pipe: nothing more comes from it; the relay closes it
+                del self._readers[old]
+                self._closing.append(old)
+            self._readers[reader] = (rank, proc)
+        if old_inbox is not None:
+            old_inbox.cancel_join_thread()
+            old_inbox.close()
 
     def address_for(self, rank: int, timeout_s: float) -> str:
         return free_tcp_address()
@@ -107,6 +115,9 @@ class ProcessTransport:
 
         with self._readers_lock:
             readers = list(self._readers)
+            closing, self._closing = self._closing, []
+        for old in closing:
+            old.close()
         if not self._received and readers:
             for reader in wait(readers, timeout_s):
                 try:
@@ -114,9 +125,11 @@ class ProcessTransport:
                         self._received.append(reader.recv())
                 except Exception:  # noqa: BLE001 - its rank is gone, maybe mid-write (dead_ranks says why)
                     with self._readers_lock:
-                        rank = self._readers.pop(reader, None)
-                    if rank is not None and self.procs[rank].is_alive():  # unreadable but alive: made dead
-                        self.kill_rank(rank)
+                        owner = self._readers.pop(reader, None)
+                    if owner is not None and owner[1].is_alive():  # unreadable but alive: made dead
+                        owner[1].kill()
+                        if self.procs[owner[0]] is owner[1]:
+                            self._inboxes[owner[0]].cancel_join_thread()
         elif not self._received:
             time.sleep(timeout_s)
         return self._received.popleft() if self._received else None
@@ -336,7 +349,7 @@ class _RankActor:
         spec = replace(spec, options={**spec.options, "host": ray.util.get_node_ip_address()})
         self._inbox: queue.Queue = queue.Queue()
         outbox = outbox if outbox is not None else queue.Queue()
-        self._outbox, self._rank, self._direct = outbox, spec.group.rank, direct
+        self._outbox, self._rank, self._direct = outbox, spec.first_rank, direct
         self._thread = threading.Thread(target=rank_main, args=(spec, self._inbox, outbox),
                                         kwargs={"parking": direct}, daemon=True)
         self._thread.start()
@@ -437,6 +450,9 @@ class RayTransport:
         self._direct = direct
         self._gone: dict[int, str] = {}  # rank -> why it is known to be gone
         self._respawned: deque[int] = deque()  # ranks whose outputs the relay starts collecting
+        # Respawned ranks whose actor has not answered yet: starting one (a new worker, imports, a node that
+        # comes back) may take longer than a liveness probe waits, which is no sign of a stuck rank.
+        self._starting: set[int] = set()
         self.actors: list = [None] * self.world_size
         for spec in specs:
             self.actors[spec.group.rank] = self._start(spec.group.rank, spec)
@@ -462,6 +478,7 @@ class RayTransport:
     def respawn(self, rank: int, spec: RankSpec) -> None:
         self.actors[rank] = self._start(rank, spec)
         self._gone.pop(rank, None)
+        self._starting.add(rank)
         self._respawned.append(rank)
 
     def send(self, rank: int, command: tuple) -> None:
@@ -500,6 +517,7 @@ class RayTransport:
             rank = self._pending.pop(ref)
             try:
                 self._received.extend(ray.get(ref))
+                self._starting.discard(rank)
             except Exception as exc:  # noqa: BLE001 - a dead rank answers with an error
                 if not self._killed and rank not in self._gone:  # not the group's own shutdown
                     self._gone[rank] = f"rank {rank} is gone ({type(exc).__name__})"
@@ -522,6 +540,9 @@ class RayTransport:
             try:
                 if not ray.get(probe, timeout=10):
                     self._gone[rank] = f"rank {rank} stopped"
+            except ray.exceptions.GetTimeoutError:
+                if rank not in self._starting:
+                    self._gone[rank] = f"rank {rank} is gone (GetTimeoutError)"
             except Exception as exc:  # noqa: BLE001 - a dead actor answers with an error
                 self._gone[rank] = f"rank {rank} is gone ({type(exc).__name__})"
         return dict(self._gone)

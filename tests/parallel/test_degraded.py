@@ -153,12 +153,20 @@ def test_a_lost_rank_is_started_again_and_the_group_grows_back_to_its_full_size(
                                              timeout_s=COLLECTIVE_TIMEOUT_S, failover=Failover(headroom_slots=2),
                                              grow_back_interval_s=0.5)
     try:
+        # A rebalance first: the respawned rank must take the epochs the survivors agreed on, and every rank
+        # the same load window, or the next rebalance would differ per rank.
+        assert asyncio.run(asyncio.wait_for(_generate_all(group, "warm-"), 60)) == expected
+        assert group.rebalance()
         results = asyncio.run(asyncio.wait_for(_generate_killing(group, victim=2), 120))
         assert {rid: tokens for rid, (tokens, _) in results.items()} == expected
         [grew] = _wait_until(lambda: group.regrowths, 120, "the group did not grow back")
         assert grew["joined"] == [2] and grew["ranks"] == [2, 0, 1, 3]
         assert grew["generation"] == group.reforms[0]["generation"] + 1
         _assert_grown_back(group, expected, respawned=2, slots=20)
+        assert group.rebalance()  # every rank, the respawned one too, moves to one placement
+        assert len({tuple(p[1]) for p in group.placements()}) == 1
+        assert asyncio.run(asyncio.wait_for(_generate_all(group, "rebalanced-"), 60)) == expected
+        assert len(group.reforms) == 1 and group.healthy  # nothing broke on the way
     finally:
         group.shutdown()
 
