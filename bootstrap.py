@@ -4,7 +4,7 @@
     python3 bootstrap.py serve   # install, then serve examples/tiny.yaml (gRPC :9000, HTTP :8000)
     python3 bootstrap.py test    # install with test extras and run the whole test suite
 
-Only Python 3.11+ and pip are needed. Installation is skipped when pyproject.toml has not changed.
+Only Python 3.11+ and pip are needed. Installation is skipped when pyproject.toml and protos/ have not changed.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def install(extras: str) -> None:
     if not PYTHON.exists():
         venv.create(VENV, with_pip=True)
     stamp = VENV / ".r1serve-installed"
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    # The gRPC stubs are compiled at install time: a changed .proto installs again, as pyproject.toml does.
+    sources = [ROOT / "pyproject.toml", *sorted((ROOT / "protos").rglob("*.proto"))]
+    wanted = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + extras.encode()).hexdigest()
     if stamp.exists() and wanted in stamp.read_text().split():
         return
     pip = [PYTHON, "-m", "pip", "install", "--disable-pip-version-check", "-q"]

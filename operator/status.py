@@ -192,6 +192,9 @@ def pool_status(role: Role, pool: Pool, observed: Observed, app: Mapping[str, An
     connector = kv_connector(observed.scaling, role)
     if connector is not None:
         status["kvConnector"] = connector
+    weights = weight_format(observed.scaling, role)
+    if weights is not None:
+        status["weights"] = weights
     degraded = degraded_replicas(observed.scaling, role)
     if degraded:
         status["degradedReplicas"] = degraded
@@ -222,6 +225,13 @@ def kv_connector(scaling: Mapping[str, Any] | None, role: Role) -> str | None:
     replica reported."""
     engine = (((scaling or {}).get("pools") or {}).get(role) or {}).get("engine") or {}
     return str(engine["kvConnector"]) if engine.get("kvConnector") else None
+
+
+def weight_format(scaling: Mapping[str, Any] | None, role: Role) -> str | None:
+    """How the pool's replicas hold the weights (model.weights with `auto` resolved where they run), as they
+    report it in the status board; None before any replica reported."""
+    engine = (((scaling or {}).get("pools") or {}).get(role) or {}).get("engine") or {}
+    return str(engine["weights"]) if engine.get("weights") else None
 
 
 def scale_decision(scaling: Mapping[str, Any] | None, role: Role) -> dict[str, Any] | None:

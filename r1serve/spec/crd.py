@@ -120,6 +120,9 @@ def _pool_status(role: str) -> dict[str, Any]:
             "kvConnector": {"type": "string", "description":
                             "How the pool's replicas hand prompts' KV caches over (kvTransfer.connector, "
                             "auto resolved where they run), as they report it."},
+            "weights": {"type": "string", "description":
+                        "How the pool's replicas hold the checkpoint's weights: fp8 or dequantized (model.weights, "
+                        "auto resolved where they run), as they report it."},
             "degradedReplicas": {
                 "type": "array",
                 "description": "Replicas whose expert-parallel group lost ranks and serves on without them "

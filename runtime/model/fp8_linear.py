@@ -51,7 +51,7 @@ def quantize_activations(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Ten
     blocks = padded.view(m, groups, group)
     amax = blocks.abs().amax(dim=2)
     scales = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    quantized = (blocks / scales[:, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).view(m, -1)[:, :k].to(FP8_DTYPE)
+    quantized = (blocks / scales[:, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).view(m, groups * group)[:, :k].to(FP8_DTYPE)
     return quantized.contiguous(), scales.contiguous()
 
 

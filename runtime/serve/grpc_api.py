@@ -85,7 +85,7 @@ def empty_model_info() -> pb.ModelInfo:
 
 
 def model_info(facts: ModelFacts, *, disaggregated: bool, prefill_ep: int, decode_ep: int,
-               connector: str) -> pb.ModelInfo:
+               connector: str, weights: str) -> pb.ModelInfo:
     return pb.ModelInfo(model=facts.name, max_model_len=facts.max_model_len, vocab_size=facts.vocab_size,
                         dtype=facts.dtype, disaggregated=disaggregated, prefill_expert_parallel=prefill_ep,
-                        decode_expert_parallel=decode_ep, kv_connector=connector)
+                        decode_expert_parallel=decode_ep, kv_connector=connector, weights=weights)

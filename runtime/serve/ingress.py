@@ -28,6 +28,7 @@ from .errors import ServeError, Status, quiet_client_errors
 from .frontend import Frontend
 from .metrics import IngressMetrics
 from .pipeline import Pipeline
+from .status_board import read_board
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Ingress:
             _set_grpc_status(grpc_context, error)
             return grpc_api.empty_response()
 
-    def GetModelInfo(self, request, grpc_context=None):
+    async def GetModelInfo(self, request, grpc_context=None):
         try:
             self.auth.check_grpc(grpc_context)
         except ServeError as error:
@@ -100,7 +101,18 @@ class Ingress:
         return grpc_api.model_info(
             self.frontend.facts, disaggregated=self.pipeline.disaggregated,
             prefill_ep=pools["prefill"].expert_parallel if "prefill" in pools else 0,
-            decode_ep=pools["decode"].expert_parallel, connector=connector_name(self.deployment))
+            decode_ep=pools["decode"].expert_parallel, connector=connector_name(self.deployment),
+            weights=await self._weight_format())
+
+    async def _weight_format(self) -> str:
+        """model.weights as the decode replicas resolved it and report it, or the spec's before any did."""
+        try:
+            board = await asyncio.wait_for(read_board(), timeout=5)
+        except Exception:  # noqa: BLE001 - the answer stays useful without the board
+            log.warning("could not read the status board for GetModelInfo", exc_info=True)
+            board = {}
+        engine = (board.get("decode") or {}).get("engine") or {}
+        return str(engine.get("weights") or self.deployment.spec.model.weights)
 
     # -- gRPC: grpc.health.v1.Health --------------------------------------------------------------
 

@@ -74,3 +74,11 @@ def test_gate_and_up_blocks_must_stack():
     check_fp8_experts(256)
     with pytest.raises(ValueError, match="moe_intermediate_size is a multiple of 128 \\(got 96\\)"):
         check_fp8_experts(96)
+
+
+def test_a_rank_that_receives_no_copies_returns_none():
+    """An expert-parallel rank's experts often get no token copies in a step."""
+    weights = _experts(2, 128, 128, torch.Generator().manual_seed(0))
+    for experts in (fp8_experts_torch, fp8_experts_triton):
+        out = experts(torch.empty(0, 128), torch.empty(0, dtype=torch.long), *weights)
+        assert out.shape == (0, 128)

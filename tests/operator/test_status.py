@@ -153,16 +153,18 @@ def test_the_pool_shows_the_policy_decision_and_the_event_gives_its_reason(tiny,
         ("Scaled", "decode: 1 -> 2 replicas (running + waiting sequences: 20.0 per replica > target 8)")]
 
 
-def test_each_pool_shows_the_kv_connector_its_replicas_resolved(tiny, kuberay_world):
+def test_each_pool_shows_the_kv_connector_and_weight_format_its_replicas_resolved(tiny, kuberay_world):
     """kvTransfer.connector auto is resolved where the replicas run; the operator shows what they report."""
     rs = _rayservice(kuberay_world.status("RUNNING"))
-    engine = {"device": "cpu", "kernels": "torch", "kvConnector": "gloo"}
-    scaling = {"pools": {"prefill": {"engine": engine}, "decode": {"engine": engine}}}
+    engine = {"device": "cpu", "kernels": "torch", "kvConnector": "gloo", "weights": "dequantized"}
+    scaling = {"pools": {"prefill": {"engine": engine}, "decode": {"engine": {**engine, "weights": "fp8"}}}}
     status = aggregate(tiny, Observed(rs, _cluster(1, 1), scaling=scaling), generation=1, previous=None,
                        now=NOW).status
     assert (status["prefill"]["kvConnector"], status["decode"]["kvConnector"]) == ("gloo", "gloo")
+    # model.weights auto, resolved where each pool's replicas run: they report what they hold.
+    assert (status["prefill"]["weights"], status["decode"]["weights"]) == ("dequantized", "fp8")
     unreported = aggregate(tiny, Observed(rs, _cluster(1, 1)), generation=1, previous=None, now=NOW).status
-    assert "kvConnector" not in unreported["decode"]
+    assert "kvConnector" not in unreported["decode"] and "weights" not in unreported["decode"]
 
 
 def test_a_replica_serving_with_fewer_ranks_sets_degraded_with_one_event_and_clears_it(tiny, kuberay_world):

@@ -47,6 +47,11 @@ def reference(served_checkpoint):
     return greedy
 
 
+def _weights_auto(doc: dict) -> dict:
+    doc["spec"]["model"]["weights"] = "auto"
+    return doc
+
+
 GRAPHS = {
     "disaggregated": lambda docs: docs.tiny(),
     # Rank to rank: the latents stay on the prefill rank until the decode rank reads them (NIXL over UCX
@@ -54,7 +59,7 @@ GRAPHS = {
     "disaggregated-nixl": lambda docs: docs.tiny(kvTransfer={"connector": "nixl"}),
     # Rank to rank over gloo, two-sided, through a link each decode rank makes to a prefill rank: what `auto`
     # resolves to for pools on CPUs.
-    "disaggregated-gloo": lambda docs: docs.tiny(kvTransfer={"connector": "auto"}),
+    "disaggregated-gloo": lambda docs: _weights_auto(docs.tiny(kvTransfer={"connector": "auto"})),
     "single-pool": lambda docs: docs.single_pool(),
 }
 
@@ -228,7 +233,11 @@ def test_the_kv_connector_in_use_is_reported(graph, stub, request):
     expected = {"disaggregated": "object-store", "disaggregated-nixl": "nixl", "disaggregated-gloo": "gloo",
                 "single-pool": "object-store"}
     kind = request.node.callspec.params["graph"]
-    assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30).kv_connector == expected[kind]
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    assert info.kv_connector == expected[kind]
+    # model.weights auto (the gloo graph) resolves on the replicas: a checkpoint without FP8 weights is held
+    # dequantized, which is what they report and GetModelInfo says.
+    assert info.weights == "dequantized"
     if kind != "single-pool":  # the engine line of each pool in `r1serve status`
         pools = httpx.get(f"{graph.http_url}{STATUS_ROUTE}", timeout=30).json()["pools"]
         assert {pools[pool]["engine"]["kvConnector"] for pool in ("prefill", "decode")} == {expected[kind]}
