@@ -95,6 +95,7 @@ def fp8_experts_triton(x: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor, 
 
 
 if triton is not None:
+    from .fused_moe import block_rows
 
     @triton.jit
     def _fp8_gate_up_kernel(
@@ -104,19 +105,13 @@ if triton is not None:
     ):
         """One program: BLOCK_M sorted rows of one slot x BLOCK_N intermediate columns (within one 128-row
         block of gate and of up). h[r, n] = silu(x[c] . gate[s, n]) * (x[c] . up[s, n]), c = sorted_ids[r]."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        copies = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
-        real = copies < num_copies
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < tl.where(slot >= 0, intermediate, 0)  # a spare block (slot -1) reads no weights
+        slot, offs_m, copies, real, offs_n, n_ok = block_rows(block_slot_ptr, sorted_ids_ptr, num_copies,
+                                                              intermediate, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, GROUP_K)
         gate_rows = slot * stride_w_slot + offs_n[None, :].to(tl.int64) * stride_w_row
         up_rows = gate_rows + intermediate * stride_w_row
         # BLOCK_N divides 128: every column of the tile shares one gate block row and one up block row.
-        gate_block = slot * stride_s_slot + (pid_n * BLOCK_N // GROUP_K) * stride_s_row
+        gate_block = slot * stride_s_slot + (tl.program_id(1) * BLOCK_N // GROUP_K) * stride_s_row
         up_block = gate_block + (intermediate // GROUP_K) * stride_s_row
         gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -147,17 +142,11 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_K: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """One program: BLOCK_M sorted rows of one slot x BLOCK_N hidden columns, scattered back to copy order."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        copies = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
-        real = copies < num_copies
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < tl.where(slot >= 0, hidden, 0)
+        slot, offs_m, copies, real, offs_n, n_ok = block_rows(block_slot_ptr, sorted_ids_ptr, num_copies, hidden,
+                                                              BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, GROUP_K)
         rows = slot * stride_w_slot + offs_n[None, :].to(tl.int64) * stride_w_row
-        block = slot * stride_s_slot + (pid_n * BLOCK_N // GROUP_K) * stride_s_row
+        block = slot * stride_s_slot + (tl.program_id(1) * BLOCK_N // GROUP_K) * stride_s_row
         h_rows = offs_m[:, None].to(tl.int64) * stride_hm
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for g in range(0, tl.cdiv(intermediate, GROUP_K)):

@@ -128,6 +128,22 @@ def fused_experts(x: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor, w2: t
 if HAVE_TRITON:
 
     @triton.jit
+    def block_rows(block_slot_ptr, sorted_ids_ptr, num_copies, columns, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+        """Where one program of an expert kernel works (every expert kernel here and in fp8_moe.py): its slot
+        (-1: a spare block), its padded sorted rows, the copies they hold and which are real, and its columns
+        of `columns` with those in range. A spare block's columns are all out of range: it loads no weights
+        (masked loads read no memory)."""
+        # int64: slot * stride exceeds 2**31 at DeepSeek-V3's sizes (256 slots x 2*2048 x 7168).
+        slot = tl.load(block_slot_ptr + tl.program_id(0)).to(tl.int64)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        copies = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+        real = copies < num_copies  # padding rows hold num_copies and read zeros
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < tl.where(slot >= 0, columns, 0)
+        return slot, offs_m, copies, real, offs_n, n_ok
+
+    @triton.jit
     def _gate_up_kernel(
         x_ptr, w13_ptr, h_ptr, sorted_ids_ptr, block_slot_ptr, num_copies, hidden, intermediate,
         stride_xm, stride_xk, stride_ws, stride_wn, stride_wk, stride_hm, stride_hn,
@@ -138,16 +154,8 @@ if HAVE_TRITON:
 
         h[r, n] = silu(x[c] . w13[s, n]) * (x[c] . w13[s, I + n]), r a padded sorted row, c = sorted_ids[r].
         """
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        # int64: slot * stride_ws exceeds 2**31 at DeepSeek-V3's sizes (256 slots x 2*2048 x 7168).
-        slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        copies = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
-        real = copies < num_copies  # padding rows hold num_copies and read zeros
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # A spare block (slot -1) loads no weights: masked loads read no memory.
-        n_ok = offs_n < tl.where(slot >= 0, intermediate, 0)
+        slot, offs_m, copies, real, offs_n, n_ok = block_rows(block_slot_ptr, sorted_ids_ptr, num_copies,
+                                                              intermediate, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + copies[:, None] * stride_xm + offs_k[None, :] * stride_xk
         # The weight tile is read transposed ([BLOCK_K, BLOCK_N]) so the dot is x @ w.T without a copy.
@@ -184,14 +192,8 @@ if HAVE_TRITON:
 
         out[c, n] = h[r] . w2[s, n], c = sorted_ids[r]; padding rows are computed and not stored.
         """
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        copies = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
-        real = copies < num_copies
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < tl.where(slot >= 0, hidden, 0)  # a spare block loads no weights
+        slot, offs_m, copies, real, offs_n, n_ok = block_rows(block_slot_ptr, sorted_ids_ptr, num_copies, hidden,
+                                                              BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :] * stride_hk
         w_ptrs = w2_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
