@@ -36,10 +36,14 @@ def resolve_weight_format(choice: str, checkpoint_is_fp8: bool, device: torch.de
     if choice == "fp8" and not checkpoint_is_fp8:
         raise ValueError("weights: fp8 needs a checkpoint with FP8 weights (config.json's quantization_config); "
                          "this one is not quantized: use dequantized or auto")
+    device = torch.device(device)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    fp8_cores = capability is not None and capability >= (8, 9)
+    if choice == "fp8" and capability is not None and not fp8_cores:
+        raise ValueError(f"weights: fp8 needs FP8 tensor cores (compute capability 8.9 and above); this GPU has "
+                         f"{capability[0]}.{capability[1]}: use dequantized or auto")
     if choice != "auto":
         return choice
-    device = torch.device(device)
-    fp8_cores = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
     return "fp8" if checkpoint_is_fp8 and fp8_cores else "dequantized"
 
 

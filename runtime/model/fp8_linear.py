@@ -84,7 +84,8 @@ if triton is not None:
                                  stride_xm, stride_xs, stride_wn, stride_ws, stride_ym,
                                  GROUP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  UPCAST: tl.constexpr):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        # int64: rows x stride passes 2**31 for long prefill chunks through wide projections.
+        rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, GROUP_K)
         row_ok, col_ok = rm < M, rn < N

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fp8 import FP8_DTYPE, dequantize_blockwise
+from .fp8 import FP8_DTYPE, dequantize_blockwise, scale_shape
 from .fp8_linear import GROUP, quantize_activations
 from .fused_moe import align_to_blocks, tiles_for
 from .kernels import interpreted
@@ -68,6 +68,10 @@ def fp8_experts_triton(x: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor, 
     if w13.shape != (num_slots, 2 * intermediate, hidden) or w2.shape != (num_slots, hidden, intermediate):
         raise ValueError(f"w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not match hidden={hidden}")
     check_fp8_experts(intermediate)
+    for name, scales, weight in (("w13_scales", w13_scales, w13), ("w2_scales", w2_scales, w2)):
+        expected = (num_slots, *scale_shape(tuple(weight.shape[1:])))
+        if tuple(scales.shape) != expected:
+            raise ValueError(f"{name}: expected shape {expected}, got {tuple(scales.shape)}")
     out = torch.empty_like(x)
     if n == 0:
         return out
@@ -77,8 +81,10 @@ def fp8_experts_triton(x: torch.Tensor, slots: torch.Tensor, w13: torch.Tensor, 
     x_q, x_scales = quantize_activations(x)
     # Padding rows stay zero, so quantizing h never meets uninitialised memory.
     h = torch.zeros(sorted_ids.numel(), intermediate, dtype=x.dtype, device=x.device)
+    # BLOCK_N divides 128, so a tile's columns share one block row of multipliers; the bf16 kernels' stage count
+    # keeps shared memory within compute capability 8.9's limit.
     options = {"BLOCK_M": tiles.block_m, "BLOCK_N": min(tiles.block_n, GROUP), "GROUP_K": GROUP,
-               "UPCAST": interpreted(), "num_warps": tiles.num_warps}
+               "UPCAST": interpreted(), "num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
     w13_scales, w2_scales = w13_scales.to(torch.float32).contiguous(), w2_scales.to(torch.float32).contiguous()
     _fp8_gate_up_kernel[(num_blocks, triton.cdiv(intermediate, options["BLOCK_N"]))](
         x_q, x_scales, w13, w13_scales, h, sorted_ids, block_slot, n, hidden, intermediate,

@@ -174,9 +174,14 @@ class RoutedExperts(nn.Module):
         out[order] = out_sorted
         return out
 
+    def _dequantized_only(self, what: str) -> None:
+        if self.fp8:
+            raise ValueError(f"{what}: runs dequantized experts only; FP8 experts have fp8_moe.fp8_experts_torch")
+
     def forward_per_expert(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """The same with a Python loop over experts, one small matmul pair each (how simple MoE code
         runs): the baseline that benchmarks/moe.py measures the grouped path against."""
+        self._dequantized_only("forward_per_expert")
         out = torch.empty_like(x)
         for slot in torch.unique(slots).tolist():
             rows = (slots == slot).nonzero().squeeze(1)
@@ -186,6 +191,7 @@ class RoutedExperts(nn.Module):
 
     def forward_naive(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """The same, one token at a time: the reference twin that the grouped path is tested against."""
+        self._dequantized_only("forward_naive")
         out = torch.empty_like(x)
         for row in range(x.shape[0]):
             gate, up = F.linear(x[row], self.w13[slots[row]]).split(self.intermediate, dim=-1)

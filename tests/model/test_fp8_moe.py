@@ -31,11 +31,16 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def _experts(num_slots: int, hidden: int, intermediate: int, generator: torch.Generator):
     w13, w13_scales, w2, w2_scales = [], [], [], []
+    def blocks_apart(rows: int, cols: int) -> torch.Tensor:
+        # Blocks of different magnitudes, as trained weights have: a wrong multiplier is far off.
+        weight = torch.randn(rows, cols, generator=generator) / cols ** 0.5
+        return weight * (0.2 + 2 * torch.rand(rows // 64 + 1, 1, generator=generator)).repeat_interleave(64, 0)[:rows]
+
     for _ in range(num_slots):
-        q, s = quantize_blockwise(torch.randn(2 * intermediate, hidden, generator=generator) / hidden ** 0.5)
+        q, s = quantize_blockwise(blocks_apart(2 * intermediate, hidden))
         w13.append(q)
         w13_scales.append(s)
-        q, s = quantize_blockwise(torch.randn(hidden, intermediate, generator=generator) / intermediate ** 0.5)
+        q, s = quantize_blockwise(blocks_apart(hidden, intermediate))
         w2.append(q)
         w2_scales.append(s)
     return torch.stack(w13), torch.stack(w13_scales), torch.stack(w2), torch.stack(w2_scales)
@@ -53,7 +58,8 @@ def _float32_experts(x, slots, w13, w13_scales, w2, w2_scales):
 
 
 # (copies, slots, hidden, intermediate): decode- and prefill-sized copies per slot, hidden not a multiple of 128.
-CASES = [(3, 4, 200, 128), (40, 5, 256, 256), (150, 3, 130, 128)]
+# The last case gives each slot over 64 copies: the prefill tiles (128 columns per program).
+CASES = [(3, 4, 200, 128), (40, 5, 256, 256), (150, 3, 130, 128), (300, 3, 256, 256)]
 
 
 @pytest.mark.parametrize("copies, num_slots, hidden, intermediate", CASES)
@@ -70,8 +76,12 @@ def test_the_fp8_expert_kernels_give_the_reference_and_stay_near_float32_experts
     assert _relative_error(reference, _float32_experts(x, slots, *weights)) <= DEQUANTIZED_BOUND
 
 
-def test_gate_and_up_blocks_must_stack():
+def test_gate_and_up_blocks_must_stack_and_multipliers_must_fit_their_weights():
     check_fp8_experts(256)
+    w13, w13_scales, w2, w2_scales = _experts(2, 128, 128, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"w2_scales: expected shape \(2, 1, 1\), got \(2, 1, 2\)"):
+        fp8_experts_triton(torch.randn(3, 128), torch.zeros(3, dtype=torch.long), w13, w13_scales, w2,
+                           w2_scales.repeat(1, 1, 2))
     with pytest.raises(ValueError, match="moe_intermediate_size is a multiple of 128 \\(got 96\\)"):
         check_fp8_experts(96)
 

@@ -127,3 +127,17 @@ def test_fp8_experts_move_between_slots_with_their_multipliers(tiny_checkpoints,
     assert experts.fp8 and experts.w13_scale_inv.shape[0] == experts.w13.shape[0] == n + 1
     after = torch.cat(prompt_logits(model, prompts[:2]))
     assert float((after - before).norm() / before.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("capability, auto", [((8, 0), "dequantized"), ((8, 9), "fp8"), ((9, 0), "fp8")])
+def test_gpus_without_fp8_tensor_cores_do_not_get_fp8_weights(monkeypatch, capability, auto):
+    from r1serve.runtime.model.fp8 import resolve_weight_format
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_weight_format("auto", True, "cuda") == auto
+    assert resolve_weight_format("auto", False, "cuda") == "dequantized"
+    if auto == "fp8":
+        assert resolve_weight_format("fp8", True, "cuda") == "fp8"
+    else:
+        with pytest.raises(ValueError, match=r"weights: fp8 needs FP8 tensor cores .* this GPU has 8\.0"):
+            resolve_weight_format("fp8", True, "cuda")
