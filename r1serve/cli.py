@@ -268,7 +268,7 @@ def _validate_spec(args) -> int:
     deployment = load_r1deployment(args.file)
     print(yaml.safe_dump(deployment.to_manifest(), sort_keys=False), end="")
     if args.checkpoint is not None:
-        from r1serve.spec.weight_fit import weight_warnings
+        from r1serve.weight_fit import weight_warnings
 
         for warning in weight_warnings(deployment, args.checkpoint, args.gpu_memory_gib, args.max_weight_share):
             print(f"r1serve: warning: {warning}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Whether a deployment's ranks can hold their weights: warnings `r1serve spec validate --checkpoint` prints.
 
-It reads the checkpoint's config.json only (not the weights), so it runs where the spec is written. Imports
-the model's packages (torch), which the operator does not need: only the command line uses it.
+It reads the checkpoint's config.json only (not the weights), so it runs where the spec is written. It needs
+the model's packages (torch), so it sits beside the command line, outside the spec, which the operator imports.
 """
 
 from __future__ import annotations
