@@ -183,7 +183,10 @@ class ExpertParallelGroup:
                            redundant=redundant, timeout_s=timeout_s, address=address, failover=failover,
                            expert_load=expert_load, weights=weights)
         log.info("starting %d %s ranks at %s", len(bundles), engine.role, address)
-        return cls(RayTransport(specs, bundles, placement_group=placement_group, direct=direct),
+        # A rank's commands may wait on a hand-off read (bounded by its own timeout) before a probe is answered.
+        unanswered_s = timeout_s + (direct.timeout_s if direct is not None else 0.0)
+        return cls(RayTransport(specs, bundles, placement_group=placement_group, direct=direct,
+                                unanswered_s=unanswered_s),
                    rebalance_interval_s=rebalance_interval_s, failover=failover, collective_timeout_s=timeout_s,
                    grow_back_interval_s=grow_back_interval_s)
 

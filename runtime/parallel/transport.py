@@ -31,7 +31,7 @@ class RankTransport(Protocol):
         ...
 
     def dead_ranks(self) -> dict[int, str]:
-        """Every rank known to be gone, with why."""
+        """Every rank known to be gone, with why. Returns at once: the loop that delivers outputs asks."""
         ...
 
     def kill_rank(self, rank: int) -> None:
@@ -432,7 +432,7 @@ class RayTransport:
 
     def __init__(self, specs: Sequence[RankSpec], bundles: Sequence[dict[str, float]], *, placement_group=None,
                  first_bundle: int = 1, direct: DirectLatents | GlooLatents | None = None,
-                 relay: str = "direct"):
+                 relay: str = "direct", unanswered_s: float = 60.0):
         import ray
         from ray.util.queue import Queue
 
@@ -453,6 +453,11 @@ class RayTransport:
         # Respawned ranks whose actor has not answered yet: starting one (a new worker, imports, a node that
         # comes back) may take longer than a liveness probe waits, which is no sign of a stuck rank.
         self._starting: set[int] = set()
+        # Liveness probes in flight (ref -> rank, when sent). A probe is never waited on: the relay that asks
+        # must keep delivering outputs. A rank whose probe goes unanswered for `unanswered_s` is taken for dead.
+        self._probes: dict = {}
+        self._probes_lock = threading.Lock()  # the relay and the grow-back thread both ask
+        self.unanswered_s = unanswered_s
         self.actors: list = [None] * self.world_size
         for spec in specs:
             self.actors[spec.group.rank] = self._start(spec.group.rank, spec)
@@ -476,6 +481,8 @@ class RayTransport:
         return rank0_address(self._placement_group, timeout_s, self._first_bundle + rank)
 
     def respawn(self, rank: int, spec: RankSpec) -> None:
+        with self._probes_lock:  # the lost actor's probes say nothing of the new one
+            self._probes = {ref: probe for ref, probe in self._probes.items() if probe[0] != rank}
         self.actors[rank] = self._start(rank, spec)
         self._gone.pop(rank, None)
         self._starting.add(rank)
@@ -531,21 +538,37 @@ class RayTransport:
         self._pending[ref] = rank
 
     def dead_ranks(self) -> dict[int, str]:
+        """Ranks known to be gone. An actor that died answers its probe with an error; one that is alive but
+        whose probe waits `unanswered_s` is stuck and taken for dead too. The probe runs in the commands'
+        group on purpose: a rank whose commands are stuck (a hand-off read that does not return) is found,
+        and its group goes on without it or fails, instead of hanging. A slow answer is no sign of a stuck
+        rank on a loaded machine, so nothing shorter than the group's own timeout judges it."""
         import ray
 
-        # In the commands' group on purpose: a rank whose commands are stuck (a hand-off read that does not
-        # return) is taken for dead, and its group goes on without it or fails, instead of hanging.
-        probes = {rank: actor.alive.remote() for rank, actor in enumerate(self.actors) if rank not in self._gone}
-        for rank, probe in probes.items():
-            try:
-                if not ray.get(probe, timeout=10):
-                    self._gone[rank] = f"rank {rank} stopped"
-            except ray.exceptions.GetTimeoutError:
-                if rank not in self._starting:
-                    self._gone[rank] = f"rank {rank} is gone (GetTimeoutError)"
-            except Exception as exc:  # noqa: BLE001 - a dead actor answers with an error
-                self._gone[rank] = f"rank {rank} is gone ({type(exc).__name__})"
-        return dict(self._gone)
+        with self._probes_lock:
+            now = time.monotonic()
+            if self._probes:
+                answered, _ = ray.wait(list(self._probes), num_returns=len(self._probes), timeout=0)
+                for ref in answered:
+                    rank, _ = self._probes.pop(ref)
+                    try:
+                        if not ray.get(ref):
+                            self._gone.setdefault(rank, f"rank {rank} stopped")
+                    except Exception as exc:  # noqa: BLE001 - a dead actor answers with an error
+                        self._gone.setdefault(rank, f"rank {rank} is gone ({type(exc).__name__})")
+            for ref, (rank, sent) in list(self._probes.items()):
+                if rank in self._gone:
+                    del self._probes[ref]
+                elif rank in self._starting:  # its start is not counted against it
+                    self._probes[ref] = (rank, now)
+                elif now - sent > self.unanswered_s:
+                    del self._probes[ref]
+                    self._gone[rank] = f"rank {rank} did not answer for {self.unanswered_s:g}s"
+            probed = {rank for rank, _ in self._probes.values()}
+            for rank, actor in enumerate(self.actors):
+                if rank not in self._gone and rank not in probed:
+                    self._probes[actor.alive.remote()] = (rank, now)
+            return dict(self._gone)
 
     def kill_rank(self, rank: int) -> None:
         import ray
