@@ -1,7 +1,8 @@
 """The engine at DeepSeek-V3's real layer dimensions on the GPU, against the ceilings measured in the same run.
 
     python benchmarks/gpu.py [--batches 1 16 64 256] [--paths torch kernels kernels+graphs] [--layers 3]
-                             [--prefill-seqs 16 --prefill-len 1024] [--json PATH] [--record]
+                             [--weights dequantized fp8] [--prefill-seqs 16 --prefill-len 1024]
+                             [--json PATH] [--record]
     python benchmarks/gpu.py --small --json PATH   # a smoke test of the same code (CPU if no GPU)
 
 The model: DeepSeek-V3's layer shapes (hidden 7168, 128 heads, q_lora 1536, kv_lora 512, 256 routed experts
@@ -10,6 +11,14 @@ with `--layers` layers, the first dense and the rest MoE, random bf16 weights bu
 checkpoint). Three ways to run it, each a fresh engine over the same weights: "torch" (the reference path),
 "kernels" (the Triton paged MLA decode and fused MoE), "kernels+graphs" (the same, decode steps replayed
 from CUDA graphs). On CPU "kernels+static" replaces the graphs: the static decode buffers run eagerly.
+
+Weights: each path runs the bf16 model ("dequantized") and then, on a GPU with FP8 tensor cores (compute
+capability 8.9 and above), the same shapes with the projections and routed experts kept in FP8 as the
+published checkpoint stores them (e4m3 and one float32 multiplier per 128x128 block; embeddings, lm_head,
+norms, router and kv_b stay bf16). FP8 rows are decode rows on the kernel paths (the torch path
+dequantizes on the fly: a reference, not a fast path; name it in --paths to run it). Each FP8 row is judged
+against its own roofline (the FP8 bytes it must read), and set beside its bf16 row: the step ratio against
+the ideal ratio of bytes read. Weight memory of both models is reported.
 
 Decode: B requests of 256-token prompts and 32 greedy tokens each, driven through `LLMEngine.step()` so
 that the host's preparation of each step counts; after the prompts are in (not timed), every step with all
@@ -67,6 +76,8 @@ from r1serve.runtime.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from r1serve.runtime.engine.model_runner import RunnerPaths  # noqa: E402
 from r1serve.runtime.engine.sampling import SamplingParams  # noqa: E402
 from r1serve.runtime.model.config import ModelConfig  # noqa: E402
+from r1serve.runtime.model.fp8 import FP8_DTYPE  # noqa: E402
+from r1serve.runtime.model.fp8_linear import Fp8Linear  # noqa: E402
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM  # noqa: E402
 from r1serve.runtime.model.moe import MoE, TopKGate  # noqa: E402
 from r1serve.runtime.tokenizer import Tokenizer  # noqa: E402
@@ -85,7 +96,7 @@ V3_LAYERS = {
 }
 # The smoke test's shapes: tiny layers and vocabulary (any id below the tokenizer's size decodes).
 SMALL_LAYERS = {
-    **V3_LAYERS, "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+    **V3_LAYERS, "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 128,
     "num_attention_heads": 4, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
     "kv_lora_rank": 32, "q_lora_rank": 48, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
     "max_position_embeddings": 4096,
@@ -99,6 +110,7 @@ PATHS = {
     "kernels+static": RunnerPaths(kernels="triton", static_decode=True),
 }
 BLOCK_SIZE = 64
+WEIGHTS = ("dequantized", "fp8")
 # Goals: fractions of the measured ceiling, and of the wall time the GPU should be busy in a decode step.
 DECODE_GOAL_SMALL_BATCH, DECODE_GOAL, PREFILL_GOAL, BUSY_GOAL = 0.50, 0.70, 0.60, 0.90
 
@@ -123,16 +135,25 @@ class Setup:
 # -- model and tokenizer ------------------------------------------------------------------------------
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> DeepseekV3ForCausalLM:
-    """Random weights filled in place on the device: 50 GB of bf16 never cross the host."""
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                weights: str = "dequantized") -> DeepseekV3ForCausalLM:
+    """Random weights filled in place on the device: 50 GB of bf16 never cross the host. With `weights`
+    fp8, what the checkpoint stores in FP8 is e4m3 values of unit spread times a multiplier of 0.02 per
+    block: the same spread as the bf16 weights."""
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(config, dtype, "meta")
+        model = DeepseekV3ForCausalLM(config, dtype, "meta", weights=weights)
     model.to_empty(device=device)
     model.reset_buffers()
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:
+        for name, param in model.named_parameters():
+            if name.endswith("scale_inv"):
+                param.fill_(0.02)
+            elif param.dtype == FP8_DTYPE:  # no random fill in e4m3: drawn in pieces, then rounded
+                for part in param.view(-1).split(1 << 26):
+                    part.copy_(torch.empty(part.shape, dtype=torch.bfloat16, device=device)
+                               .normal_(0.0, 1.0, generator=gen))
+            elif param.dim() == 1:
                 param.fill_(1.0)  # norm weights
             else:
                 param.normal_(0.0, 0.02, generator=gen)
@@ -201,12 +222,13 @@ def _bytes(params) -> int:
 
 
 def _linear_params(module: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, Fp8Linear)))
 
 
 def expert_bytes(model: DeepseekV3ForCausalLM) -> int:
+    """One routed expert's weights (and, in FP8, their block multipliers)."""
     moe = model.moe_layers()
-    return _bytes([moe[0].experts.w13[0], moe[0].experts.w2[0]]) if moe else 0
+    return _bytes([tensor[0] for tensor in moe[0].experts.tensors()]) if moe else 0
 
 
 def resident_bytes(model: DeepseekV3ForCausalLM) -> int:
@@ -481,16 +503,18 @@ def _union(intervals: list[tuple[float, float]]) -> float:
 
 
 def run_path(model, tokenizer, path: str, setup: Setup, routing: Routing, report) -> None:
+    weights = model.weight_format
     batch_tokens = max(16384, setup.prefill_seqs * setup.prefill_len)
     longest = max(setup.new_tokens, setup.profile_steps + 3 + -(-max(setup.batches) * setup.prompt // batch_tokens))
     per_seq = -(-(setup.prompt + longest) // BLOCK_SIZE)
     jobs = [("decode", b) for b in setup.batches]
-    if not (PATHS[path].cuda_graphs or PATHS[path].static_decode):  # graphs change decode steps only
+    # Graphs change decode steps only; FP8 is judged on decode (the prefill ceiling is the bf16 matmul rate).
+    if not (PATHS[path].cuda_graphs or PATHS[path].static_decode) and weights == "dequantized":
         jobs.append(("prefill", setup.prefill_seqs))
     for phase, batch in jobs:
-        row = {"path": path, "phase": phase, "batch": batch}
+        row = {"path": path, "weights": weights, "phase": phase, "batch": batch}
         engine = None
-        rng = random.Random(f"{path}/{phase}/{batch}")
+        rng = random.Random(f"{path}/{phase}/{batch}")  # the same prompts for both weight formats
         try:
             if phase == "decode":
                 engine = make_engine(model, tokenizer, path, batch, batch * per_seq + 8, batch_tokens)
@@ -541,7 +565,7 @@ def table(rows: list[dict], ceilings: dict) -> str:
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["path"], r["phase"], r["batch"], "error: " + r["error"][:80]] + [""] * 8)
+            body.append([r["path"], r["weights"], r["phase"], r["batch"], "error: " + r["error"][:80]] + [""] * 8)
             continue
         decode = r["phase"] == "decode"
         work = f"{_fmt(r['bytes'] / 1e9)} GB" if decode else f"{_fmt(r['flops'] / 1e12)} TFLOP"
@@ -549,11 +573,35 @@ def table(rows: list[dict], ceilings: dict) -> str:
                    else f"{_fmt(ceilings['matmul_flops_per_s'] / 1e12)} TFLOP/s")
         busy = f"{r['profile']['busy_over_wall']:.2f}" if "profile" in r else ""
         met = "yes" if r["met"] else "no (" + ", ".join(r["missed"]) + ")"
-        body.append([r["path"], r["phase"], r["batch"], _fmt(r["step_ms"]), _fmt(r["tokens_per_s"]), work,
-                     ceiling, _fmt(r["roofline_ms"]), f"{r['of_ceiling']:.0%}", f">= {r['goal']:.0%}", met, busy])
-    headers = ["path", "phase", "batch", "step ms", "tokens/s", "must read / compute", "ceiling", "roofline ms",
-               "of ceiling", "goal", "met", "GPU busy/wall"]
+        body.append([r["path"], r["weights"], r["phase"], r["batch"], _fmt(r["step_ms"]), _fmt(r["tokens_per_s"]),
+                     work, ceiling, _fmt(r["roofline_ms"]), f"{r['of_ceiling']:.0%}", f">= {r['goal']:.0%}", met, busy])
+    headers = ["path", "weights", "phase", "batch", "step ms", "tokens/s", "must read / compute", "ceiling",
+               "roofline ms", "of ceiling", "goal", "met", "GPU busy/wall"]
     return markdown_table(headers, body)
+
+
+def fp8_pairs(rows: list[dict]) -> list[dict]:
+    """Each FP8 decode row beside the bf16 row of the same path and batch: how much shorter its step is,
+    against how many fewer bytes it must read (the most FP8 can give where reading weights is the cost)."""
+    bf16 = {(r["path"], r["batch"]): r for r in rows
+            if r["weights"] == "dequantized" and r["phase"] == "decode" and "error" not in r}
+    out = []
+    for r in rows:
+        base = bf16.get((r["path"], r["batch"]))
+        if r["weights"] != "fp8" or r["phase"] != "decode" or "error" in r or base is None:
+            continue
+        out.append({"path": r["path"], "batch": r["batch"], "bf16_step_ms": base["step_ms"],
+                    "fp8_step_ms": r["step_ms"], "step_ratio": r["step_ms"] / base["step_ms"],
+                    "bytes_ratio": r["bytes"] / base["bytes"]})
+    return out
+
+
+def fp8_table(pairs: list[dict], weight_bytes: dict[str, int]) -> str:
+    body = [[p["path"], p["batch"], _fmt(p["bf16_step_ms"]), _fmt(p["fp8_step_ms"]), f"{p['step_ratio']:.2f}",
+             f"{p['bytes_ratio']:.2f}"] for p in pairs]
+    headers = ["path", "batch", "bf16 step ms", "fp8 step ms", "fp8/bf16 step", "fp8/bf16 bytes read (ideal)"]
+    memory = ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in weight_bytes.items())
+    return markdown_table(headers, body) + f"\n\n- Weights of the model on the device: {memory}"
 
 
 def profile_tables(rows: list[dict]) -> str:
@@ -562,7 +610,7 @@ def profile_tables(rows: list[dict]) -> str:
         if "profile" not in r:
             continue
         p = r["profile"]
-        head = (f"{r['path']}, batch {p['batch']}, {p['steps']} decode steps: {p['timeline']} busy "
+        head = (f"{r['path']} ({r['weights']}), batch {p['batch']}, {p['steps']} decode steps: {p['timeline']} busy "
                 f"{p['busy_ms']:.1f} of {p['wall_ms']:.1f} ms ({p['busy_over_wall']:.2f}), "
                 f"{p['events_per_step']:.0f} per step")
         lines = [[_short(k["name"]), f"{k['ms']:.2f}", f"{k['share']:.0%}"] for k in p["top"]]
@@ -588,7 +636,9 @@ def goals_paragraph(setup: Setup) -> str:
             f"{PREFILL_GOAL:.0%} of the measured matmul rate; the GPU busy for >= {BUSY_GOAL:.0%} of a decode "
             f"step's wall time at batch {setup.profile_batch}. Decode: prompts of {setup.prompt} tokens, "
             f"{setup.new_tokens} greedy tokens, steps timed through `LLMEngine.step()`; prefill: one step of "
-            f"{setup.prefill_seqs} x {setup.prefill_len} tokens. Roofline: bytes every step must read (all "
+            f"{setup.prefill_seqs} x {setup.prefill_len} tokens; FP8 rows (decode) are judged by the same "
+            f"goals against the bytes they read, and their step ratio set beside the ideal. Roofline: bytes "
+            f"every step must read (all "
             f"non-expert weights, the routed experts its tokens were sent to, the cached latents) over the "
             f"copy bandwidth, or prefill FLOPs over the matmul rate; \"met\" says which goal a row misses.")
 
@@ -599,6 +649,9 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", choices=sorted(PATHS))
     parser.add_argument("--batches", type=int, nargs="+")
     parser.add_argument("--layers", type=int, default=3, help="1 dense layer, the rest MoE")
+    parser.add_argument("--weights", nargs="+", choices=WEIGHTS,
+                        help="weight formats, one model after the other (default: both where the GPU has FP8 "
+                             "tensor cores, and in the smoke test)")
     parser.add_argument("--prefill-seqs", type=int)
     parser.add_argument("--prefill-len", type=int)
     parser.add_argument("--profile-batch", type=int, help="the decode batch profiled (default 64; 4 with --small)")
@@ -624,6 +677,11 @@ def main() -> None:
         dtype=torch.float32 if small else torch.bfloat16, device=device,
     )
     paths = args.paths or ["torch", "kernels", "kernels+graphs" if cuda else "kernels+static"]
+    fp8_cores = not cuda or torch.cuda.get_device_capability() >= (8, 9)  # the smoke test runs FP8 on the CPU
+    formats = args.weights or (list(WEIGHTS) if fp8_cores else ["dequantized"])
+    if "fp8" in formats and not fp8_cores:
+        sys.exit(f"--weights fp8 needs a GPU with FP8 tensor cores (compute capability 8.9 and above; this one "
+                 f"is {'.'.join(map(str, torch.cuda.get_device_capability()))})")
     config = ModelConfig.from_dict({**(SMALL_LAYERS if small else V3_LAYERS), "num_hidden_layers": args.layers})
     tokenizer = load_tokenizer(args.tokenizer)
 
@@ -640,40 +698,51 @@ def main() -> None:
     ]
     print("\n".join(ceiling_lines), flush=True)
 
-    start = time.perf_counter()
-    model = build_model(config, setup.dtype, device)
-    setup.sync()
-    weights = _bytes(model.parameters())
-    print(f"model: {config.num_hidden_layers} layers, {weights / 1e9:.1f} GB of {setup.dtype} weights on {device}, "
-          f"built in {time.perf_counter() - start:.1f} s", flush=True)
-    routing = Routing(model)
-
     rows: list[dict] = []
 
     def save(done: bool) -> None:
         if args.json:
             result = {"machine": machine(), "small": small, "complete": done, "config": config.to_dict(),
-                      "paths": paths, "setup": {k: (str(v) if isinstance(v, (torch.dtype, torch.device)) else v)
-                                                for k, v in setup.__dict__.items()},
-                      "weights_bytes": weights, "ceilings": ceilings, "rows": rows}
+                      "paths": paths, "weights": formats,
+                      "setup": {k: (str(v) if isinstance(v, (torch.dtype, torch.device)) else v)
+                                for k, v in setup.__dict__.items()},
+                      "weights_bytes": weight_bytes, "ceilings": ceilings, "rows": rows}
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
     def report(row: dict) -> None:
         rows.append(row)
         save(done=False)  # a run cut short by its time limit still brings back the rows it finished
         if "error" in row:
-            print(f"{row['path']:>15} {row['phase']:>7} batch {row['batch']:>3}: ERROR {row['error']}", flush=True)
+            print(f"{row['path']:>15} {row['weights']:>11} {row['phase']:>7} batch {row['batch']:>3}: "
+                  f"ERROR {row['error']}", flush=True)
         else:
-            print(f"{row['path']:>15} {row['phase']:>7} batch {row['batch']:>3}: {row['step_ms']:8.2f} ms/step, "
+            print(f"{row['path']:>15} {row['weights']:>11} {row['phase']:>7} batch {row['batch']:>3}: "
+                  f"{row['step_ms']:8.2f} ms/step, "
                   f"{row['tokens_per_s']:>10,.0f} tokens/s", flush=True)
 
-    for path in paths:
-        run_path(model, tokenizer, path, setup, routing, report)
-    routing.close()
+    weight_bytes: dict[str, int] = {}
+    for weights in formats:  # one model at a time: both at once need twice the memory
+        start = time.perf_counter()
+        model = build_model(config, setup.dtype, device, weights=weights)
+        setup.sync()
+        weight_bytes[weights] = _bytes(model.parameters())
+        print(f"model: {config.num_hidden_layers} layers, {weight_bytes[weights] / 1e9:.1f} GB of {weights} weights "
+              f"({setup.dtype} where not FP8) on {device}, built in {time.perf_counter() - start:.1f} s", flush=True)
+        routing = Routing(model)
+        for path in paths:
+            if weights == "fp8" and path == "torch" and not args.paths:
+                continue
+            run_path(model, tokenizer, path, setup, routing, report)
+        routing.close()
+        del model, routing
+        _free(setup)
     for row in rows:
         judge(row, ceilings)
 
     text = table(rows, ceilings) + "\n\n" + "\n".join(f"- {line}" for line in ceiling_lines)
+    pairs = fp8_pairs(rows)
+    if pairs or "fp8" in weight_bytes:
+        text += "\n\nFP8 weights against bf16, same shapes, prompts and steps:\n\n" + fp8_table(pairs, weight_bytes)
     profiles = profile_tables(rows)
     if profiles:
         text += "\n\n" + profiles
