@@ -24,6 +24,7 @@ from .sampler import sample
 from .sampling import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from .sequence import Sequence, SequenceStatus
+from .speculative import accept_greedy, accept_sampled, draft_token, vocab_probs
 
 ROLES = ("both", "prefill", "decode")
 
@@ -51,6 +52,9 @@ class EngineConfig:
     # A rank of an expert-parallel group that survives a lost rank: each seeded request's output carries its
     # generator's state, so that a survivor can continue the request exactly if this rank is lost.
     report_generator_state: bool = False
+    # Speculative decoding with the checkpoint's MTP module as the draft model: draft tokens verified per
+    # decode step (0: off). Greedy output is the same with it as without; sampled output keeps its distribution.
+    speculative_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -64,6 +68,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len: must be at least 2 (got {self.max_model_len})")
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels: must be one of {', '.join(KERNEL_CHOICES)} (got {self.kernels!r})")
+        if self.speculative_tokens not in (0, 1):
+            raise ValueError(f"speculative_tokens: must be 0 (off) or 1: one MTP draft token per step "
+                             f"(got {self.speculative_tokens})")
 
 
 def runner_paths(config: EngineConfig, device: torch.device) -> RunnerPaths:
@@ -111,16 +118,25 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"max_model_len: {config.max_model_len} exceeds the model's context of {limit}")
         self.max_model_len = config.max_model_len or limit
+        if config.speculative_tokens and getattr(model, "mtp", None) is None:
+            raise ValueError("speculative_tokens: the model has no MTP module loaded (load_mtp, or from_checkpoint "
+                             "with speculative_tokens set)")
         self.blocks = BlockManager(config.num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_tokens, config.max_running), self.blocks)
         self.runner = ModelRunner(model, config.num_blocks, config.block_size, max_running=config.max_running,
                                   max_model_len=self.max_model_len,
-                                  paths=paths or runner_paths(config, model.device))
+                                  paths=paths or runner_paths(config, model.device),
+                                  mtp=bool(config.speculative_tokens))
         log.info("%s engine: %s", config.role, format_engine(self.describe()))
         self.requests: dict[str, RequestState] = {}
         self.pending_handoffs: deque[tuple[RequestState, KVHandoff]] = deque()
         self.handoff_tokens_not_sent = 0
-        self.overlap = config.overlap if config.overlap is not None else self.runner.device.type == "cuda"
+        self.speculative = config.speculative_tokens
+        # Verifying drafts needs each step's tokens on the host before the next is planned: no overlap.
+        self.overlap = (config.overlap if config.overlap is not None else self.runner.device.type == "cuda") \
+            and not self.speculative
+        self.drafts: dict[str, tuple[list[int], torch.Tensor | None]] = {}  # request -> draft tokens, their q
+        self.draft_tokens = self.accepted_draft_tokens = 0
         self._inflight: _Launched | None = None
         self.finished_count = 0
 
@@ -130,6 +146,8 @@ class LLMEngine:
                         weights: str = "dequantized") -> LLMEngine:
         """`weights`: how an FP8 checkpoint's weights are held (fp8, dequantized, auto; see the model)."""
         model = DeepseekV3ForCausalLM.from_checkpoint(checkpoint, dtype, device, progress=False, weights=weights)
+        if config.speculative_tokens:
+            model.load_mtp(checkpoint)
         return cls(model, Tokenizer.from_dir(checkpoint), config)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -159,7 +177,7 @@ class LLMEngine:
         if self.config.role == "prefill":
             raise RequestError("role", "a prefill engine cannot continue a hand-off")
         self._validate(handoff.request_id, handoff.prompt_token_ids, handoff.params, handoff.resumed_token_ids)
-        handoff.validate(len(self.runner.caches), self.model.config.latent_dim)
+        handoff.validate(len(self.runner.handed_off_caches), self.model.config.latent_dim)
         prompt = list(handoff.prompt_token_ids)
         seq = Sequence(handoff.request_id, prompt + list(handoff.resumed_token_ids), len(prompt))
         state = self._state(seq, handoff.params)
@@ -171,6 +189,8 @@ class LLMEngine:
         out = state.process([handoff.first_token_id])
         if state.finished:
             return [self._retire(state, out)]
+        if self.speculative and handoff.draft_token_ids and state.params.is_greedy:
+            self.drafts[seq.request_id] = (list(handoff.draft_token_ids), None)
         self.pending_handoffs.append((state, handoff))
         self._admit_handoffs()
         return [out]
@@ -217,6 +237,8 @@ class LLMEngine:
         decode step straight from the previous step's tokens on the device, then waits for those tokens
         and emits them, so the device computes while the host emits, schedules and prepares.
         """
+        if self.speculative:
+            return self._step_speculative(lockstep)
         if lockstep or not self.overlap:
             return self._step_now(lockstep)
         outputs: list[RequestOutput] = []
@@ -309,6 +331,105 @@ class LLMEngine:
             outputs.append(self._retire(state, out) if state.finished else out)
         return outputs
 
+    # -- speculative decoding (MTP drafts) ----------------------------------------------------------
+
+    def _step_speculative(self, lockstep: bool = False) -> list[RequestOutput]:
+        """One step with draft tokens: a decoding sequence that has a draft runs its last token and the draft
+        together, and keeps what `accept_greedy`/`accept_sampled` decide (the main model's logits at both
+        positions); then the MTP module runs over every position whose next token is now known, writing its
+        own cache, and drafts the next token of each sequence that goes on decoding. A refused draft's latent
+        stays in the cache beyond the computed tokens, to be overwritten by the next step. The MTP module
+        holds all its experts in every process, so in an expert-parallel group only the main forward is
+        collective, one per step as without speculation."""
+        self._admit_handoffs()
+        chunks = [self._with_draft(c) for c in self.scheduler.schedule()]
+        if not chunks:
+            if lockstep:
+                self.runner.run_empty()
+            return []
+        starts, wanted, ids = [], [], []
+        for chunk, tokens, drafts in chunks:
+            starts.append(len(ids))
+            if drafts or chunk.completes:
+                wanted.append(list(range(len(ids) + len(tokens) - 1 - len(drafts), len(ids) + len(tokens))))
+            else:
+                wanted.append([])
+            ids.extend(tokens)
+        logits, hidden = self.runner.run_with_hidden([c for c, _, _ in chunks], ids, [r for w in wanted for r in w])
+        outputs, mtp, handing_off = [], [], []
+        row = 0
+        for (chunk, tokens, drafts), start, rows in zip(chunks, starts, wanted):
+            seq, first = chunk.seq, chunk.seq.num_computed_tokens
+            state = self.requests[seq.request_id]
+            new = self._tokens_kept(state, logits[row: row + len(rows)], drafts) if rows else []
+            row += len(rows)
+            computed = len(new) if drafts else chunk.num_tokens  # the draft refused has no place in the cache
+            seq.num_computed_tokens += computed
+            seq.token_ids.extend(new)
+            self.blocks.commit(seq)
+            mtp.append((seq, first, computed, start))
+            if new and self.config.role == "prefill":
+                handing_off.append(state)  # once the MTP module has drafted from the prompt
+            elif new:
+                out = state.process(new)
+                if self.config.report_generator_state and state.generator is not None:
+                    out.generator_state = state.generator.get_state().numpy().tobytes()
+                outputs.append(self._retire(state, out) if state.finished else out)
+        self._draft(mtp, hidden)
+        return outputs + [self._handoff(state, state.seq.token_ids[-1]) for state in handing_off]
+
+    def _with_draft(self, chunk: ScheduledChunk) -> tuple[ScheduledChunk, list[int], list[int]]:
+        """The chunk to run, its input tokens and the draft tokens among them (none if the sequence has no
+        draft, is not decoding, or has no room for it)."""
+        seq = chunk.seq
+        drafted = self.drafts.pop(seq.request_id, None)
+        first = seq.num_computed_tokens
+        tokens = seq.token_ids[first: first + chunk.num_tokens]
+        if drafted is None or chunk.num_tokens != 1 or not chunk.completes:
+            return chunk, tokens, []
+        drafts, q = drafted
+        params = self.requests[seq.request_id].params
+        length = first + 1 + len(drafts)  # every draft verified, and the token after them, stay within limits
+        if (seq.num_output_tokens + len(drafts) >= params.max_tokens or length >= self.max_model_len
+                or not self.blocks.can_grow(seq, length)):
+            return chunk, tokens, []
+        self.blocks.grow(seq, length)
+        self.drafts[seq.request_id] = drafted  # kept for the verification below (q for a sampled request)
+        return ScheduledChunk(seq, 1 + len(drafts)), tokens + drafts, drafts
+
+    def _tokens_kept(self, state: RequestState, logits: torch.Tensor, drafts: list[int]) -> list[int]:
+        if not drafts:
+            return sample(logits, [state.params], [state.generator]).tolist()
+        _, q = self.drafts.pop(state.seq.request_id)
+        self.draft_tokens += len(drafts)
+        if state.params.is_greedy:
+            kept = accept_greedy(logits, drafts)
+        else:
+            kept = accept_sampled(vocab_probs(logits, state.params), q, drafts, state.generator)
+        self.accepted_draft_tokens += len(kept) - 1
+        return kept
+
+    def _draft(self, entries: list[tuple[Sequence, int, int, int]], hidden: torch.Tensor) -> None:
+        """Run the MTP module over each sequence's newly computed positions (t_{i+1} with the main model's
+        h_i), and draft the next token of those that go on decoding."""
+        entries = [e for e in entries if e[2] > 0 and e[0].request_id in self.requests]
+        if not entries:
+            return
+        ids, rows, want = [], [], []
+        for seq, first, computed, start in entries:
+            ids.extend(seq.token_ids[first + 1: first + computed + 1])
+            rows.extend(range(start, start + computed))
+            want.append(seq.num_computed_tokens == seq.num_tokens - 1)  # decoding next step
+        logits = self.runner.run_mtp([(seq, first, computed) for seq, first, computed, _ in entries], ids,
+                                     hidden[upload(rows, hidden.device, torch.long)], want)
+        drafting = [seq for (seq, _, _, _), w in zip(entries, want) if w]
+        for seq, row in zip(drafting, logits):
+            state = self.requests[seq.request_id]
+            if self.config.role == "prefill" and not state.params.is_greedy:
+                continue  # a sampled draft is not handed off (see _handoff): no draw for it
+            token, q = draft_token(row, state.params, state.generator)
+            self.drafts[seq.request_id] = ([token], None if q is None else q[None])
+
     def _handoff(self, state: RequestState, first_token: int) -> RequestOutput:
         seq = state.seq
         computed = seq.num_tokens - 1  # the prompt, and a resumed request's earlier tokens
@@ -321,6 +442,8 @@ class LLMEngine:
             generator_state=state.generator.get_state() if state.generator is not None else None,
             cached_tokens=seq.num_cached_tokens,
             resumed_token_ids=seq.token_ids[seq.prompt_len:computed],
+            # A sampled draft would need its distribution sent too: only greedy requests take theirs along.
+            draft_token_ids=tuple(self.drafts.get(seq.request_id, ((), None))[0]) if state.params.is_greedy else (),
         )
         out = state.aborted("stop")
         out.token_ids, out.handoff, out.completion_tokens = [first_token], handoff, seq.num_output_tokens
@@ -351,6 +474,7 @@ class LLMEngine:
 
     def _retire(self, state: RequestState, out: RequestOutput) -> RequestOutput:
         self.requests.pop(state.seq.request_id, None)
+        self.drafts.pop(state.seq.request_id, None)
         self.scheduler.remove(state.seq)
         self.runner.release(state.seq)
         self.finished_count += 1
@@ -416,4 +540,6 @@ class LLMEngine:
             finished=self.finished_count,
             admission_held=not sched.admitting,
             handoff_tokens_not_sent=self.handoff_tokens_not_sent,
+            draft_tokens=self.draft_tokens,
+            accepted_draft_tokens=self.accepted_draft_tokens,
         )

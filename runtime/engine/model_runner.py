@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence as Seq
 
 import torch
@@ -11,6 +11,7 @@ import torch
 from r1serve.runtime.model.batch import ForwardBatch
 from r1serve.runtime.model.kernels import KernelPath
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
+from r1serve.runtime.model.uploads import upload
 
 from .block_tables import BlockTables
 from .decode_graphs import DecodeGraphs
@@ -36,10 +37,13 @@ class ModelRunner:
     padding rows of a replayed decode graph write to; the scheduler never hands it out."""
 
     def __init__(self, model: DeepseekV3ForCausalLM, num_blocks: int, block_size: int, *,
-                 max_running: int = 64, max_model_len: int | None = None, paths: RunnerPaths = RunnerPaths()):
+                 max_running: int = 64, max_model_len: int | None = None, paths: RunnerPaths = RunnerPaths(),
+                 mtp: bool = False):
+        """`mtp`: the model's MTP module drafts tokens, with its own cache (one layer, the same slots)."""
         self.model, self.block_size, self.paths = model, block_size, paths
         model.set_kernels(paths.kernels)
         self.caches = model.allocate_kv_cache((num_blocks + 1) * block_size)
+        self.mtp_cache = model.mtp.allocate_kv_cache((num_blocks + 1) * block_size) if mtp else None
         self.scratch_block = num_blocks
         max_len = max_model_len or model.config.max_position_embeddings
         self.table_width = min(-(-max_len // block_size), num_blocks)
@@ -63,8 +67,11 @@ class ModelRunner:
             graphs = "off"
         else:
             graphs = self.graphs.describe()
-        return {"device": str(self.device), "kernels": self.paths.kernels, "cudaGraphs": graphs,
-                "weights": self.model.weight_format}
+        description = {"device": str(self.device), "kernels": self.paths.kernels, "cudaGraphs": graphs,
+                       "weights": self.model.weight_format}
+        if self.mtp_cache is not None:
+            description["speculative"] = "mtp (1 draft token)"
+        return description
 
     def slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
         """[num_tokens] cache slots of the sequence's first `num_tokens` tokens."""
@@ -99,6 +106,27 @@ class ModelRunner:
         return ForwardBatch.paged(input_ids, query_lens, context_lens, self.tables.gather(rows, width),
                                   self.block_size, want_logits, self.device)
 
+    def run_with_hidden(self, chunks: Seq[ScheduledChunk], input_ids: list[int], logit_rows: list[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A forward over `input_ids` (the chunks' tokens, packed; a chunk may run tokens the sequence does not
+        hold yet: draft tokens) -> (logits at the packed rows `logit_rows`, final hidden state of every row)."""
+        batch = self.build_batch(chunks, [False] * len(chunks), torch.tensor(input_ids, dtype=torch.long))
+        batch = replace(batch, logits_indices=upload(logit_rows, self.device, torch.long))
+        hidden = self.model.hidden_states(batch, self.caches)
+        return self.model.head(hidden[batch.logits_indices]), hidden
+
+    def run_mtp(self, spans: Seq[tuple[Sequence, int, int]], input_ids: list[int], hidden: torch.Tensor,
+                want_logits: Seq[bool]) -> torch.Tensor:
+        """The MTP module over positions [first, first + n) of each (sequence, first, n), with the tokens one
+        position later (`input_ids`, packed) and the main model's hidden states there -> draft logits of the
+        spans that want them, at their last position."""
+        rows = self.tables.rows_for([seq for seq, _, _ in spans])
+        context_lens = [first + n for _, first, n in spans]
+        width = -(-max(context_lens) // self.block_size)
+        batch = ForwardBatch.paged(torch.tensor(input_ids, dtype=torch.long), [n for _, _, n in spans], context_lens,
+                                   self.tables.gather(rows, width), self.block_size, want_logits, self.device)
+        return self.model.mtp(batch, self.mtp_cache, hidden, self.model.rotary)
+
     def release(self, seq: Sequence) -> None:
         """The sequence left the engine (finished, aborted or handed off): its table row is free."""
         self.tables.release(seq.request_id)
@@ -106,17 +134,22 @@ class ModelRunner:
     def run_empty(self) -> None:
         self.model(ForwardBatch.empty(self.device), self.caches)
 
+    @property
+    def handed_off_caches(self) -> list[torch.Tensor]:
+        """The caches a hand-off carries: every layer's, then the MTP module's where it drafts."""
+        return self.caches + ([self.mtp_cache] if self.mtp_cache is not None else [])
+
     def read_latents(self, seq: Sequence, num_tokens: int, to_host: bool = True) -> torch.Tensor:
-        """[num_layers, num_tokens, latent_dim] copy of the sequence's cached latents, on the CPU (or left on
-        the device)."""
+        """[layers, num_tokens, latent_dim] copy of the sequence's cached latents (`handed_off_caches`), on the
+        CPU (or left on the device)."""
         slots = self.slots(seq, num_tokens).to(self.device)
-        latents = torch.stack([cache[slots] for cache in self.caches])
+        latents = torch.stack([cache[slots] for cache in self.handed_off_caches])
         return latents.cpu() if to_host else latents
 
     def write_latents(self, seq: Sequence, start: int, latents: torch.Tensor) -> None:
-        """Store latents [num_layers, n, latent_dim] for the sequence's tokens start .. start + n."""
+        """Store latents [layers, n, latent_dim] (`handed_off_caches`) for the sequence's tokens start .. start + n."""
         slots = self.slots(seq, start + latents.shape[1])[start:].to(self.device)
-        for cache, layer in zip(self.caches, latents, strict=True):
+        for cache, layer in zip(self.handed_off_caches, latents, strict=True):
             cache[slots] = layer.to(device=cache.device, dtype=cache.dtype)
 
 

@@ -72,8 +72,10 @@ class KVHandoff:
     """A prefilled sequence, moved from a prefill engine to a decode engine.
 
     latents: [num_layers, len(prompt_token_ids), kv_lora_rank + qk_rope_head_dim], the prompt's cache, from
-    token `latents_start` on (the tokens before it are a prefix the decode rank's own cache holds, not sent).
+    token `latents_start` on (the tokens before it are a prefix the decode rank's own cache holds, not sent);
+    with speculative decoding one layer more, the MTP module's cache.
     generator_state: the seeded request's RNG after sampling the first token, so decode continues it.
+    draft_token_ids: with speculative decoding, a greedy request's draft of the token after the first.
     """
 
     request_id: str
@@ -86,6 +88,7 @@ class KVHandoff:
     # A resumed request's tokens already streamed to its client: the latents cover the prompt and them.
     resumed_token_ids: list[int] = field(default_factory=list)
     latents_start: int = 0
+    draft_token_ids: tuple[int, ...] = ()
 
     @property
     def sequence_token_ids(self) -> list[int]:
@@ -105,7 +108,10 @@ class KVHandoff:
             raise RequestError("handoff.latents", f"still on the prefill rank ({self.latents.transport}); the "
                                                   "rank taking the hand-off reads them first")
         if tuple(self.latents.shape) != expected:
-            raise RequestError("handoff.latents", f"expected shape {expected}, got {tuple(self.latents.shape)}")
+            why = ""
+            if self.latents.shape[0] != num_layers and abs(self.latents.shape[0] - num_layers) == 1:
+                why = " (one pool drafts with the MTP layer and the other does not: both need the same setting)"
+            raise RequestError("handoff.latents", f"expected shape {expected}, got {tuple(self.latents.shape)}{why}")
 
 
 @dataclass(frozen=True)
@@ -130,10 +136,18 @@ class EngineStats:
     # An expert-parallel group: the ranks it started with, and those serving now (fewer after losing one).
     ranks: int = 1
     ranks_alive: int = 1
+    # Speculative decoding: draft tokens verified, and those the main model kept.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def draft_acceptance(self) -> float:
+        """Draft tokens kept / draft tokens verified (speculative decoding; 0 without drafts)."""
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def prefix_hit_rate(self) -> float:

@@ -46,11 +46,13 @@ class RequestState:
     def process(self, new_token_ids: list[int]) -> RequestOutput:
         """The sequence has just grown by `new_token_ids` (already appended to seq.token_ids)."""
         out = self._empty_output()
-        for token_id in new_token_ids:
+        for position, token_id in enumerate(new_token_ids):
             if self.finished:
                 break
             out.token_ids.append(token_id)
-            reason = self.content_stops.check_token(token_id, self.seq.num_output_tokens, self.seq.num_tokens)
+            later = len(new_token_ids) - 1 - position  # each token's checks count the tokens up to it only
+            reason = self.content_stops.check_token(token_id, self.seq.num_output_tokens - later,
+                                                    self.seq.num_tokens - later)
             # A stop token's own text (e.g. EOS) is not part of the answer, as in vLLM.
             if reason != "stop" or self.params.include_stop_str_in_output:
                 self._emit(out, [token_id])

@@ -120,13 +120,28 @@ class DeepseekV3ForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[torch.Tensor], path: AttentionPath = "auto") -> torch.Tensor:
         """One step over packed tokens -> logits [len(batch.logits_indices), vocab] for the wanted rows."""
+        x = self._layers(batch, kv_caches, path)
+        return self.head(self.model.norm(x[batch.logits_indices]))
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: ForwardBatch, kv_caches: list[torch.Tensor], path: AttentionPath = "auto"
+                      ) -> torch.Tensor:
+        """One step over packed tokens -> the final-normed hidden state of every token [T, hidden]: what `head`
+        turns into logits, and what the MTP module drafts from."""
+        return self.model.norm(self._layers(batch, kv_caches, path))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.head_weight())
+
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def _layers(self, batch: ForwardBatch, kv_caches: list[torch.Tensor], path: AttentionPath) -> torch.Tensor:
         x = self.model.embed_tokens(batch.input_ids)
         cos_sin = self.rotary.cos_sin(batch.positions, self.dtype)
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
             x = layer(x, batch, cache, self.rotary, cos_sin, path)
-        x = self.model.norm(x[batch.logits_indices])
-        head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return torch.nn.functional.linear(x, head)
+        return x
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -261,6 +276,13 @@ class DeepseekV3ForCausalLM(nn.Module):
             experts = self.model.layers[layer].mlp.experts
             _copy_expert(experts.tensors(), experts.expert_ids, expert, proj, tensor)
         return len(wanted)
+
+    def load_mtp(self, checkpoint_dir: str | Path) -> None:
+        """Read the checkpoint's MTP module (the draft model of speculative decoding) into `self.mtp`."""
+        from .mtp import MultiTokenPredictor
+
+        self.mtp = MultiTokenPredictor.from_checkpoint(checkpoint_dir, self.config, self.dtype, self.device)
+        self.set_kernels(self.kernels)  # the module's attention and experts run on the model's path
 
     def reset_buffers(self) -> None:
         """Recompute derived, non-checkpoint buffers (after `to_empty` from the meta device)."""

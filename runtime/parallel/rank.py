@@ -147,6 +147,8 @@ class RankWorker:
             config_dir, getattr(torch, spec.dtype), spec.device, experts=self.layout, progress=False,
             weights=spec.weights,
         )
+        if spec.engine.speculative_tokens:
+            self.model.load_mtp(config_dir)  # all its experts here: drafting needs no collective
         # The all-to-all sizes its exchanges on the host, which a CUDA graph cannot capture: the decode
         # steps of a rank that dispatches run eagerly.
         engine_config = spec.engine if self.layout is None else replace(spec.engine, cuda_graphs=False)

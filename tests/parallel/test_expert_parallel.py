@@ -134,6 +134,21 @@ def test_a_group_keeps_fp8_weights_and_generates_like_one_process_that_does(tiny
         group.shutdown()
 
 
+def test_a_group_drafting_with_the_mtp_layer_generates_like_one_process_that_does_not(tiny_checkpoint):
+    """Each rank holds the MTP layer's experts itself, so drafting adds no collective: the ranks still step in
+    lockstep, one main forward each, and greedy output is unchanged."""
+    prompts = _prompts()[:4]
+    group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 2, dtype="float64", redundant=2,
+                                             engine=EngineConfig(num_blocks=96, block_size=8, max_batch_tokens=64,
+                                                                 speculative_tokens=1))
+    try:
+        assert _through_group(group, prompts) == _single_process(tiny_checkpoint, prompts)
+        stats = group.stats()
+        assert stats.draft_tokens > 0 and stats.kv_blocks_used == 0
+    finally:
+        group.shutdown()
+
+
 def test_a_killed_rank_fails_requests_within_a_bounded_time(tiny_checkpoint):
     group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 2, engine=ENGINE, timeout_s=10)
 
