@@ -63,6 +63,8 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], owner: str | None,
     node, inner_ref = _resolve(node, defs)
     model = ref_name or inner_ref
     out = {key: node[key] for key in _KEPT if key in node}
+    if "const" in node:  # a Literal of one value: structural schemas have no `const`
+        out["enum"] = [node["const"]]
     _exclusive_bounds(node, out)
     if nullable:
         out["nullable"] = True

@@ -17,6 +17,7 @@ from r1serve.spec.sections import (
     KVTransfer,
     ModelSpec,
     Ratio,
+    Speculative,
 )
 from r1serve.spec.upgrade import INCREMENTAL, Upgrade
 from r1serve.spec.workers import Workers
@@ -185,6 +186,11 @@ class R1DeploymentSpec(SpecModel):
     )
     kv_transfer: KVTransfer = Field(
         default_factory=KVTransfer, description="Prefill-to-decode KV-cache hand-off."
+    )
+    speculative: Speculative | None = Field(
+        None,
+        description="Speculative decoding with the checkpoint's MTP layer as the draft model; off "
+        "when omitted.",
     )
     api: ApiSpec = Field(
         default_factory=ApiSpec, description="Client-facing gRPC and HTTP endpoints."

@@ -306,6 +306,26 @@ class Experts(SpecModel):
     )
 
 
+class Speculative(SpecModel):
+    """Speculative decoding: a draft model proposes the next tokens and the served model checks them
+    in the step it runs anyway, so a decode step may emit several tokens. Greedy output is token for
+    token what it is without it; sampled output keeps its distribution (rejection sampling)."""
+
+    method: Literal["mtp"] = Field(
+        "mtp",
+        description="mtp: the checkpoint's multi-token-prediction layer drafts (DeepSeek-V3/R1 ship "
+        "one: num_nextn_predict_layers in config.json must be at least 1; a replica of a "
+        "checkpoint without it fails to start, naming this field). It keeps its own KV cache, "
+        "handed off with the prompt's, and holds all its routed experts in every rank.",
+    )
+    num_tokens: int = Field(
+        1,
+        ge=1,
+        le=1,
+        description="Draft tokens per decode step; 1 (the layer predicts one token ahead).",
+    )
+
+
 class KVTransfer(SpecModel):
     """How a prompt's KV cache moves from a prefill replica to a decode replica."""
 

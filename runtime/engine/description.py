@@ -11,6 +11,8 @@ def format_engine(description: Mapping[str, str]) -> str:
             f"CUDA graphs {description.get('cudaGraphs', '?')}")
     if description.get("weights"):  # how an FP8 checkpoint's weights are held: fp8 or dequantized
         line = f"{line}, weights {description['weights']}"
+    if description.get("speculative"):
+        line = f"{line}, speculative {description['speculative']}"
     ranks = description.get("ranks")
     if ranks and ranks != "1":
         line = f"{line}, {ranks} expert-parallel ranks"

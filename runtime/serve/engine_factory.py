@@ -57,6 +57,12 @@ def make_engine_client(plan: PoolPlan, checkpoint: Path, source: EngineSource = 
     rank actors, never through this replica."""
     if source.kind == "mock":
         return _mock_engine(plan, source)
+    if plan.engine.speculative_tokens:
+        from r1serve.runtime.model.config import ModelConfig
+
+        if ModelConfig.from_file(checkpoint).num_nextn_predict_layers < 1:
+            raise ValueError("spec.speculative: the checkpoint has no MTP layer to draft with "
+                             "(config.json: num_nextn_predict_layers is 0); remove spec.speculative")
     if plan.expert_parallel > 1 or plan.gpus_per_rank or direct:
         # The GPUs belong to the rank bundles, not to the replica actor (which reserves none): a GPU pool
         # runs its engine in rank actors even with one rank, so the device is the spec's.

@@ -96,6 +96,10 @@ class PoolMetrics:
                                  "Ranks serving in the replica's expert-parallel group (fewer than "
                                  "r1serve_pool_ranks after it lost one and went on without it).")
         self.ranks = gauge("r1serve_pool_ranks", "Ranks the replica's expert-parallel group started with.")
+        self.draft_acceptance = metrics.Gauge(
+            "r1serve_pool_draft_acceptance_rate", "Speculative decoding: draft tokens the model kept / draft tokens "
+            "it verified, since the replica started, by draft position (1: the token after the last known).",
+            tag_keys=("pool", "position")).set_default_tags(tags)
         self.handoff_bytes = metrics.Counter(
             "r1serve_kv_handoff_bytes_total", "Bytes of prompt latents handed from prefill to decode, by connector.",
             tag_keys=("pool", "connector")).set_default_tags(tags)
@@ -118,3 +122,5 @@ class PoolMetrics:
         self.admission_held.set(int(stats.admission_held))
         self.ranks_alive.set(stats.ranks_alive)
         self.ranks.set(stats.ranks)
+        if stats.draft_tokens:
+            self.draft_acceptance.set(stats.draft_acceptance, tags={"position": "1"})

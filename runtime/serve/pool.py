@@ -29,7 +29,7 @@ from .kept_load import OFFER_EVERY_S, keep_locally, kept_load_path, mounted, wor
 from .messages import PoolRequest, PrefillResult, merge_outputs, to_wire
 from .metrics import PoolMetrics
 from .pool_plan import PoolPlan
-from .status_board import publish_engine, publish_expert_load, publish_ranks
+from .status_board import publish_drafts, publish_engine, publish_expert_load, publish_ranks
 from .streams import coalesced
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class PoolServer:
         self._replica = _replica_name()
         self._offer_load_at = time.monotonic() + OFFER_EVERY_S
         self._degraded = False  # what the last metrics update saw
+        self._drafts_published, self._drafts_at = 0, 0.0  # draft tokens the status board was last told of
         self._busy_at = max(1, plan.engine.max_running // 2)
         self._stream_interval = 0.0
         self._last_handoff = -HANDOFF_GRACE_S
@@ -178,6 +179,10 @@ class PoolServer:
                 if degraded or self._degraded:  # and once more when it grew back
                     publish_ranks(self.plan.pool, self._replica, stats.ranks_alive, stats.ranks)
                 self._degraded = degraded
+                if stats.draft_tokens != self._drafts_published and time.monotonic() >= self._drafts_at:
+                    self._drafts_at = time.monotonic() + OFFER_EVERY_S
+                    self._drafts_published = stats.draft_tokens
+                    publish_drafts(self.plan.pool, self._replica, stats.draft_tokens, stats.accepted_draft_tokens)
                 if time.monotonic() >= self._offer_load_at:
                     self._offer_load_at = time.monotonic() + OFFER_EVERY_S
                     self._offer_expert_load()

@@ -81,6 +81,7 @@ def engine_config(deployment: R1Deployment, pool_name: Role) -> EngineConfig:
         kernels=pool.kernels,
         # With more ranks the all-to-all sizes its exchanges on the host, which a graph cannot capture.
         cuda_graphs=pool.cuda_graphs and pool.expert_parallel == 1,
+        speculative_tokens=deployment.spec.speculative.num_tokens if deployment.spec.speculative else 0,
     )
 
 

@@ -64,6 +64,11 @@ class StatusBoard:
             return
         degraded[replica] = {"replica": replica, "ranksAlive": alive, "ranks": total, "at": at}
 
+    def record_drafts(self, pool: str, replica: str, drafts: int, kept: int, at: float) -> None:
+        """A replica's speculative decoding: draft tokens verified and kept since it started."""
+        self.pools.setdefault(pool, {}).setdefault("drafts", {})[replica] = {"drafts": drafts, "kept": kept,
+                                                                            "at": at}
+
     def record_expert_load(self, pool: str, replica: str, load: str, at: float) -> None:
         """The expert load a replica saw (r1serve.spec.expert_load's encoding), for the operator to keep."""
         self.pools.setdefault(pool, {}).setdefault("expertLoad", {})[replica] = {"load": load, "at": at}
@@ -113,6 +118,11 @@ def _tell(method: str, *args) -> bool:
 def publish_engine(pool: str, description: dict[str, str]) -> None:
     """Sends a replica's engine description to the board once, at start-up; never raises."""
     _tell("record_engine", pool, description)
+
+
+def publish_drafts(pool: str, replica: str, drafts: int, kept: int) -> None:
+    """Sends a replica's draft-token counts to the board (repeated as they grow); never raises."""
+    _tell("record_drafts", pool, replica, drafts, kept, time.time())
 
 
 def publish_ranks(pool: str, replica: str, alive: int, total: int) -> None:
@@ -173,8 +183,21 @@ def pool_status(board: dict[str, dict[str, Any]], running: dict[str, int]) -> di
             "engine": entry.get("engine"),
             "degradedReplicas": degraded_replicas(entry, time.time()),
             "expertLoad": pool_expert_load(entry, time.time()),
+            "speculative": pool_drafts(entry),
         }
     return {"pools": pools}
+
+
+def pool_drafts(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """Speculative decoding over the pool's replicas: draft tokens verified and kept, and the share kept per
+    draft position (one position: one draft token a step); None while no replica drafted."""
+    drafts = (entry.get("drafts") or {}).values()
+    verified = sum(d["drafts"] for d in drafts)
+    if not verified:
+        return None
+    kept = sum(d["kept"] for d in drafts)
+    return {"draftTokens": verified, "keptTokens": kept, "replicas": len(drafts),
+            "acceptanceByPosition": {"1": kept / verified}}
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -191,6 +214,11 @@ def format_status(status: dict[str, Any]) -> str:
             when = time.strftime("%H:%M:%S", time.gmtime(kept["at"]))
             lines.append(f"  expert load: reported by {kept['replicas']} replica(s), newest at {when}, kept for "
                          "replicas that start later")
+        drafts = entry.get("speculative")
+        if drafts:
+            lines.append(f"  speculative decoding: {drafts['keptTokens']} of {drafts['draftTokens']} draft tokens "
+                         f"kept ({drafts['acceptanceByPosition']['1']:.0%} at draft position 1), over "
+                         f"{drafts['replicas']} replica(s)")
         for degraded in entry.get("degradedReplicas") or []:
             lines.append(f"  degraded: replica {degraded['replica']} serves with {degraded['ranksAlive']} of "
                          f"{degraded['ranks']} expert-parallel ranks")

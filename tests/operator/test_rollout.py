@@ -25,6 +25,7 @@ CHANGES = [
     ("`spec.model.source: /models/DeepSeek-R1-0528`", "serve-config"),
     ("`spec.model.maxModelLen: 65536`", "serve-config"),
     ("`spec.model.weights: fp8`", "serve-config"),
+    ("`spec.speculative: {method: mtp, numTokens: 1}`", "serve-config"),
     ("`spec.decode.autoscaling.targetOngoingRequests: 64`", "serve-config"),
     ("`spec.kvTransfer.connector: object-store`", "serve-config"),
     ("`spec.experts.rebalanceIntervalSeconds: 300`", "serve-config"),

@@ -10,6 +10,7 @@ from r1serve.runtime.serve.status_board import (
     format_status,
     pool_status,
     publish,
+    publish_drafts,
     publish_engine,
     publish_ranks,
 )
@@ -40,7 +41,7 @@ def test_status_shows_current_and_desired_replicas_with_the_reason():
     assert status["pools"]["prefill"]["desiredReplicas"] == 5
     assert status["pools"]["decode"] == {"currentReplicas": 2, "desiredReplicas": None, "lastDecision": None,
                                          "lastScaleDecision": None, "engine": None, "degradedReplicas": [],
-                                         "expertLoad": None}
+                                         "expertLoad": None, "speculative": None}
     text = format_status(status)
     assert "prefill: 1 replicas, desired 5" in text
     assert "queued prompt tokens 5000 in the pool vs target 1000 per replica" in text
@@ -75,3 +76,20 @@ def test_status_names_replicas_serving_with_fewer_ranks_until_they_stop_saying_s
     board.record_ranks("decode", "r-new", 4, 4, now + 1)  # it grew back
     assert pool_status(board.get(), {"decode": 2})["pools"]["decode"]["degradedReplicas"] == []
     publish_ranks("decode", "r-new", 3, 4)  # no Ray running: silently skipped
+
+
+def test_status_shows_how_many_draft_tokens_the_pools_replicas_kept():
+    board = StatusBoard()
+    board.record_engine("decode", {"device": "cpu", "kernels": "torch", "cudaGraphs": "off",
+                                   "speculative": "mtp (1 draft token)"})
+    assert pool_status(board.get(), {"decode": 1})["pools"]["decode"]["speculative"] is None
+    board.record_drafts("decode", "r1", 100, 80, time.time())
+    board.record_drafts("decode", "r2", 50, 10, time.time())
+    board.record_drafts("decode", "r1", 200, 170, time.time())  # its counts since it started, grown
+    status = pool_status(board.get(), {"decode": 2})
+    assert status["pools"]["decode"]["speculative"] == {
+        "draftTokens": 250, "keptTokens": 180, "replicas": 2, "acceptanceByPosition": {"1": 0.72}}
+    text = format_status(status)
+    assert "speculative mtp (1 draft token)" in text
+    assert "  speculative decoding: 180 of 250 draft tokens kept (72% at draft position 1), over 2 replica(s)" in text
+    publish_drafts("decode", "r1", 1, 1)  # no Ray running: silently skipped
