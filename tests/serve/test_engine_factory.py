@@ -78,3 +78,17 @@ def test_the_mock_engine_is_sized_like_the_pools_engine():
     engine = make_engine_client(plan, Path("/nonexistent"), EngineSource(kind="mock", token_delay_s=0.5))
     assert (engine.role, engine.block_size, engine.num_blocks, engine.token_delay_s) == (
         "decode", plan.engine.block_size, plan.engine.num_blocks, 0.5)
+
+
+def test_speculation_reaches_every_pools_engine_and_a_checkpoint_without_an_mtp_layer_is_refused(tmp_path):
+    from r1serve.runtime.model.tiny import make_tiny
+
+    doc = yaml.safe_load(TINY.read_text())
+    doc["spec"]["speculative"] = {"method": "mtp"}
+    plans = _plans(parse_r1deployment(doc))
+    assert {pool: plan.engine.speculative_tokens for pool, plan in plans.items()} == {"prefill": 1, "decode": 1}
+    without = make_tiny(tmp_path / "no-mtp", overrides={"num_nextn_predict_layers": 0})
+    with pytest.raises(ValueError, match=r"spec\.speculative: the checkpoint has no MTP layer to draft with"):
+        make_engine_client(plans["decode"], without)
+    del doc["spec"]["speculative"]
+    assert {plan.engine.speculative_tokens for plan in _plans(parse_r1deployment(doc)).values()} == {0}
