@@ -56,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--redundant", type=int, default=0, metavar="R", help="redundant expert slots per replica")
     check.set_defaults(run=_check_checkpoint)
 
+    fit = ckpt.add_parser("fit-mtp", help="fit the checkpoint's MTP layer to its own main model (self-distillation "
+                                          "on its greedy continuations), so that speculative decoding on a tiny "
+                                          "random checkpoint drafts what the main model says; rewrites CHECKPOINT")
+    fit.add_argument("checkpoint", type=Path)
+    fit.add_argument("--steps", type=int, default=300, help="optimiser steps")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--if-needed", action="store_true", help="do nothing when the layer was already fitted with "
+                                                             "these steps and seed")
+    fit.set_defaults(run=_fit_mtp)
+
     gen = sub.add_parser("generate", help="generate from a checkpoint (offline) or a server (--target), streaming")
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="run the engine in this process on this checkpoint")
@@ -70,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="offline only")
     gen.add_argument("--weights", choices=("auto", "fp8", "dequantized"), default="dequantized",
                      help="offline only: how an FP8 checkpoint's projections are held (spec.model.weights)")
+    gen.add_argument("--speculative-tokens", type=int, choices=(0, 1), default=0,
+                     help="offline only: draft tokens per step from the checkpoint's MTP layer (0: off)")
     gen.add_argument("--timeout", type=float, default=None, help="--target only: deadline in seconds")
     gen.add_argument("--token", default=None,
                      help="--target only: bearer token (default: the R1SERVE_API_TOKEN environment variable)")
@@ -176,6 +188,19 @@ def _check_checkpoint(args) -> int:
     return 0
 
 
+def _fit_mtp(args) -> int:
+    from r1serve.runtime.model.mtp_fit import fit_mtp, fitted
+
+    if args.if_needed and fitted(args.checkpoint, args.steps, args.seed):
+        print(f"{args.checkpoint}: MTP layer already fitted ({args.steps} steps, seed {args.seed})")
+        return 0
+    report = fit_mtp(args.checkpoint, steps=args.steps, seed=args.seed)
+    print(f"{args.checkpoint}: MTP layer fitted in {report.steps} steps: loss {report.first_loss:.3f} -> "
+          f"{report.last_loss:.3f}; it drafts the main model's token on {report.top1_agreement:.0%} of held-out "
+          f"positions")
+    return 0
+
+
 def _generate(args) -> int:
     import asyncio
 
@@ -195,8 +220,8 @@ async def _stream_generation(args, params) -> int:
     from r1serve.runtime.engine.async_engine import AsyncEngine
     from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 
-    engine = LLMEngine.from_checkpoint(args.checkpoint, EngineConfig(), dtype=getattr(torch, args.dtype),
-                                       weights=args.weights)
+    engine = LLMEngine.from_checkpoint(args.checkpoint, EngineConfig(speculative_tokens=args.speculative_tokens),
+                                       dtype=getattr(torch, args.dtype), weights=args.weights)
     tokenizer = engine.tokenizer
     if args.chat:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
@@ -212,8 +237,11 @@ async def _stream_generation(args, params) -> int:
                     print(f"\n--- {name} ---", flush=True)
                 print(text, end="", flush=True)
             if out.finished:
+                stats = engine.stats()
+                drafts = (f", {stats.accepted_draft_tokens} of {stats.draft_tokens} draft tokens kept"
+                          if args.speculative_tokens else "")
                 print(f"\n--- {out.finish_reason}: {out.prompt_tokens} prompt tokens, "
-                      f"{out.completion_tokens} generated ---")
+                      f"{out.completion_tokens} generated{drafts} ---")
     finally:
         client.shutdown()
     return 0

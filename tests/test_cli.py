@@ -21,6 +21,9 @@ def test_make_tiny_then_generate(tmp_path, capsys):
     assert main(["checkpoint", "check", str(out)]) == 0
     assert main(["generate", "--checkpoint", str(out), "--prompt", "Hi", "--chat", "--max-tokens", "5"]) == 0
     assert "5 generated" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "Hi", "--max-tokens", "5",
+                 "--speculative-tokens", "1"]) == 0
+    assert "5 generated, 0 of 3 draft tokens kept" in capsys.readouterr().out  # a random MTP layer; none for the last
 
 
 @pytest.mark.parametrize(
@@ -32,6 +35,7 @@ def test_make_tiny_then_generate(tmp_path, capsys):
         (["checkpoint", "check", "{tmp}/missing"], "no config.json"),
         (["generate", "--checkpoint", "{tmp}/missing", "--prompt", "x"], "missing"),
         (["spec", "validate", "{tmp}/missing.yaml"], "missing.yaml"),
+        (["checkpoint", "fit-mtp", "{tmp}/missing"], "missing"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
