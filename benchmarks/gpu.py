@@ -20,6 +20,15 @@ dequantizes on the fly: a reference, not a fast path; name it in --paths to run 
 against its own roofline (the FP8 bytes it must read), and set beside its bf16 row: the step ratio against
 the ideal ratio of bytes read. Weight memory of both models is reported.
 
+Speculative decoding (after the bf16 rows; --no-mtp skips it): the bf16 model gets a random MTP layer
+(one MoE layer of 256 experts, with its own embedding and head) and the "kernels" path decodes with one
+draft token a step. A random layer's drafts are refused, so each step is what speculation costs: a
+verify forward of 2 tokens per sequence plus a draft forward of the MTP layer, timed around
+`LLMEngine.step()` (speculation reads each step's tokens back before planning the next: no overlap). Set
+beside the plain decode step of the same path and batch: the step ratio r, the break-even share of drafts
+kept (r - 1: below it speculation is slower), and the speed-up (1 + a) / r at --acceptance a (default
+0.85, the low end of what DeepSeek reports for R1's own layer).
+
 Decode: B requests of 256-token prompts and 32 greedy tokens each, driven through `LLMEngine.step()` so
 that the host's preparation of each step counts; after the prompts are in (not timed), every step with all
 B sequences decoding is timed from its forward's start to the next forward's start (CUDA events recorded
@@ -80,9 +89,10 @@ from r1serve.runtime.model.fp8 import FP8_DTYPE  # noqa: E402
 from r1serve.runtime.model.fp8_linear import Fp8Linear  # noqa: E402
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM  # noqa: E402
 from r1serve.runtime.model.moe import MoE, TopKGate  # noqa: E402
+from r1serve.runtime.model.mtp import MultiTokenPredictor  # noqa: E402
 from r1serve.runtime.tokenizer import Tokenizer  # noqa: E402
 
-# DeepSeek-V3's config.json, less the layer count (set by --layers) and the MTP layer (not run in serving).
+# DeepSeek-V3's config.json, less the layer count (set by --layers).
 V3_LAYERS = {
     "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
     "num_hidden_layers": 3, "num_attention_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
@@ -90,7 +100,7 @@ V3_LAYERS = {
     "routed_scaling_factor": 2.5, "norm_topk_prob": True, "kv_lora_rank": 512, "q_lora_rank": 1536,
     "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "max_position_embeddings": 163840,
     "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 1,
-    "num_nextn_predict_layers": 0, "tie_word_embeddings": False,
+    "num_nextn_predict_layers": 1, "tie_word_embeddings": False,
     "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
 }
@@ -135,18 +145,11 @@ class Setup:
 # -- model and tokenizer ------------------------------------------------------------------------------
 
 
-def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                weights: str = "dequantized") -> DeepseekV3ForCausalLM:
-    """Random weights filled in place on the device: 50 GB of bf16 never cross the host. With `weights`
-    fp8, what the checkpoint stores in FP8 is e4m3 values of unit spread times a multiplier of 0.02 per
-    block: the same spread as the bf16 weights."""
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(config, dtype, "meta", weights=weights)
-    model.to_empty(device=device)
-    model.reset_buffers()
+def _fill_random(module: torch.nn.Module, device: torch.device, seed: int) -> None:
+    """Random weights in place: norms 1, matrices N(0, 0.02), FP8 ones e4m3 of unit spread times 0.02."""
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in module.named_parameters():
             if name.endswith("scale_inv"):
                 param.fill_(0.02)
             elif param.dtype == FP8_DTYPE:  # no random fill in e4m3: drawn in pieces, then rounded
@@ -157,10 +160,35 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, s
                 param.fill_(1.0)  # norm weights
             else:
                 param.normal_(0.0, 0.02, generator=gen)
-        for module in model.modules():
-            if isinstance(module, TopKGate):
+        for sub in module.modules():
+            if isinstance(sub, TopKGate):
                 # No learned bias: the tokens' scores alone choose, so routing spreads roughly evenly.
-                module.e_score_correction_bias.zero_()
+                sub.e_score_correction_bias.zero_()
+
+
+def attach_mtp(model: DeepseekV3ForCausalLM, seed: int = 1) -> None:
+    """A random MTP layer for the model, built on its device."""
+    with torch.device("meta"):
+        mtp = MultiTokenPredictor(model.config, model.dtype, "meta")
+    mtp.to_empty(device=model.device)
+    for sub in mtp.modules():
+        if sub is not mtp and hasattr(sub, "reset_buffers"):
+            sub.reset_buffers()
+    _fill_random(mtp, model.device, seed)
+    model.mtp = mtp.eval()
+    model.set_kernels(model.kernels)
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                weights: str = "dequantized") -> DeepseekV3ForCausalLM:
+    """Random weights filled in place on the device: 50 GB of bf16 never cross the host. With `weights`
+    fp8, what the checkpoint stores in FP8 is e4m3 values of unit spread times a multiplier of 0.02 per
+    block: the same spread as the bf16 weights."""
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config, dtype, "meta", weights=weights)
+    model.to_empty(device=device)
+    model.reset_buffers()
+    _fill_random(model, device, seed)
     return model.eval()
 
 
@@ -394,9 +422,10 @@ def _drain(engine: LLMEngine) -> None:
         engine.step()
 
 
-def make_engine(model, tokenizer, path: str, max_running: int, num_blocks: int, batch_tokens: int) -> LLMEngine:
+def make_engine(model, tokenizer, path: str, max_running: int, num_blocks: int, batch_tokens: int,
+                speculative: int = 0) -> LLMEngine:
     config = EngineConfig(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_batch_tokens=batch_tokens,
-                          max_running=max_running)
+                          max_running=max_running, speculative_tokens=speculative)
     return LLMEngine(model, tokenizer, config, paths=PATHS[path])
 
 
@@ -428,6 +457,55 @@ def decode_row(engine: LLMEngine, routing: Routing, setup: Setup, batch: int, rn
             "overlap": bool(getattr(engine, "overlap", False)), "bytes": mean_bytes["total"], "bytes_parts": mean_bytes,
             "distinct_experts_per_layer": statistics.mean(statistics.mean(d) for d in distinct) if routing.num_layers
             else 0}
+
+
+def speculative_row(engine: LLMEngine, setup: Setup, batch: int, rng: random.Random) -> dict:
+    """Decode steps with one draft token per sequence, each timed around `LLMEngine.step()` while all
+    `batch` sequences decode."""
+    _submit(engine, batch, setup.prompt, 3, rng, "warm")
+    _drain(engine)
+    _submit(engine, batch, setup.prompt, setup.new_tokens, rng, "s")
+    _run_prompts(engine)
+    times = []
+    while engine.has_work:
+        running = engine.scheduler.running
+        whole = len(running) == batch and not any(seq.is_prefilling for seq in running)
+        setup.sync()
+        start = time.perf_counter()
+        engine.step()
+        setup.sync()
+        if whole:
+            times.append(time.perf_counter() - start)
+    if not times:
+        raise RuntimeError("no decode step ran with the whole batch")
+    stats = engine.stats()
+    step = statistics.median(times)
+    return {"phase": "decode+mtp", "batch": batch, "steps": len(times), "step_ms": step * 1e3,
+            "tokens_per_s": batch * (1 + stats.accepted_draft_tokens / max(1, stats.draft_tokens)) / step,
+            "draft_tokens": stats.draft_tokens, "kept": stats.accepted_draft_tokens}
+
+
+def speculative_pairs(rows: list[dict], acceptance: float) -> list[dict]:
+    """Each speculative row beside the plain bf16 decode row of its path and batch."""
+    plain = {(r["path"], r["batch"]): r for r in rows
+             if r.get("weights") == "dequantized" and r["phase"] == "decode" and "error" not in r}
+    out = []
+    for r in rows:
+        base = plain.get((r["path"], r["batch"]))
+        if r["phase"] != "decode+mtp" or "error" in r or base is None:
+            continue
+        ratio = r["step_ms"] / base["step_ms"]
+        out.append({"path": r["path"], "batch": r["batch"], "plain_step_ms": base["step_ms"],
+                    "speculative_step_ms": r["step_ms"], "step_ratio": ratio, "break_even": ratio - 1,
+                    "speedup": (1 + acceptance) / ratio})
+    return out
+
+
+def speculative_table(pairs: list[dict], acceptance: float) -> str:
+    body = [[p["path"], p["batch"], _fmt(p["plain_step_ms"]), _fmt(p["speculative_step_ms"]), f"{p['step_ratio']:.2f}",
+             f"{p['break_even']:.0%}", f"{p['speedup']:.2f}"] for p in pairs]
+    return markdown_table(["path", "batch", "plain step ms", "verify 2 + draft step ms", "step ratio r",
+                           "break-even drafts kept (r - 1)", f"speed-up at {acceptance:.0%} kept"], body)
 
 
 def prefill_row(engine: LLMEngine, routing: Routing, setup: Setup, rng: random.Random) -> dict:
@@ -652,6 +730,9 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", choices=WEIGHTS,
                         help="weight formats, one model after the other (default: both where the GPU has FP8 "
                              "tensor cores, and in the smoke test)")
+    parser.add_argument("--no-mtp", action="store_true", help="skip the speculative-decoding rows")
+    parser.add_argument("--acceptance", type=float, default=0.85,
+                        help="share of drafts kept for the projected speed-up of speculation")
     parser.add_argument("--prefill-seqs", type=int)
     parser.add_argument("--prefill-len", type=int)
     parser.add_argument("--profile-batch", type=int, help="the decode batch profiled (default 64; 4 with --small)")
@@ -734,15 +815,37 @@ def main() -> None:
                 continue
             run_path(model, tokenizer, path, setup, routing, report)
         routing.close()
+        if weights == "dequantized" and not args.no_mtp:
+            attach_mtp(model)
+            for batch in setup.batches:
+                row = {"path": "kernels", "weights": weights, "phase": "decode+mtp", "batch": batch}
+                engine = None
+                try:
+                    per_seq = -(-(setup.prompt + setup.new_tokens + 2) // BLOCK_SIZE)
+                    engine = make_engine(model, tokenizer, "kernels", batch, batch * per_seq + 8, 16384, speculative=1)
+                    row.update(speculative_row(engine, setup, batch, random.Random(f"mtp/{batch}")))
+                except Exception as exc:  # noqa: BLE001 - the other rows stand without it
+                    row["error"] = _error(exc)
+                    traceback.print_exc()
+                finally:
+                    del engine
+                    _free(setup)
+                report(row)
         del model, routing
         _free(setup)
     for row in rows:
-        judge(row, ceilings)
+        if row["phase"] != "decode+mtp":
+            judge(row, ceilings)
 
-    text = table(rows, ceilings) + "\n\n" + "\n".join(f"- {line}" for line in ceiling_lines)
+    text = table([r for r in rows if r["phase"] != "decode+mtp"], ceilings) + "\n\n" + \
+        "\n".join(f"- {line}" for line in ceiling_lines)
     pairs = fp8_pairs(rows)
     if pairs or "fp8" in weight_bytes:
         text += "\n\nFP8 weights against bf16, same shapes, prompts and steps:\n\n" + fp8_table(pairs, weight_bytes)
+    speculative = speculative_pairs(rows, args.acceptance)
+    if speculative:
+        text += ("\n\nSpeculative decoding (MTP, one draft token), what a step costs against a plain one:\n\n"
+                 + speculative_table(speculative, args.acceptance))
     profiles = profile_tables(rows)
     if profiles:
         text += "\n\n" + profiles

@@ -108,3 +108,15 @@ def test_the_profiled_batch_reports_busy_time_and_top_kernels(result):
         assert row["batch"] == data["setup"]["profile_batch"]
         assert 0 < profile["busy_over_wall"] <= 1.05 and profile["wall_ms"] > 0
         assert 1 <= len(profile["top"]) <= 5 and all(k["ms"] > 0 for k in profile["top"])
+
+
+@pytest.mark.slow
+def test_speculative_rows_time_a_verify_and_draft_step_beside_the_plain_one(result):
+    data, stdout = result
+    plain = {r["batch"]: r for r in data["rows"]
+             if (r["path"], r["weights"], r["phase"]) == ("kernels", "dequantized", "decode")}
+    speculative = {r["batch"]: r for r in data["rows"] if r["phase"] == "decode+mtp"}
+    assert speculative.keys() == plain.keys() == set(data["setup"]["batches"])
+    for row in speculative.values():
+        assert "error" not in row and row["step_ms"] > 0 and row["draft_tokens"] > 0 and row["steps"] >= 1
+    assert "| path | batch | plain step ms | verify 2 + draft step ms | step ratio r |" in stdout
