@@ -55,7 +55,9 @@ class DecodeGraphs:
         self.capture_s = 0.0
 
     def fits(self, batch: ForwardBatch) -> bool:
-        return (batch.prefill is None and batch.decode is not None and batch.num_tokens <= self.buckets[-1]
+        # One row per sequence (no short chunks of several decode rows): the shape the graphs were captured in.
+        return (batch.prefill is None and batch.decode is not None and batch.decode.rows is None
+                and batch.num_tokens <= self.buckets[-1]
                 and batch.block_tables.shape[1] <= self.width and batch.block_size == self.block_size)
 
     def bucket(self, size: int) -> int:

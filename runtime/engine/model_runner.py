@@ -20,6 +20,9 @@ from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
+# The longest chunk speculative decoding verifies: the last token and one draft.
+SPECULATIVE_CHUNK = 2
+
 
 @dataclass(frozen=True)
 class RunnerPaths:
@@ -94,7 +97,7 @@ class ModelRunner:
         return self.model(batch, self.caches)
 
     def build_batch(self, chunks: Seq[ScheduledChunk], want_logits: Seq[bool],
-                    input_ids: torch.Tensor | None = None) -> ForwardBatch:
+                    input_ids: torch.Tensor | None = None, decode_up_to: int = 1) -> ForwardBatch:
         rows = self.tables.rows_for([c.seq for c in chunks])
         query_lens = [c.num_tokens for c in chunks]
         context_lens = [c.seq.num_computed_tokens + c.num_tokens for c in chunks]
@@ -104,13 +107,16 @@ class ModelRunner:
                    for t in c.seq.token_ids[c.seq.num_computed_tokens: c.seq.num_computed_tokens + c.num_tokens]]
             input_ids = torch.tensor(ids, dtype=torch.long, pin_memory=self.device.type == "cuda")
         return ForwardBatch.paged(input_ids, query_lens, context_lens, self.tables.gather(rows, width),
-                                  self.block_size, want_logits, self.device)
+                                  self.block_size, want_logits, self.device, decode_up_to)
 
     def run_with_hidden(self, chunks: Seq[ScheduledChunk], input_ids: list[int], logit_rows: list[int]
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """A forward over `input_ids` (the chunks' tokens, packed; a chunk may run tokens the sequence does not
         hold yet: draft tokens) -> (logits at the packed rows `logit_rows`, final hidden state of every row)."""
-        batch = self.build_batch(chunks, [False] * len(chunks), torch.tensor(input_ids, dtype=torch.long))
+        # A sequence's last token and its draft attend as decode rows (the absorbed path, through the block
+        # table), as a plain decode step's token does.
+        batch = self.build_batch(chunks, [False] * len(chunks), torch.tensor(input_ids, dtype=torch.long),
+                                 decode_up_to=SPECULATIVE_CHUNK)
         batch = replace(batch, logits_indices=upload(logit_rows, self.device, torch.long))
         hidden = self.model.hidden_states(batch, self.caches)
         return self.model.head(hidden[batch.logits_indices]), hidden
@@ -124,7 +130,8 @@ class ModelRunner:
         context_lens = [first + n for _, first, n in spans]
         width = -(-max(context_lens) // self.block_size)
         batch = ForwardBatch.paged(torch.tensor(input_ids, dtype=torch.long), [n for _, _, n in spans], context_lens,
-                                   self.tables.gather(rows, width), self.block_size, want_logits, self.device)
+                                   self.tables.gather(rows, width), self.block_size, want_logits, self.device,
+                                   decode_up_to=SPECULATIVE_CHUNK)
         return self.model.mtp(batch, self.mtp_cache, hidden, self.model.rotary)
 
     def release(self, seq: Sequence) -> None:

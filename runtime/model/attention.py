@@ -65,7 +65,7 @@ class MLAttention(nn.Module):
         latent = torch.cat((self.kv_a_layernorm(c_kv), rope.apply(k_pe, *cos_sin)), dim=-1)
         cache[batch.slot_mapping] = latent.to(cache.dtype)
 
-        if batch.decode is not None and batch.prefill is None:  # a decode-only step: one row per sequence
+        if batch.decode is not None and batch.prefill is None:  # a decode-only step: every token a decode row
             out = self._decode(q_nope, q_pe, cache, batch, path)
         else:
             out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
@@ -88,7 +88,7 @@ class MLAttention(nn.Module):
             slots = table_slots(batch.decode.of(batch.block_tables), batch.block_size)
             context = cache[slots].to(q_nope.dtype)  # [D, Lk, latent_dim]
             keys = torch.arange(length, device=context.device)
-            lengths = batch.decode.of(batch.context_lens)
+            lengths = batch.decode.context_lens(batch.context_lens)
             mask = (keys[None, :] < lengths[:, None])[:, None, None, :]  # [D, 1, 1, Lk]
             attend = self._naive if path == "naive" else self._absorbed
             return attend(q_nope[:, None], q_pe[:, None], context, mask)[:, 0]
@@ -99,8 +99,8 @@ class MLAttention(nn.Module):
         # an eager step's narrow ones then split alike, and the graph computes what the eager step does.
         splits = default_num_splits(q.shape[0], self.num_heads)
         out_latent = paged_mla_decode(q, cache, batch.decode.of(batch.block_tables),
-                                      batch.decode.of(batch.context_lens), batch.block_size, self.kv_lora_rank,
-                                      self.softmax_scale, splits)
+                                      batch.decode.context_lens(batch.context_lens), batch.block_size,
+                                      self.kv_lora_rank, self.softmax_scale, splits)
         return torch.einsum("dhc,hvc->dhv", out_latent.to(q_nope.dtype), w_uv)
 
     def _attend(self, group: AttentionGroup, q_nope, q_pe, cache, path: AttentionPath) -> torch.Tensor:

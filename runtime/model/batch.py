@@ -64,18 +64,26 @@ class AttentionGroup:
 
 @dataclass(frozen=True)
 class DecodeRows:
-    """The single-token (decode) sequences of a step: their packed rows and their sequence indices [D].
+    """The tokens a step attends as decodes: their packed rows and their sequence indices [D].
 
-    Both are None when every token of the step is a decode (rows = sequences = 0 .. D-1): the shape a
-    captured CUDA graph replays, where the batch's block tables are used as they are, without a gather.
+    Both are None when every token of the step is a single-token decode (rows = sequences = 0 .. D-1): the
+    shape a captured CUDA graph replays, where the batch's block tables are used as they are, without a
+    gather. A short chunk of several tokens (speculative decoding's verification: the last token and its
+    drafts) attends as that many decode rows of one sequence, each over the context up to its own position:
+    `lengths` [D] then gives each row's context length.
     """
 
     rows: torch.Tensor | None
     seqs: torch.Tensor | None
+    lengths: torch.Tensor | None = None
 
     def of(self, per_sequence: torch.Tensor) -> torch.Tensor:
         """The decodes' rows of a per-sequence tensor (block tables, context lengths)."""
         return per_sequence if self.seqs is None else per_sequence[self.seqs]
+
+    def context_lens(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """Each decode row's context length: its sequence's, or up to its own position in a short chunk."""
+        return self.of(per_sequence) if self.lengths is None else self.lengths
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,7 @@ class ForwardBatch:
 
     @classmethod
     def build(cls, chunks: Sequence[SequenceChunk], device: torch.device | str = "cpu",
-              block_size: int = 1) -> ForwardBatch:
+              block_size: int = 1, decode_up_to: int = 1) -> ForwardBatch:
         """From per-sequence lists (tests, the plain generator); the engine builds from tensors (`paged`)."""
         if not chunks:
             raise ValueError("a forward batch needs at least one sequence")
@@ -136,16 +144,18 @@ class ForwardBatch:
             block_size=block_size,
             want_logits=[c.want_logits for c in chunks],
             device=device,
+            decode_up_to=decode_up_to,
         )
 
     @classmethod
     def paged(cls, input_ids: torch.Tensor, query_lens: Sequence[int], context_lens: Sequence[int],
               block_tables: torch.Tensor, block_size: int, want_logits: Sequence[bool],
-              device: torch.device | str) -> ForwardBatch:
+              device: torch.device | str, decode_up_to: int = 1) -> ForwardBatch:
         """input_ids [T] (host), block_tables [B, max_blocks] int32 (host or device): the step's batch.
 
-        Per-token values are computed with whole-batch tensor operations; only prompt chunks (which
-        need the padded group) loop over their own sequences.
+        Chunks of at most `decode_up_to` tokens attend as decode rows (one per token, through the block
+        table), longer ones as prompt chunks. Per-token values are computed with whole-batch tensor
+        operations; only prompt chunks (which need the padded group) loop over their own sequences.
         """
         if not len(query_lens):
             raise ValueError("a forward batch needs at least one sequence")
@@ -164,14 +174,18 @@ class ForwardBatch:
         positions_d = to_device(positions)
         seq_d = to_device(seq_of_token)
         blocks = block_tables[seq_d, positions_d // block_size].long()
-        is_decode = q_lens == 1
+        is_decode = q_lens <= decode_up_to
         decode = None
         if bool(is_decode.any()):
-            if bool(is_decode.all()):
+            if bool((q_lens == 1).all()):
                 decode = DecodeRows(None, None)
-            else:
+            elif bool((q_lens[is_decode] == 1).all()):
                 seqs = is_decode.nonzero().squeeze(1)
                 decode = DecodeRows(to_device(starts[seqs]), to_device(seqs))
+            else:  # short chunks among them: one decode row per token, each seeing up to its own position
+                rows = is_decode[seq_of_token].nonzero().squeeze(1)
+                decode = DecodeRows(to_device(rows), to_device(seq_of_token[rows]),
+                                    to_device((positions[rows] + 1).to(torch.int32)))
         prefill = None
         if not bool(is_decode.all()):
             members = (~is_decode).nonzero().squeeze(1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -84,6 +86,29 @@ def test_sequences_at_different_stages_share_a_step(model64):
     )
     next_tokens = model64(mixed, caches).argmax(-1).tolist()
     assert next_tokens == [generated[0][5], generated[1][0]]
+
+
+@pytest.mark.parametrize("kernels,dtype,tolerance", [("torch", torch.float64, 1e-10), ("triton", torch.float32, 1e-5)])
+def test_short_chunks_attend_as_decode_rows_and_equal_the_prompt_path(kernels, dtype, tolerance):
+    """Speculative decoding's verification: a sequence's last token and its draft attend as two decode rows,
+    each up to its own position (the absorbed path, the paged kernel), beside a one-token decode and a
+    prompt chunk; every row's logits equal those of the prompt path."""
+    model = _model(dtype)
+    model.set_kernels(kernels)
+    slots = [list(range(i * 64, i * 64 + 64)) for i in range(len(PROMPTS))]
+    caches = model.allocate_kv_cache(64 * len(PROMPTS))
+    model(ForwardBatch.build([SequenceChunk(p, s[: len(p)]) for p, s in zip(PROMPTS[:2], slots)]), caches)
+    chunks = [SequenceChunk([11, 12], slots[0][: len(PROMPTS[0]) + 2]),  # a last token and its draft
+              SequenceChunk([13], slots[1][: len(PROMPTS[1]) + 1]),  # a plain decode
+              SequenceChunk(PROMPTS[2], slots[2][: len(PROMPTS[2])])]  # a prompt
+    logits = {}
+    for up_to in (1, 2):
+        batch = ForwardBatch.build(chunks, decode_up_to=up_to)
+        every_row = torch.arange(batch.num_tokens)
+        logits[up_to] = model(dataclasses.replace(batch, logits_indices=every_row), [c.clone() for c in caches])
+        assert (batch.decode.lengths is not None) == (up_to == 2)
+    assert ForwardBatch.build(chunks, decode_up_to=2).decode.lengths.tolist() == [38, 39, 4]
+    assert _rel(logits[2], logits[1]) < tolerance
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
