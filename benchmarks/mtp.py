@@ -122,9 +122,9 @@ def main() -> None:
             f"{fit['held_out_agreement']:.1%} on prompts it did not see). Requests: the first {len(prompts)} fit "
             f"prompts, {args.new_tokens} greedy tokens each; the same tokens with MTP on and off; the median of "
             f"{args.repeats} runs of each, alternating.\n- A step with a draft costs more than a plain one (last "
-            f"column: tokens per forward over the speed ratio): its 2-token verify chunk runs the prefill attention "
-            f"path, and the draft runs the MTP layer with its own 129k-token output head, which on a tiny model "
-            f"weighs as much as several decoder layers.")
+            f"column: tokens per forward over the speed ratio): it runs two tokens per sequence through the main "
+            f"model, and the MTP layer with its own 129k-token output head, which on a tiny model weighs as much as "
+            f"several decoder layers.")
     print("\n" + text)
     if args.record:
         record("mtp", "## Speculative decoding: MTP drafts vs plain decoding (fitted tiny model, CPU)\n\n" + text)
