@@ -28,6 +28,9 @@ def weight_warnings(deployment: R1Deployment, checkpoint: str | Path, gpu_memory
     config = ModelConfig.from_file(checkpoint)
     fp8_checkpoint = is_fp8_checkpoint(checkpoint)
     spec = deployment.spec
+    if spec.speculative is not None and config.num_nextn_predict_layers < 1:
+        raise ValueError("spec.speculative: the checkpoint has no MTP layer to draft with "
+                         "(config.json: num_nextn_predict_layers is 0); remove spec.speculative")
     warnings = []
     for role, pool in spec.active_pools().items():
         if not pool.gpus_per_rank:
@@ -41,7 +44,8 @@ def weight_warnings(deployment: R1Deployment, checkpoint: str | Path, gpu_memory
                              f"+ experts.redundant {spec.experts.redundant} do not divide over "
                              f"{pool.expert_parallel} ranks")
         plan = weight_bytes_per_rank(config, weights=weights, dtype_bytes=DTYPE_BYTES[dtype],
-                                     expert_parallel=pool.expert_parallel, redundant=spec.experts.redundant)
+                                     expert_parallel=pool.expert_parallel, redundant=spec.experts.redundant,
+                                     mtp=spec.speculative is not None)
         budget = max_share * gpu_memory_gib * GIB * pool.gpus_per_rank
         if plan.total > budget:
             auto_fp8 = spec.model.weights == "auto" and weights == "fp8"

@@ -155,3 +155,13 @@ def test_spec_validate_warns_when_weights_alone_exceed_a_share_of_the_gpus(tiny_
     assert "more than 85% of 1 x 0.001 GiB (--gpu-memory-gib, --max-weight-share)" in err
     assert main([*argv, "--max-weight-share", "1.5"]) == 2
     assert "--max-weight-share: must be in (0, 1] (got 1.5)" in capsys.readouterr().err
+    doc["spec"]["speculative"] = {"method": "mtp"}  # the MTP layer, whole in every rank, counts too
+    (tmp_path / "mtp.yaml").write_text(yaml.safe_dump(doc))
+    argv = ["spec", "validate", str(tmp_path / "mtp.yaml"), "--checkpoint", str(tiny_checkpoint)]
+    assert main([*argv, "--gpu-memory-gib", "0.001"]) == 0
+    assert ", MTP layer 0." in capsys.readouterr().err
+    from r1serve.runtime.model.tiny import make_tiny
+
+    without = make_tiny(tmp_path / "no-mtp", overrides={"num_nextn_predict_layers": 0})
+    assert main(["spec", "validate", str(tmp_path / "mtp.yaml"), "--checkpoint", str(without)]) == 2
+    assert "spec.speculative: the checkpoint has no MTP layer to draft with" in capsys.readouterr().err

@@ -21,17 +21,18 @@ class WeightBytes:
 
     routed_experts: int
     replicated: int
+    mtp_layer: int = 0  # speculative decoding's MTP layer, whole in every rank (all its experts, dequantized)
 
     @property
     def total(self) -> int:
-        return self.routed_experts + self.replicated
+        return self.routed_experts + self.replicated + self.mtp_layer
 
 
 def weight_bytes_per_rank(config: ModelConfig, *, weights: str, dtype_bytes: int, expert_parallel: int = 1,
-                          redundant: int = 0) -> WeightBytes:
+                          redundant: int = 0, mtp: bool = False) -> WeightBytes:
     """`weights` fp8: the projections the model keeps FP8 (fp8.kept_fp8, routed experts included) take one byte
     per value plus a float32 multiplier per 128x128 block; the router four bytes per value; everything else
-    `dtype_bytes` per value."""
+    `dtype_bytes` per value. `mtp`: the MTP layer drafts (spec.speculative), held whole in `dtype_bytes`."""
     if weights not in ("fp8", "dequantized"):
         raise ValueError(f"weights: must be fp8 or dequantized here (got {weights!r}); resolve auto first")
     if expert_parallel <= 0 or (config.n_routed_experts + redundant) % expert_parallel:
@@ -51,9 +52,16 @@ def weight_bytes_per_rank(config: ModelConfig, *, weights: str, dtype_bytes: int
         else:
             replicated += size
     slots = (config.n_routed_experts + redundant) // expert_parallel
-    return WeightBytes(routed_experts=experts * slots // config.n_routed_experts, replicated=replicated)
+    mtp_layer = 0
+    if mtp:
+        main = checkpoint_shapes(config)
+        mtp_layer = sum(math.prod(shape) * (4 if name.endswith(ROUTER_FLOAT32) else dtype_bytes)
+                        for name, shape in checkpoint_shapes(config, include_mtp=True).items() if name not in main)
+    return WeightBytes(routed_experts=experts * slots // config.n_routed_experts, replicated=replicated,
+                       mtp_layer=mtp_layer)
 
 
 def format_weight_bytes(plan: WeightBytes) -> str:
+    mtp = f", MTP layer {plan.mtp_layer / GIB:.2f} GiB" if plan.mtp_layer else ""
     return (f"{plan.total / GIB:.2f} GiB per rank (routed experts {plan.routed_experts / GIB:.2f} GiB, "
-            f"replicated weights {plan.replicated / GIB:.2f} GiB)")
+            f"replicated weights {plan.replicated / GIB:.2f} GiB{mtp})")
