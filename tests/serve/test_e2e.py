@@ -58,8 +58,10 @@ GRAPHS = {
     # on CPU memory), with expert parallelism on both sides.
     "disaggregated-nixl": lambda docs: docs.tiny(kvTransfer={"connector": "nixl"}),
     # Rank to rank over gloo, two-sided, through a link each decode rank makes to a prefill rank: what `auto`
-    # resolves to for pools on CPUs.
-    "disaggregated-gloo": lambda docs: _weights_auto(docs.tiny(kvTransfer={"connector": "auto"})),
+    # resolves to for pools on CPUs. The MTP layer drafts in both pools: its cache and a greedy request's first
+    # draft go with the prompt's latents.
+    "disaggregated-gloo": lambda docs: _weights_auto(docs.tiny(kvTransfer={"connector": "auto"},
+                                                               speculative={"method": "mtp"})),
     "single-pool": lambda docs: docs.single_pool(),
 }
 
@@ -241,3 +243,7 @@ def test_the_kv_connector_in_use_is_reported(graph, stub, request):
     if kind != "single-pool":  # the engine line of each pool in `r1serve status`
         pools = httpx.get(f"{graph.http_url}{STATUS_ROUTE}", timeout=30).json()["pools"]
         assert {pools[pool]["engine"]["kvConnector"] for pool in ("prefill", "decode")} == {expected[kind]}
+        drafting = {pool for pool in ("prefill", "decode") if pools[pool]["engine"].get("speculative")}
+        assert drafting == ({"prefill", "decode"} if kind == "disaggregated-gloo" else set())
+    if kind == "disaggregated-gloo":  # the decode replica verified drafts for the requests before this test
+        assert graph.stats("decode")["draft_tokens"] > 0
