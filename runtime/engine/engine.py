@@ -135,7 +135,9 @@ class LLMEngine:
         # Verifying drafts needs each step's tokens on the host before the next is planned: no overlap.
         self.overlap = (config.overlap if config.overlap is not None else self.runner.device.type == "cuda") \
             and not self.speculative
-        self.drafts: dict[str, tuple[list[int], torch.Tensor | None]] = {}  # request -> draft tokens, their q
+        # request -> draft tokens, the distribution they were drawn from (sampled requests), and the length
+        # of the sequence they follow
+        self.drafts: dict[str, tuple[list[int], torch.Tensor | None, int]] = {}
         self.draft_tokens = self.accepted_draft_tokens = 0
         self._inflight: _Launched | None = None
         self.finished_count = 0
@@ -178,6 +180,10 @@ class LLMEngine:
             raise RequestError("role", "a prefill engine cannot continue a hand-off")
         self._validate(handoff.request_id, handoff.prompt_token_ids, handoff.params, handoff.resumed_token_ids)
         handoff.validate(len(self.runner.handed_off_caches), self.model.config.latent_dim)
+        vocab = self.model.config.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in handoff.draft_token_ids):
+            raise RequestError("handoff.draft_token_ids", f"each id must be an integer in [0, {vocab}) "
+                                                          f"(got {list(handoff.draft_token_ids)!r})")
         prompt = list(handoff.prompt_token_ids)
         seq = Sequence(handoff.request_id, prompt + list(handoff.resumed_token_ids), len(prompt))
         state = self._state(seq, handoff.params)
@@ -190,7 +196,7 @@ class LLMEngine:
         if state.finished:
             return [self._retire(state, out)]
         if self.speculative and handoff.draft_token_ids and state.params.is_greedy:
-            self.drafts[seq.request_id] = (list(handoff.draft_token_ids), None)
+            self.drafts[seq.request_id] = (list(handoff.draft_token_ids), None, seq.num_tokens)
         self.pending_handoffs.append((state, handoff))
         self._admit_handoffs()
         return [out]
@@ -216,7 +222,7 @@ class LLMEngine:
     @property
     def cache_bytes(self) -> int:
         """The paged latent cache's size on the device."""
-        return sum(cache.numel() * cache.element_size() for cache in self.runner.caches)
+        return sum(cache.numel() * cache.element_size() for cache in self.runner.handed_off_caches)
 
     def hold_admission(self, hold: bool) -> None:
         """While held, running sequences continue and waiting ones wait (see Scheduler.admitting)."""
@@ -337,12 +343,18 @@ class LLMEngine:
         """One step with draft tokens: a decoding sequence that has a draft runs its last token and the draft
         together, and keeps what `accept_greedy`/`accept_sampled` decide (the main model's logits at both
         positions); then the MTP module runs over every position whose next token is now known, writing its
-        own cache, and drafts the next token of each sequence that goes on decoding. A refused draft's latent
-        stays in the cache beyond the computed tokens, to be overwritten by the next step. The MTP module
-        holds all its experts in every process, so in an expert-parallel group only the main forward is
-        collective, one per step as without speculation."""
+        own cache (finished sequences' too: their blocks may serve as a later prompt's prefix), and drafts the
+        next token of each sequence that goes on decoding. A refused draft's latent stays in the cache beyond
+        the computed tokens, to be overwritten by the next step. The MTP module holds all its experts in every
+        process, so in an expert-parallel group only the main forward is collective, one per step as without
+        speculation."""
         self._admit_handoffs()
-        chunks = [self._with_draft(c) for c in self.scheduler.schedule()]
+        scheduled = self.scheduler.schedule()
+        budget = self.config.max_batch_tokens - sum(c.num_tokens for c in scheduled)
+        chunks = []
+        for chunk in scheduled:
+            chunks.append(self._with_draft(chunk, budget))
+            budget -= len(chunks[-1][2])
         if not chunks:
             if lockstep:
                 self.runner.run_empty()
@@ -356,7 +368,7 @@ class LLMEngine:
                 wanted.append([])
             ids.extend(tokens)
         logits, hidden = self.runner.run_with_hidden([c for c, _, _ in chunks], ids, [r for w in wanted for r in w])
-        outputs, mtp, handing_off = [], [], []
+        outputs, mtp, handing_off, finishing = [], [], [], []
         row = 0
         for (chunk, tokens, drafts), start, rows in zip(chunks, starts, wanted):
             seq, first = chunk.seq, chunk.seq.num_computed_tokens
@@ -374,33 +386,40 @@ class LLMEngine:
                 out = state.process(new)
                 if self.config.report_generator_state and state.generator is not None:
                     out.generator_state = state.generator.get_state().numpy().tobytes()
-                outputs.append(self._retire(state, out) if state.finished else out)
+                outputs.append(out)
+                if state.finished:
+                    finishing.append((state, out))
         self._draft(mtp, hidden)
+        for state, out in finishing:
+            self._retire(state, out)
         return outputs + [self._handoff(state, state.seq.token_ids[-1]) for state in handing_off]
 
-    def _with_draft(self, chunk: ScheduledChunk) -> tuple[ScheduledChunk, list[int], list[int]]:
-        """The chunk to run, its input tokens and the draft tokens among them (none if the sequence has no
-        draft, is not decoding, or has no room for it)."""
+    def _with_draft(self, chunk: ScheduledChunk, budget: int) -> tuple[ScheduledChunk, list[int], list[int]]:
+        """The chunk to run, its input tokens and the draft tokens among them: none if the sequence has no
+        draft for its next token, is not decoding, or has no room (blocks, limits, the step's token budget) for
+        it. A draft that waits for room stays for a later step: a seeded request draws each draft once."""
         seq = chunk.seq
-        drafted = self.drafts.pop(seq.request_id, None)
         first = seq.num_computed_tokens
         tokens = seq.token_ids[first: first + chunk.num_tokens]
+        drafted = self.drafts.get(seq.request_id)
+        if drafted is not None and drafted[2] != seq.num_tokens:
+            del self.drafts[seq.request_id]  # drafted for another position (the sequence moved on)
+            drafted = None
         if drafted is None or chunk.num_tokens != 1 or not chunk.completes:
             return chunk, tokens, []
-        drafts, q = drafted
+        drafts = drafted[0]
         params = self.requests[seq.request_id].params
         length = first + 1 + len(drafts)  # every draft verified, and the token after them, stay within limits
         if (seq.num_output_tokens + len(drafts) >= params.max_tokens or length >= self.max_model_len
-                or not self.blocks.can_grow(seq, length)):
+                or len(drafts) > budget or not self.blocks.can_grow(seq, length)):
             return chunk, tokens, []
         self.blocks.grow(seq, length)
-        self.drafts[seq.request_id] = drafted  # kept for the verification below (q for a sampled request)
         return ScheduledChunk(seq, 1 + len(drafts)), tokens + drafts, drafts
 
     def _tokens_kept(self, state: RequestState, logits: torch.Tensor, drafts: list[int]) -> list[int]:
         if not drafts:
             return sample(logits, [state.params], [state.generator]).tolist()
-        _, q = self.drafts.pop(state.seq.request_id)
+        _, q, _ = self.drafts.pop(state.seq.request_id)
         self.draft_tokens += len(drafts)
         if state.params.is_greedy:
             kept = accept_greedy(logits, drafts)
@@ -411,7 +430,8 @@ class LLMEngine:
 
     def _draft(self, entries: list[tuple[Sequence, int, int, int]], hidden: torch.Tensor) -> None:
         """Run the MTP module over each sequence's newly computed positions (t_{i+1} with the main model's
-        h_i), and draft the next token of those that go on decoding."""
+        h_i), and draft the next token of those that go on decoding and have no draft for it yet (a sequence
+        computed again after a preemption keeps the one it had)."""
         entries = [e for e in entries if e[2] > 0 and e[0].request_id in self.requests]
         if not entries:
             return
@@ -419,7 +439,10 @@ class LLMEngine:
         for seq, first, computed, start in entries:
             ids.extend(seq.token_ids[first + 1: first + computed + 1])
             rows.extend(range(start, start + computed))
-            want.append(seq.num_computed_tokens == seq.num_tokens - 1)  # decoding next step
+            drafted = self.drafts.get(seq.request_id)
+            want.append(seq.num_computed_tokens == seq.num_tokens - 1  # decoding next step
+                        and not self.requests[seq.request_id].finished
+                        and (drafted is None or drafted[2] != seq.num_tokens))
         logits = self.runner.run_mtp([(seq, first, computed) for seq, first, computed, _ in entries], ids,
                                      hidden[upload(rows, hidden.device, torch.long)], want)
         drafting = [seq for (seq, _, _, _), w in zip(entries, want) if w]
@@ -428,7 +451,7 @@ class LLMEngine:
             if self.config.role == "prefill" and not state.params.is_greedy:
                 continue  # a sampled draft is not handed off (see _handoff): no draw for it
             token, q = draft_token(row, state.params, state.generator)
-            self.drafts[seq.request_id] = ([token], None if q is None else q[None])
+            self.drafts[seq.request_id] = ([token], None if q is None else q[None], seq.num_tokens)
 
     def _handoff(self, state: RequestState, first_token: int) -> RequestOutput:
         seq = state.seq
@@ -443,7 +466,7 @@ class LLMEngine:
             cached_tokens=seq.num_cached_tokens,
             resumed_token_ids=seq.token_ids[seq.prompt_len:computed],
             # A sampled draft would need its distribution sent too: only greedy requests take theirs along.
-            draft_token_ids=tuple(self.drafts.get(seq.request_id, ((), None))[0]) if state.params.is_greedy else (),
+            draft_token_ids=tuple(self.drafts.get(seq.request_id, ((), None, 0))[0]) if state.params.is_greedy else (),
         )
         out = state.aborted("stop")
         out.token_ids, out.handoff, out.completion_tokens = [first_token], handoff, seq.num_output_tokens

@@ -60,7 +60,8 @@ class RequestState:
                 reason = "stop"
             if reason is not None:
                 self.finish(out, reason)
-        out.completion_tokens = self.seq.num_output_tokens
+        # Tokens after the one that finished the request are not part of it (several arrive at once with drafts).
+        out.completion_tokens = self.seq.num_output_tokens - (len(new_token_ids) - len(out.token_ids))
         return out
 
     def finish(self, out: RequestOutput, reason: FinishReason) -> None:

@@ -65,12 +65,12 @@ def test_drafts_the_main_model_agrees_with_are_kept_and_change_nothing(model, to
 
     def oracle(entries, hidden):
         draft(entries, hidden)
-        for rid, (drafted, q) in list(engine.drafts.items()):
+        for rid, (drafted, q, at) in list(engine.drafts.items()):
             seq = engine.requests[rid].seq
             want = plain[rid]
             if seq.num_output_tokens < len(want):
                 right = want[seq.num_output_tokens]
-                engine.drafts[rid] = ([right if next(counter) % 3 else (right + 1) % 1000], q)
+                engine.drafts[rid] = ([right if next(counter) % 3 else (right + 1) % 1000], q, at)
 
     engine._draft = oracle
     got, steps = _run(engine)
@@ -91,16 +91,20 @@ def test_a_stop_within_the_tokens_kept_ends_the_request_there(model, tokenizer, 
         for rid in list(engine.drafts):
             seq = engine.requests[rid].seq
             if seq.num_output_tokens < len(plain["r1"]):
-                engine.drafts[rid] = ([plain["r1"][seq.num_output_tokens]], None)
+                engine.drafts[rid] = ([plain["r1"][seq.num_output_tokens]], None, seq.num_tokens)
 
     engine._draft = oracle
-    stop = plain["r1"][6]
+    # Each step keeps a draft and one token more: outputs 1-2, 3-4, 5-6... arrive together. A stop at 5 comes
+    # with a token after it.
+    stop = plain["r1"][5]
     first = plain["r1"].index(stop)
+    assert first == 5
     engine.add_request("r1", prompts()[1], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop]))
     outputs = {}
     drain(engine, outputs)
     assert tokens(outputs["r1"]) == plain["r1"][: first + 1]
     assert outputs["r1"][-1].finish_reason == "stop"
+    assert outputs["r1"][-1].completion_tokens == first + 1  # the token kept after the stop is not counted
 
 
 def test_seeded_sampling_with_mtp_repeats_itself(model, tokenizer):
@@ -146,7 +150,7 @@ def _oracle(engine: LLMEngine, plain: dict) -> None:
         for rid in list(engine.drafts):
             seq = engine.requests[rid].seq
             if seq.num_output_tokens < len(plain[rid]):
-                engine.drafts[rid] = ([plain[rid][seq.num_output_tokens]], None)
+                engine.drafts[rid] = ([plain[rid][seq.num_output_tokens]], None, seq.num_tokens)
 
     engine._draft = oracle
 
@@ -188,3 +192,9 @@ def test_a_hand_off_between_pools_that_disagree_on_speculation_is_refused(model,
     drain(prefill, handoffs)
     with pytest.raises(RequestError, match="one pool drafts with the MTP layer and the other does not"):
         decode.add_handoff(handoffs["r"][0].handoff)
+    drafting = LLMEngine(model, tokenizer, EngineConfig(role="decode", num_blocks=64, block_size=8,
+                                                        speculative_tokens=1))
+    handoffs["r"][0].handoff.draft_token_ids = (10**9,)
+    with pytest.raises(RequestError, match=r"handoff.draft_token_ids.*each id must be an integer in \[0, 129280\)"):
+        drafting.add_handoff(handoffs["r"][0].handoff)
+    assert drafting.stats().kv_blocks_used == 0 and not drafting.requests
