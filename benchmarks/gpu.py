@@ -171,9 +171,7 @@ def attach_mtp(model: DeepseekV3ForCausalLM, seed: int = 1) -> None:
     with torch.device("meta"):
         mtp = MultiTokenPredictor(model.config, model.dtype, "meta")
     mtp.to_empty(device=model.device)
-    for sub in mtp.modules():
-        if sub is not mtp and hasattr(sub, "reset_buffers"):
-            sub.reset_buffers()
+    mtp.reset_buffers()
     _fill_random(mtp, model.device, seed)
     model.mtp = mtp.eval()
     model.set_kernels(model.kernels)

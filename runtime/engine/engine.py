@@ -180,10 +180,7 @@ class LLMEngine:
             raise RequestError("role", "a prefill engine cannot continue a hand-off")
         self._validate(handoff.request_id, handoff.prompt_token_ids, handoff.params, handoff.resumed_token_ids)
         handoff.validate(len(self.runner.handed_off_caches), self.model.config.latent_dim)
-        vocab = self.model.config.vocab_size
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in handoff.draft_token_ids):
-            raise RequestError("handoff.draft_token_ids", f"each id must be an integer in [0, {vocab}) "
-                                                          f"(got {list(handoff.draft_token_ids)!r})")
+        self._check_token_ids("handoff.draft_token_ids", handoff.draft_token_ids)
         prompt = list(handoff.prompt_token_ids)
         seq = Sequence(handoff.request_id, prompt + list(handoff.resumed_token_ids), len(prompt))
         state = self._state(seq, handoff.params)
@@ -521,9 +518,7 @@ class LLMEngine:
         if not prompt:
             raise RequestError("prompt", "is empty")
         for field, ids in (("prompt_token_ids", prompt), ("resumed_token_ids", resumed)):
-            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
-            if bad is not None:
-                raise RequestError(field, f"each id must be an integer in [0, {vocab}) (got {bad!r})")
+            self._check_token_ids(field, ids)
         if len(resumed) >= params.max_tokens:
             raise RequestError("resumed_token_ids", f"{len(resumed)} tokens already sent leave nothing of max_tokens "
                                                     f"({params.max_tokens}) to generate")
@@ -536,6 +531,12 @@ class LLMEngine:
                 f"{total} tokens need {self.blocks.blocks_needed(total)} KV blocks; the cache holds "
                 f"{self.config.num_blocks} of {self.config.block_size} tokens",
             )
+
+    def _check_token_ids(self, field: str, ids) -> None:
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(field, f"each id must be an integer in [0, {vocab}) (got {bad!r})")
 
     def describe(self) -> dict[str, str]:
         return self.runner.describe()

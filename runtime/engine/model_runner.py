@@ -98,15 +98,20 @@ class ModelRunner:
 
     def build_batch(self, chunks: Seq[ScheduledChunk], want_logits: Seq[bool],
                     input_ids: torch.Tensor | None = None, decode_up_to: int = 1) -> ForwardBatch:
-        rows = self.tables.rows_for([c.seq for c in chunks])
-        query_lens = [c.num_tokens for c in chunks]
-        context_lens = [c.seq.num_computed_tokens + c.num_tokens for c in chunks]
-        width = -(-max(context_lens) // self.block_size)
         if input_ids is None:
             ids = [t for c in chunks
                    for t in c.seq.token_ids[c.seq.num_computed_tokens: c.seq.num_computed_tokens + c.num_tokens]]
             input_ids = torch.tensor(ids, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        return ForwardBatch.paged(input_ids, query_lens, context_lens, self.tables.gather(rows, width),
+        return self._paged([(c.seq, c.seq.num_computed_tokens, c.num_tokens) for c in chunks], input_ids,
+                           want_logits, decode_up_to)
+
+    def _paged(self, spans: Seq[tuple[Sequence, int, int]], input_ids: torch.Tensor, want_logits: Seq[bool],
+               decode_up_to: int) -> ForwardBatch:
+        """The batch of positions [first, first + n) of each (sequence, first, n), through their block tables."""
+        rows = self.tables.rows_for([seq for seq, _, _ in spans])
+        context_lens = [first + n for _, first, n in spans]
+        width = -(-max(context_lens) // self.block_size)
+        return ForwardBatch.paged(input_ids, [n for _, _, n in spans], context_lens, self.tables.gather(rows, width),
                                   self.block_size, want_logits, self.device, decode_up_to)
 
     def run_with_hidden(self, chunks: Seq[ScheduledChunk], input_ids: list[int], logit_rows: list[int]
@@ -126,12 +131,7 @@ class ModelRunner:
         """The MTP module over positions [first, first + n) of each (sequence, first, n), with the tokens one
         position later (`input_ids`, packed) and the main model's hidden states there -> draft logits of the
         spans that want them, at their last position."""
-        rows = self.tables.rows_for([seq for seq, _, _ in spans])
-        context_lens = [first + n for _, first, n in spans]
-        width = -(-max(context_lens) // self.block_size)
-        batch = ForwardBatch.paged(torch.tensor(input_ids, dtype=torch.long), [n for _, _, n in spans], context_lens,
-                                   self.tables.gather(rows, width), self.block_size, want_logits, self.device,
-                                   decode_up_to=SPECULATIVE_CHUNK)
+        batch = self._paged(spans, torch.tensor(input_ids, dtype=torch.long), want_logits, SPECULATIVE_CHUNK)
         return self.model.mtp(batch, self.mtp_cache, hidden, self.model.rotary)
 
     def release(self, seq: Sequence) -> None:

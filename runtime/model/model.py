@@ -185,12 +185,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                 yield name, owner(name)
                 continue
             layer, expert, proj = hit
-            experts = self.model.layers[layer].mlp.experts
-            slot, half = experts.expert_ids.index(expert), experts.intermediate
-            if proj == "down_proj":
-                yield name, experts.w2[slot]
-            else:
-                yield name, experts.w13[slot, :half] if proj == "gate_proj" else experts.w13[slot, half:]
+            yield name, expert_projection(self.model.layers[layer].mlp.experts, expert, proj)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
@@ -331,6 +326,14 @@ class DeepseekV3ForCausalLM(nn.Module):
             self.load_tensor(name, tensor)
 
 
+def expert_projection(experts: RoutedExperts, expert: int, proj: str) -> torch.Tensor:
+    """One checkpoint projection of a dequantized expert, as a view of its stacked slot (gate and up share w13)."""
+    slot, half = experts.expert_ids.index(expert), experts.intermediate
+    if proj == "down_proj":
+        return experts.w2[slot]
+    return experts.w13[slot, :half] if proj == "gate_proj" else experts.w13[slot, half:]
+
+
 def _copy_expert(tensors: Sequence[torch.Tensor], expert_ids: Sequence[int], expert: int, proj: str,
                  tensor: torch.Tensor | Fp8Weight) -> None:
     """One checkpoint projection of `expert` into every slot holding it, in per-slot `tensors` laid out as
@@ -357,4 +360,4 @@ def _copy_expert(tensors: Sequence[torch.Tensor], expert_ids: Sequence[int], exp
             tensors[2][slot, slice(0, blocks) if gate else slice(blocks, 2 * blocks)].copy_(tensor.scale_inv)
 
 
-__all__ = ["DeepseekV3ForCausalLM", "layer_of"]
+__all__ = ["DeepseekV3ForCausalLM", "expert_projection", "layer_of"]

@@ -94,10 +94,16 @@ class MultiTokenPredictor(nn.Module):
         return rest if rest.split(".")[0] in ("embed_tokens", "enorm", "hnorm", "eh_proj", "shared_head") \
             else "block." + rest
 
+    def reset_buffers(self) -> None:
+        """Recompute derived, non-checkpoint buffers (after `to_empty` from the meta device)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_buffers"):
+                module.reset_buffers()
+
     def checkpoint_tensors(self):
         """(checkpoint name, tensor) of every weight of the module: the inverse of `load_checkpoint`."""
-        experts = self.block.mlp.experts
-        half = experts.intermediate
+        from .model import expert_projection
+
         for name in checkpoint_shapes(self.config, include_mtp=True):
             if not name.startswith(self.prefix):
                 continue
@@ -107,11 +113,7 @@ class MultiTokenPredictor(nn.Module):
                 yield name, self.get_buffer(local) if local.endswith("e_score_correction_bias") \
                     else self.get_parameter(local)
                 continue
-            slot = experts.expert_ids.index(hit[1])
-            if hit[2] == "down_proj":
-                yield name, experts.w2[slot]
-            else:
-                yield name, experts.w13[slot, :half] if hit[2] == "gate_proj" else experts.w13[slot, half:]
+            yield name, expert_projection(self.block.mlp.experts, hit[1], hit[2])
 
     def load_checkpoint(self, checkpoint_dir: str | Path) -> None:
         """Read the module's tensors (validated and dequantized like the main model's) into place."""
@@ -146,8 +148,6 @@ class MultiTokenPredictor(nn.Module):
         with torch.device("meta"):
             module = cls(config, dtype, "meta")
         module.to_empty(device=device)
-        for sub in module.modules():
-            if sub is not module and hasattr(sub, "reset_buffers"):
-                sub.reset_buffers()
+        module.reset_buffers()
         module.load_checkpoint(checkpoint_dir)
         return module.eval()
