@@ -266,17 +266,21 @@ class ExpertParallelGroup:
         token = f"{command}-{next(self._ids)}"
         self._replies[token] = reply
         try:
-            for rank in self._serving_ranks():
-                self._transport.send(rank, ("ask", token, command, *args))
+            asked: set[int] = set()
             results: dict[int, Any] = {}
             deadline = time.monotonic() + timeout_s
-            # Until every rank still serving answered: one the group goes on without meanwhile is not waited for.
+            # Until every rank still serving answered: one the group goes on without meanwhile is not waited for,
+            # and one that starts serving meanwhile (it joined as the group grew back) is asked too.
             while not set(self._serving_ranks()) <= set(results):
+                for rank in set(self._serving_ranks()) - asked:
+                    self._transport.send(rank, ("ask", token, command, *args))
+                    asked.add(rank)
                 if not self.healthy:
                     raise GroupFailedError(f"the expert-parallel group is down: {self.error}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise GroupFailedError(f"ranks did not answer {command!r} within {timeout_s:.0f}s")
+                    silent = sorted(set(self._serving_ranks()) - set(results))
+                    raise GroupFailedError(f"ranks {silent} did not answer {command!r} within {timeout_s:.0f}s")
                 try:
                     rank, answer = reply.get(timeout=min(0.5, left))
                 except queue.Empty:

@@ -1,5 +1,6 @@
 """The operator against an in-process Kubernetes API: create, update, status, delete, restart, no KubeRay."""
 
+import asyncio
 import copy
 import logging
 from pathlib import Path
@@ -376,8 +377,13 @@ async def test_runs_under_plain_kopf_run(kube, wait_for):
     # `kopf run -m r1serve.operator.handlers` works too (settings then come from R1SERVE_* env).
     runner = KopfRunner(["run", "--all-namespaces", "--standalone",
                          "-m", "r1serve.operator.handlers"], timeout=30)
-    with runner:
+    runner.__enter__()
+    try:
         await _create(kube)
         await wait_for(lambda: kube.live(SERVICES, "default", "tiny"), message="the children")
         await wait_for(lambda: _phase(kube) == "Pending", message="the status")
+    finally:
+        # The fake API server lives in this event loop: joining the operator's thread here (as `with runner:`
+        # does) would block the server that a handler still in flight waits on, until the join times out.
+        await asyncio.to_thread(runner.__exit__, None, None, None)
     assert runner.exit_code == 0
