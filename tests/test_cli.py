@@ -131,6 +131,18 @@ def test_checkpoint_check_reports_the_weight_bytes_a_rank_holds(tiny_checkpoints
     assert (exact.routed_experts, exact.replicated) == (experts, held - experts)
 
 
+def test_a_rank_holds_its_share_of_the_mtp_layers_experts_and_the_rest_of_the_layer_whole(tiny_checkpoint):
+    from r1serve.runtime.model.config import ModelConfig
+    from r1serve.runtime.model.memory import weight_bytes_per_rank
+
+    config = ModelConfig.from_file(tiny_checkpoint)
+    one, four = (weight_bytes_per_rank(config, weights="fp8", dtype_bytes=2, expert_parallel=n, mtp=True)
+                 for n in (1, 4))
+    experts = config.n_routed_experts * 3 * config.hidden_size * config.moe_intermediate_size * 2  # dequantized
+    assert one.mtp_layer - four.mtp_layer == experts - experts // 4
+    assert one.mtp_layer > experts  # attention, shared expert, embedding and head on top
+
+
 def test_spec_validate_warns_when_weights_alone_exceed_a_share_of_the_gpus(tiny_checkpoint, capsys, tmp_path):
     from pathlib import Path
 
@@ -155,7 +167,7 @@ def test_spec_validate_warns_when_weights_alone_exceed_a_share_of_the_gpus(tiny_
     assert "more than 85% of 1 x 0.001 GiB (--gpu-memory-gib, --max-weight-share)" in err
     assert main([*argv, "--max-weight-share", "1.5"]) == 2
     assert "--max-weight-share: must be in (0, 1] (got 1.5)" in capsys.readouterr().err
-    doc["spec"]["speculative"] = {"method": "mtp"}  # the MTP layer, whole in every rank, counts too
+    doc["spec"]["speculative"] = {"method": "mtp"}  # the MTP layer counts too
     (tmp_path / "mtp.yaml").write_text(yaml.safe_dump(doc))
     argv = ["spec", "validate", str(tmp_path / "mtp.yaml"), "--checkpoint", str(tiny_checkpoint)]
     assert main([*argv, "--gpu-memory-gib", "0.001"]) == 0

@@ -139,6 +139,8 @@ class LLMEngine:
         # of the sequence they follow
         self.drafts: dict[str, tuple[list[int], torch.Tensor | None, int]] = {}
         self.draft_tokens = self.accepted_draft_tokens = 0
+        # Outputs of a step whose tokens were kept before the MTP layer's collective broke: sent with the next.
+        self._late: list[RequestOutput] = []
         self._inflight: _Launched | None = None
         self.finished_count = 0
 
@@ -228,7 +230,7 @@ class LLMEngine:
     @property
     def has_work(self) -> bool:
         inflight = self._inflight is not None and any(not c.seq.is_finished for c in self._inflight.completing)
-        return self.scheduler.has_work or bool(self.pending_handoffs) or inflight
+        return self.scheduler.has_work or bool(self.pending_handoffs) or inflight or bool(self._late)
 
     # -- stepping ---------------------------------------------------------------------------------
 
@@ -342,9 +344,9 @@ class LLMEngine:
         positions); then the MTP module runs over every position whose next token is now known, writing its
         own cache (finished sequences' too: their blocks may serve as a later prompt's prefix), and drafts the
         next token of each sequence that goes on decoding. A refused draft's latent stays in the cache beyond
-        the computed tokens, to be overwritten by the next step. The MTP module holds all its experts in every
-        process, so in an expert-parallel group only the main forward is collective, one per step as without
-        speculation."""
+        the computed tokens, to be overwritten by the next step. In an expert-parallel group (`lockstep`) the MTP
+        module's experts are placed as a MoE layer's: every rank runs the model once and then the module once
+        each step, empty where it has nothing to run, so the collectives of both match."""
         self._admit_handoffs()
         scheduled = self.scheduler.schedule()
         budget = self.config.max_batch_tokens - sum(c.num_tokens for c in scheduled)
@@ -355,7 +357,9 @@ class LLMEngine:
         if not chunks:
             if lockstep:
                 self.runner.run_empty()
-            return []
+                self.runner.run_mtp_empty()
+            late, self._late = self._late, []
+            return late
         starts, wanted, ids = [], [], []
         for chunk, tokens, drafts in chunks:
             starts.append(len(ids))
@@ -386,10 +390,23 @@ class LLMEngine:
                 outputs.append(out)
                 if state.finished:
                     finishing.append((state, out))
-        self._draft(mtp, hidden)
-        for state, out in finishing:
-            self._retire(state, out)
-        return outputs + [self._handoff(state, state.seq.token_ids[-1]) for state in handing_off]
+        drafted = False
+        try:
+            self._draft(mtp, hidden, lockstep)
+            drafted = True
+        finally:
+            # The tokens are kept even if the layer's collective broke (a rank of the group was lost): every rank
+            # then has run this step's model forward and goes on from there, or runs the step again whole, so
+            # each step still runs the model and the layer once on every rank. These outputs go out with the
+            # next step; the layer's cache misses this step's positions, which only lowers how many later drafts
+            # are kept.
+            for state, out in finishing:
+                self._retire(state, out)
+            outputs += [self._handoff(state, state.seq.token_ids[-1]) for state in handing_off]
+            if not drafted:
+                self._late += outputs
+        late, self._late = self._late, []
+        return late + outputs
 
     def _with_draft(self, chunk: ScheduledChunk, budget: int) -> tuple[ScheduledChunk, list[int], list[int]]:
         """The chunk to run, its input tokens and the draft tokens among them: none if the sequence has no
@@ -425,12 +442,14 @@ class LLMEngine:
         self.accepted_draft_tokens += len(kept) - 1
         return kept
 
-    def _draft(self, entries: list[tuple[Sequence, int, int, int]], hidden: torch.Tensor) -> None:
+    def _draft(self, entries: list[tuple[Sequence, int, int, int]], hidden: torch.Tensor, lockstep: bool) -> None:
         """Run the MTP module over each sequence's newly computed positions (t_{i+1} with the main model's
         h_i), and draft the next token of those that go on decoding and have no draft for it yet (a sequence
         computed again after a preemption keeps the one it had)."""
         entries = [e for e in entries if e[2] > 0 and e[0].request_id in self.requests]
         if not entries:
+            if lockstep:
+                self.runner.run_mtp_empty()
             return
         ids, rows, want = [], [], []
         for seq, first, computed, start in entries:

@@ -141,6 +141,11 @@ class ModelRunner:
     def run_empty(self) -> None:
         self.model(ForwardBatch.empty(self.device), self.caches)
 
+    def run_mtp_empty(self) -> None:
+        """The MTP module over no tokens: its MoE's collectives, for a rank of a group that drafts nothing."""
+        hidden = torch.zeros(0, self.model.config.hidden_size, dtype=self.model.dtype, device=self.device)
+        self.model.mtp(ForwardBatch.empty(self.device), self.mtp_cache, hidden, self.model.rotary)
+
     @property
     def handed_off_caches(self) -> list[torch.Tensor]:
         """The caches a hand-off carries: every layer's, then the MTP module's where it drafts."""

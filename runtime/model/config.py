@@ -90,6 +90,12 @@ class ModelConfig:
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
+    def expert_layers(self, mtp: bool) -> list[int]:
+        """The layers whose routed experts expert parallelism places: the MoE layers, and with `mtp` the MTP
+        layer (layer `num_hidden_layers`), where the checkpoint has one."""
+        extra = [self.num_hidden_layers] if mtp and self.num_nextn_predict_layers > 0 else []
+        return self.moe_layers + extra
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         return _parse(data)

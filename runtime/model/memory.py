@@ -21,7 +21,9 @@ class WeightBytes:
 
     routed_experts: int
     replicated: int
-    mtp_layer: int = 0  # speculative decoding's MTP layer, whole in every rank (all its experts, dequantized)
+    # Speculative decoding's MTP layer (dequantized): its share of routed experts, as a MoE layer's, and the rest
+    # whole.
+    mtp_layer: int = 0
 
     @property
     def total(self) -> int:
@@ -32,7 +34,8 @@ def weight_bytes_per_rank(config: ModelConfig, *, weights: str, dtype_bytes: int
                           redundant: int = 0, mtp: bool = False) -> WeightBytes:
     """`weights` fp8: the projections the model keeps FP8 (fp8.kept_fp8, routed experts included) take one byte
     per value plus a float32 multiplier per 128x128 block; the router four bytes per value; everything else
-    `dtype_bytes` per value. `mtp`: the MTP layer drafts (spec.speculative), held whole in `dtype_bytes`."""
+    `dtype_bytes` per value. `mtp`: the MTP layer drafts (spec.speculative), in `dtype_bytes`, its routed experts
+    placed as a MoE layer's."""
     if weights not in ("fp8", "dequantized"):
         raise ValueError(f"weights: must be fp8 or dequantized here (got {weights!r}); resolve auto first")
     if expert_parallel <= 0 or (config.n_routed_experts + redundant) % expert_parallel:
@@ -55,8 +58,11 @@ def weight_bytes_per_rank(config: ModelConfig, *, weights: str, dtype_bytes: int
     mtp_layer = 0
     if mtp:
         main = checkpoint_shapes(config)
-        mtp_layer = sum(math.prod(shape) * (4 if name.endswith(ROUTER_FLOAT32) else dtype_bytes)
-                        for name, shape in checkpoint_shapes(config, include_mtp=True).items() if name not in main)
+        for name, shape in checkpoint_shapes(config, include_mtp=True).items():
+            if name in main:
+                continue
+            size = math.prod(shape) * (4 if name.endswith(ROUTER_FLOAT32) else dtype_bytes)
+            mtp_layer += size * slots // config.n_routed_experts if expert_of(name) is not None else size
     return WeightBytes(routed_experts=experts * slots // config.n_routed_experts, replicated=replicated,
                        mtp_layer=mtp_layer)
 

@@ -74,7 +74,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         if weights not in ("fp8", "dequantized"):
             raise ValueError(f"weights: must be fp8 or dequantized here (got {weights!r}); resolve auto first")
         self.config, self.dtype, self.weight_format = config, dtype, weights
-        self.model = Backbone(config, dtype, device, experts or LocalExperts(config.n_routed_experts))
+        self.expert_layout = experts or LocalExperts(config.n_routed_experts)
+        self.model = Backbone(config, dtype, device, self.expert_layout)
         self.rotary = RotaryEmbedding(config).to(device)
         self._kernels: KernelPath = "torch"
         if not config.tie_word_embeddings:
@@ -187,12 +188,21 @@ class DeepseekV3ForCausalLM(nn.Module):
             layer, expert, proj = hit
             yield name, expert_projection(self.model.layers[layer].mlp.experts, expert, proj)
 
-    def moe_layers(self) -> list[MoE]:
-        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+    def moe_layers(self, mtp: bool = False) -> list[MoE]:
+        """The decoder's MoE layers, and with `mtp` the MTP module's where one is loaded."""
+        layers = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+        return layers + ([self.mtp.block.mlp] if mtp and getattr(self, "mtp", None) is not None else [])
+
+    def routed_experts(self, layer: int) -> RoutedExperts:
+        """The routed experts of MoE layer `layer`: a decoder layer's, or the MTP module's (layer
+        `num_hidden_layers`), which expert parallelism places like any other."""
+        if layer == self.config.num_hidden_layers and getattr(self, "mtp", None) is not None:
+            return self.mtp.block.mlp.experts
+        return self.model.layers[layer].mlp.experts
 
     def replace_experts(self, layer: int, expert_ids: Sequence[int]) -> RoutedExperts:
         """Give a MoE layer other experts in its slots (in place); fill them with load_tensor."""
-        experts = self.model.layers[layer].mlp.experts
+        experts = self.routed_experts(layer)
         experts.reassign(expert_ids)
         return experts
 
@@ -203,7 +213,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         multipliers), without touching the model (so it can keep running)."""
         staged = {}
         for layer, expert_ids in layer_experts.items():
-            experts = self.model.layers[layer].mlp.experts
+            experts = self.routed_experts(layer)
             staged[layer] = experts.empty_slots(experts.num_slots, device="cpu")
         wanted = {(layer, expert) for layer, expert_ids in layer_experts.items() for expert in expert_ids}
         for layer, expert, proj, tensor in self._read_experts(checkpoint_dir, wanted):
@@ -213,18 +223,23 @@ class DeepseekV3ForCausalLM(nn.Module):
     def _read_experts(self, checkpoint_dir: str | Path, wanted: set[tuple[int, int]]
                       ) -> Iterable[tuple[int, int, str, torch.Tensor]]:
         """(layer, expert, projection, tensor as stored) for each (layer, expert) in `wanted`, from the
-        checkpoint."""
-        from .checkpoint import load_weights
+        checkpoint (the MTP layer's as the module holds them: dequantized)."""
+        from .checkpoint import load_mtp_weights, load_weights
 
-        names = {name for name in checkpoint_shapes(self.config)
+        mtp_layer = self.config.num_hidden_layers
+        names = {name for name in checkpoint_shapes(self.config, include_mtp=True)
                  if (hit := expert_of(name)) is not None and hit[:2] in wanted}
-        if not names:
-            return
-        for name, tensor in load_weights(
-            checkpoint_dir, checkpoint_shapes(self.config), self.dtype, include=names.__contains__,
-            num_hidden_layers=self.config.num_hidden_layers, progress=False, cast=False, keep_fp8=self._keep_fp8(),
-        ):
-            yield (*expert_of(name), tensor)
+        main = {name for name in names if expert_of(name)[0] != mtp_layer}
+        if main:
+            for name, tensor in load_weights(
+                checkpoint_dir, checkpoint_shapes(self.config), self.dtype, include=main.__contains__,
+                num_hidden_layers=mtp_layer, progress=False, cast=False, keep_fp8=self._keep_fp8(),
+            ):
+                yield (*expert_of(name), tensor)
+        if names - main:
+            for name, tensor in load_mtp_weights(checkpoint_dir, self.dtype, num_hidden_layers=mtp_layer,
+                                                 include=(names - main).__contains__, progress=False):
+                yield (*expert_of(name), tensor)
 
     def install_experts(self, layer: int, expert_ids: Sequence[int], *staged: torch.Tensor) -> None:
         """Switch a MoE layer to other experts whose weights were staged (stage_experts): copied in place, so
@@ -239,7 +254,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         without touching the model (so it can keep running): experts staged ahead of `regrow_experts`."""
         staged = {}
         for layer, expert in wanted:
-            staged[layer, expert] = self.model.layers[layer].mlp.experts.empty_slots(1, device="cpu")
+            staged[layer, expert] = self.routed_experts(layer).empty_slots(1, device="cpu")
         for layer, expert, proj, tensor in self._read_experts(checkpoint_dir, wanted):
             _copy_expert(staged[layer, expert], (expert,), expert, proj, tensor)
         return staged
@@ -254,7 +269,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         staged = staged or {}
         wanted = set()
         for layer, expert_ids in layer_experts.items():
-            experts = self.model.layers[layer].mlp.experts
+            experts = self.routed_experts(layer)
             new = experts.empty_slots(len(expert_ids))
             for slot, expert in enumerate(expert_ids):
                 if expert in experts.expert_ids:
@@ -268,15 +283,17 @@ class DeepseekV3ForCausalLM(nn.Module):
                     wanted.add((layer, expert))
             experts.resize(expert_ids, *new)  # the old weights go now
         for layer, expert, proj, tensor in self._read_experts(checkpoint_dir, wanted):
-            experts = self.model.layers[layer].mlp.experts
+            experts = self.routed_experts(layer)
             _copy_expert(experts.tensors(), experts.expert_ids, expert, proj, tensor)
         return len(wanted)
 
     def load_mtp(self, checkpoint_dir: str | Path) -> None:
-        """Read the checkpoint's MTP module (the draft model of speculative decoding) into `self.mtp`."""
+        """Read the checkpoint's MTP module (the draft model of speculative decoding) into `self.mtp`; its
+        routed experts are those the model's expert layout gives its layer."""
         from .mtp import MultiTokenPredictor
 
-        self.mtp = MultiTokenPredictor.from_checkpoint(checkpoint_dir, self.config, self.dtype, self.device)
+        self.mtp = MultiTokenPredictor.from_checkpoint(checkpoint_dir, self.config, self.dtype, self.device,
+                                                       experts=self.expert_layout)
         self.set_kernels(self.kernels)  # the module's attention and experts run on the model's path
 
     def reset_buffers(self) -> None:

@@ -7,8 +7,9 @@ x = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)]), then an ordinary decoder block
 module's own paged latent cache, and MoE), then shared_head (norm, head). Its cache is addressed by the
 same block tables as the main model's: position i of a sequence has the same slot in both.
 
-Its weights stay dequantized whatever the main model's format (the module is one layer of 62); its routed
-experts are all held here (expert parallelism does not place them yet).
+Its weights stay dequantized whatever the main model's format (the module is one layer of 62). Its routed
+experts are placed like a MoE layer's: with expert parallelism each rank holds its share and tokens reach them
+through the same all-to-all, so every rank of a group runs the module once per step, as it runs the model.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .batch import ForwardBatch
 from .checkpoint import load_mtp_weights
 from .config import ModelConfig
 from .layers import RMSNorm, linear
-from .moe import LocalExperts
+from .moe import ExpertLayout, LocalExperts
 from .weights import checkpoint_shapes, expert_of
 
 __all__ = ["MultiTokenPredictor"]
@@ -39,7 +40,7 @@ class MultiTokenPredictor(nn.Module):
     """Parameter names are the checkpoint's below `model.layers.{num_hidden_layers}.` (routed experts stacked
     as in the main model's MoE layers)."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device, experts: ExpertLayout | None = None):
         super().__init__()
         from .model import DecoderLayer  # the model module imports this one
 
@@ -56,7 +57,8 @@ class MultiTokenPredictor(nn.Module):
         self.enorm = RMSNorm(h, config.rms_norm_eps, dtype, device)
         self.hnorm = RMSNorm(h, config.rms_norm_eps, dtype, device)
         self.eh_proj = linear(2 * h, h, dtype, device)
-        self.block = DecoderLayer(config, self.layer, dtype, device, LocalExperts(config.n_routed_experts))
+        self.block = DecoderLayer(config, self.layer, dtype, device,
+                                  experts or LocalExperts(config.n_routed_experts))
         self.shared_head = _SharedHead(config, dtype, device)
 
     @property
@@ -116,11 +118,13 @@ class MultiTokenPredictor(nn.Module):
             yield name, expert_projection(self.block.mlp.experts, hit[1], hit[2])
 
     def load_checkpoint(self, checkpoint_dir: str | Path) -> None:
-        """Read the module's tensors (validated and dequantized like the main model's) into place."""
+        """Read the module's tensors (validated and dequantized like the main model's) into place: of the routed
+        experts, those its layer holds here."""
         from .model import _copy_expert
 
+        held = set(self.block.mlp.experts.expert_ids)
         expected = {name: shape for name, shape in checkpoint_shapes(self.config, include_mtp=True).items()
-                    if name.startswith(self.prefix)}
+                    if name.startswith(self.prefix) and ((hit := expert_of(name)) is None or hit[1] in held)}
         loaded = set()
         for name, tensor in load_mtp_weights(checkpoint_dir, self.dtype, num_hidden_layers=self.layer,
                                              include=expected.__contains__, progress=False):
@@ -143,10 +147,10 @@ class MultiTokenPredictor(nn.Module):
                              "not list")
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device
-                        ) -> MultiTokenPredictor:
+    def from_checkpoint(cls, checkpoint_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device,
+                        experts: ExpertLayout | None = None) -> MultiTokenPredictor:
         with torch.device("meta"):
-            module = cls(config, dtype, "meta")
+            module = cls(config, dtype, "meta", experts)
         module.to_empty(device=device)
         module.reset_buffers()
         module.load_checkpoint(checkpoint_dir)

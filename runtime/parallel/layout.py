@@ -110,10 +110,13 @@ class ExpertParallelLayout:
     dispatches with all-to-all. Placements may differ per layer (after balancing)."""
 
     def __init__(self, config: ModelConfig, rank: int, world_size: int, redundant: int = 0,
-                 placements: dict[int, ExpertPlacement] | None = None):
+                 placements: dict[int, ExpertPlacement] | None = None, mtp: bool = False):
+        """`mtp`: the MTP layer's experts are placed too (speculative decoding), like any MoE layer's."""
         self.rank, self.world_size, self.redundant = rank, world_size, redundant
         start = uniform_placement(config.n_routed_experts, world_size, redundant)
-        self.placements = {layer: start for layer in config.moe_layers} | (placements or {})
+        layers = config.expert_layers(mtp)
+        self.placements = {layer: start for layer in layers} | {
+            layer: p for layer, p in (placements or {}).items() if layer in layers}
         self.dispatchers: dict[int, AllToAllDispatcher] = {}
 
     def reform(self, rank: int, world_size: int, placements: dict[int, ExpertPlacement]) -> None:

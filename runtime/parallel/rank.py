@@ -141,14 +141,16 @@ class RankWorker:
 
         config = ModelConfig.from_file(config_dir)
         # A group of one rank (a GPU pool with expertParallel 1) holds every expert itself: no dispatch.
+        mtp = bool(spec.engine.speculative_tokens)
         self.layout = ExpertParallelLayout(config, spec.group.rank, self.world_size, spec.redundant,
-                                           self._kept_placements(config)) if self.world_size > 1 else None
+                                           self._kept_placements(config, mtp), mtp=mtp) \
+            if self.world_size > 1 else None
         self.model = DeepseekV3ForCausalLM.from_checkpoint(
             config_dir, getattr(torch, spec.dtype), spec.device, experts=self.layout, progress=False,
             weights=spec.weights,
         )
-        if spec.engine.speculative_tokens:
-            self.model.load_mtp(config_dir)  # all its experts here: drafting needs no collective
+        if mtp:
+            self.model.load_mtp(config_dir)  # its experts placed as a MoE layer's: this rank's share
         # The all-to-all sizes its exchanges on the host, which a CUDA graph cannot capture: the decode
         # steps of a rank that dispatches run eagerly.
         engine_config = spec.engine if self.layout is None else replace(spec.engine, cuda_graphs=False)
@@ -169,18 +171,20 @@ class RankWorker:
     def world_size(self) -> int:
         return len(self.members)
 
-    def _kept_placements(self, config) -> dict[int, ExpertPlacement]:
+    def _kept_placements(self, config, mtp: bool) -> dict[int, ExpertPlacement]:
         """The balanced placement of each layer that has kept load (the same on every rank: a pure function),
         or the placements a joining rank was given."""
         kept = self.spec.expert_load or {}
+        layers = config.expert_layers(mtp)
         placements = {layer: balanced_placement(load, self.world_size, self.spec.redundant)
-                      for layer, load in kept.items() if layer in config.moe_layers and any(load)}
+                      for layer, load in kept.items() if layer in layers and any(load)}
         for layer, physical in (self.spec.placements or {}).items():
             placements[layer] = ExpertPlacement(config.n_routed_experts, self.world_size, tuple(physical))
         return placements
 
     def expert_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for m in self.model.moe_layers() for p in m.experts.parameters())
+        return sum(p.numel() * p.element_size() for m in self.model.moe_layers(mtp=True)
+                   for p in m.experts.parameters())
 
     def run(self, inbox, outbox, idle_wait_s: float = 0.01) -> None:
         """Serve until stopped. A collective that fails (a peer died or stopped answering) ends the rank, unless

@@ -114,8 +114,9 @@ def _expert_parallel_group(plan: PoolPlan, checkpoint: Path, device: str, dtype,
     from .kept_load import kept_load_path, read_kept_load
 
     config = ModelConfig.from_file(checkpoint)
+    # The MTP layer's load too, kept by replicas that drafted (those that do not, leave it unused).
     kept = read_kept_load(kept_load_path(plan.resource, plan.pool), num_experts=config.n_routed_experts,
-                          layers=config.moe_layers)
+                          layers=config.expert_layers(mtp=True))
     return ExpertParallelGroup.on_ray(str(checkpoint), [dict(b) for b in bundles], engine=plan.engine,
                                       dtype=str(dtype).removeprefix("torch."), device=device,
                                       redundant=plan.redundant_experts, placement_group=placement_group,

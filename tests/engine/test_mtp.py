@@ -63,8 +63,8 @@ def test_drafts_the_main_model_agrees_with_are_kept_and_change_nothing(model, to
     draft = engine._draft
     counter = iter(range(10**6))
 
-    def oracle(entries, hidden):
-        draft(entries, hidden)
+    def oracle(entries, hidden, lockstep):
+        draft(entries, hidden, lockstep)
         for rid, (drafted, q, at) in list(engine.drafts.items()):
             seq = engine.requests[rid].seq
             want = plain[rid]
@@ -86,8 +86,8 @@ def test_a_stop_within_the_tokens_kept_ends_the_request_there(model, tokenizer, 
     engine = LLMEngine(model, tokenizer, MTP)
     draft = engine._draft
 
-    def oracle(entries, hidden):  # always right: each step keeps its draft and one token more
-        draft(entries, hidden)
+    def oracle(entries, hidden, lockstep):  # always right: each step keeps its draft and one token more
+        draft(entries, hidden, lockstep)
         for rid in list(engine.drafts):
             seq = engine.requests[rid].seq
             if seq.num_output_tokens < len(plain["r1"]):
@@ -105,6 +105,37 @@ def test_a_stop_within_the_tokens_kept_ends_the_request_there(model, tokenizer, 
     assert tokens(outputs["r1"]) == plain["r1"][: first + 1]
     assert outputs["r1"][-1].finish_reason == "stop"
     assert outputs["r1"][-1].completion_tokens == first + 1  # the token kept after the stop is not counted
+
+
+def test_tokens_kept_before_the_mtp_layers_collective_broke_go_out_with_the_next_step(model, tokenizer, plain):
+    """In an expert-parallel group a lost rank may break the MTP layer's all-to-all after the model's forward
+    kept a step's tokens: the step raises (the group forms again), and the next step sends those tokens first.
+    Nothing is lost or repeated, the output is the plain run's, and requests that finished in a broken step are
+    retired."""
+    engine = LLMEngine(model, tokenizer, MTP)
+    run_mtp, calls = engine.runner.run_mtp, iter(range(10**6))
+
+    def breaking(*args):
+        if next(calls) % 5 == 3:
+            raise RuntimeError("Connection reset by peer")
+        return run_mtp(*args)
+
+    engine.runner.run_mtp = breaking
+    for i, p in enumerate(prompts()):
+        engine.add_request(f"r{i}", p, GREEDY)
+    outputs, broke = {}, 0
+    while engine.has_work:
+        try:
+            step = engine.step(lockstep=True)
+        except RuntimeError:
+            broke += 1
+            continue
+        for out in step:
+            outputs.setdefault(out.request_id, []).append(out)
+    assert broke > 5
+    assert {rid: tokens(outs) for rid, outs in outputs.items()} == plain
+    assert all([o.finished for o in outs] == [False] * (len(outs) - 1) + [True] for outs in outputs.values())
+    assert engine.stats().kv_blocks_used == 0 and not engine.requests
 
 
 def test_seeded_sampling_with_mtp_repeats_itself(model, tokenizer):
@@ -145,8 +176,8 @@ def _oracle(engine: LLMEngine, plain: dict) -> None:
     """Replace the engine's MTP drafts with the plain run's next tokens (always right)."""
     draft = engine._draft
 
-    def oracle(entries, hidden):
-        draft(entries, hidden)
+    def oracle(entries, hidden, lockstep):
+        draft(entries, hidden, lockstep)
         for rid in list(engine.drafts):
             seq = engine.requests[rid].seq
             if seq.num_output_tokens < len(plain[rid]):

@@ -17,6 +17,7 @@ import torch
 
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.sampling import SamplingParams
+from r1serve.runtime.model.config import ModelConfig
 from r1serve.runtime.parallel.group import ExpertParallelGroup, GroupFailedError
 from r1serve.runtime.parallel.layout import Failover
 
@@ -96,11 +97,13 @@ def test_a_rank_killed_mid_stream_loses_no_request_and_the_group_keeps_serving(t
 
 
 def test_a_group_drafting_with_the_mtp_layer_loses_a_rank_and_no_greedy_output_changes(tiny_checkpoint):
-    """Survivors compute the lost rank's sequences again, the MTP layer's cache with them, and go on drafting."""
+    """Survivors take over the lost rank's share of the MTP layer's experts (placed as a MoE layer's), compute its
+    sequences again, the layer's cache with them, and go on drafting; the group grows back with them too."""
     expected = _reference(tiny_checkpoint)  # without speculation
     group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 4, engine=replace(ENGINE, speculative_tokens=1),
                                              timeout_s=COLLECTIVE_TIMEOUT_S, failover=Failover(headroom_slots=2),
-                                             grow_back_interval_s=None)
+                                             grow_back_interval_s=0.5)
+    greedy = {request_id: tokens for request_id, tokens in expected.items() if request_id != "r7"}
     try:
         results = asyncio.run(asyncio.wait_for(_generate_killing(group, 1), 120))
         for request_id, (tokens, outs) in results.items():
@@ -108,8 +111,18 @@ def test_a_group_drafting_with_the_mtp_layer_loses_a_rank_and_no_greedy_output_c
             assert len(tokens) == GREEDY.max_tokens, request_id
             if request_id != "r7":  # the seeded one continues with other draws after a loss (see the README)
                 assert tokens == expected[request_id], request_id
+        [reform] = group.reforms
+        assert reform["ranks"] == [0, 2, 3] and reform["experts_loaded"] > 0
+        assert group.stats().draft_tokens > 0
+        [grew] = _wait_until(lambda: group.regrowths, 120, "the group did not grow back")
+        assert grew["joined"] == [1]
+        # Every rank has one view of the MTP layer's experts (layer num_hidden_layers), each expert placed.
+        [placement] = {tuple(p[ModelConfig.from_file(tiny_checkpoint).num_hidden_layers]) for p in group.placements()}
+        assert set(placement) == set(range(16))
+        after = asyncio.run(asyncio.wait_for(_generate_all(group, "after-"), 60))
+        assert {request_id: tokens for request_id, tokens in after.items() if request_id != "r7"} == greedy
         stats = group.stats()
-        assert (stats.ranks, stats.ranks_alive) == (4, 3) and stats.draft_tokens > 0
+        assert (stats.ranks, stats.ranks_alive) == (4, 4) and stats.draft_tokens > 0
     finally:
         group.shutdown()
 

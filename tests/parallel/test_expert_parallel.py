@@ -14,6 +14,7 @@ from r1serve_testing.moe_harness import run_moe_layer
 from r1serve.runtime.engine.block_manager import prefix_hashes
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.sampling import SamplingParams
+from r1serve.runtime.model.config import ModelConfig
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
 from r1serve.runtime.parallel.group import ExpertParallelGroup, GroupFailedError
 from r1serve.runtime.serve.router import matched_blocks
@@ -134,17 +135,31 @@ def test_a_group_keeps_fp8_weights_and_generates_like_one_process_that_does(tiny
         group.shutdown()
 
 
-def test_a_group_drafting_with_the_mtp_layer_generates_like_one_process_that_does_not(tiny_checkpoint):
-    """Each rank holds the MTP layer's experts itself, so drafting adds no collective: the ranks still step in
-    lockstep, one main forward each, and greedy output is unchanged."""
+def test_a_group_drafting_with_the_mtp_layer_places_its_experts_and_generates_like_one_process_that_does_not(
+        tiny_checkpoint):
+    """The MTP layer's routed experts are placed like a MoE layer's: each rank holds its share, drafts reach them
+    through the all-to-all (every rank runs the layer once a step, empty where it drafts nothing), their load is
+    counted, and a rebalance moves them. Greedy output equals one process without speculation, before and after."""
     prompts = _prompts()[:4]
-    group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), 2, dtype="float64", redundant=2,
+    world, redundant = 2, 2
+    config = ModelConfig.from_file(tiny_checkpoint)
+    group = ExpertParallelGroup.in_processes(str(tiny_checkpoint), world, dtype="float64", redundant=redundant,
                                              engine=EngineConfig(num_blocks=96, block_size=8, max_batch_tokens=64,
                                                                  speculative_tokens=1))
+    mtp = config.num_hidden_layers
     try:
-        assert _through_group(group, prompts) == _single_process(tiny_checkpoint, prompts)
+        slots = (config.n_routed_experts + redundant) // world
+        per_slot = 3 * config.hidden_size * config.moe_intermediate_size * 8  # gate, up and down in float64
+        assert group.expert_bytes == [(len(config.moe_layers) + 1) * slots * per_slot] * world
+        before = group.placements()[0][mtp]
+        expected = _single_process(tiny_checkpoint, prompts)
+        assert _through_group(group, prompts) == expected
         stats = group.stats()
         assert stats.draft_tokens > 0 and stats.kv_blocks_used == 0
+        assert sum(group.expert_load()[mtp]) > 0
+        assert group.rebalance()
+        assert group.placements()[0][mtp] != before
+        assert list(_through_group(group, prompts, prefix="again").values()) == list(expected.values())
     finally:
         group.shutdown()
 
