@@ -294,6 +294,13 @@ class DeepseekV3ForCausalLM(nn.Module):
 
         self.mtp = MultiTokenPredictor.from_checkpoint(checkpoint_dir, self.config, self.dtype, self.device,
                                                        experts=self.expert_layout)
+        # DeepSeek-V3 shares the embedding and the output head between the model and its MTP layer, and the
+        # published checkpoints store copies of both under the layer. Copies equal to the model's go, and the
+        # layer reads the model's own (two vocab x hidden matrices: 3.5 GiB for R1 in bf16).
+        if torch.equal(self.mtp.embed_tokens.weight, self.model.embed_tokens.weight):
+            self.mtp.embed_tokens.weight = self.model.embed_tokens.weight
+        if torch.equal(self.mtp.shared_head.head.weight, self.head_weight()):
+            self.mtp.shared_head.head.weight = self.head_weight()
         self.set_kernels(self.kernels)  # the module's attention and experts run on the model's path
 
     def reset_buffers(self) -> None:

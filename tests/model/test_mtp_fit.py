@@ -69,6 +69,23 @@ def test_the_engine_keeps_most_drafts_of_the_fitted_layer_at_batch_1(fitted_pair
     assert tokens / forwards >= 1.7
 
 
+def test_a_layer_whose_embedding_and_head_equal_the_models_reads_the_models_own(fitted_pair, tiny_checkpoint):
+    """As in DeepSeek's checkpoints, the fitted layer's embedding and head are copies of the model's: loading
+    keeps one of each. The random tiny layer's are its own, and stay."""
+    from r1serve.runtime.model.model import DeepseekV3ForCausalLM
+
+    (checkpoint, _), _, _ = fitted_pair
+    held = {}
+    for directory, shared in ((checkpoint, True), (tiny_checkpoint, False)):
+        model = DeepseekV3ForCausalLM.from_checkpoint(directory, torch.float32, progress=False)
+        model.load_mtp(directory)
+        assert (model.mtp.embed_tokens.weight is model.model.embed_tokens.weight) is shared
+        assert (model.mtp.shared_head.head.weight is model.head_weight()) is shared
+        held[shared] = sum(p.numel() for p in model.parameters())  # each tensor once
+    config = ModelConfig.from_file(checkpoint)
+    assert held[False] - held[True] == 2 * config.vocab_size * config.hidden_size
+
+
 def test_the_command_line_fits_once_and_refuses_an_fp8_checkpoint(fitted_pair, tiny_checkpoints, capsys):
     (checkpoint, _), _, _ = fitted_pair
     assert cli(["checkpoint", "fit-mtp", str(checkpoint), "--steps", str(FIT["steps"]), "--seed",
