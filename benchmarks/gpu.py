@@ -21,8 +21,9 @@ against its own roofline (the FP8 bytes it must read), and set beside its bf16 r
 the ideal ratio of bytes read. Weight memory of both models is reported.
 
 Speculative decoding (after the bf16 rows; --no-mtp skips it): the bf16 model gets a random MTP layer
-(one MoE layer of 256 experts, with its own embedding and head) and the "kernels" path decodes with one
-draft token a step. A random layer's drafts are refused, so each step is what speculation costs: a
+(one MoE layer of 256 experts, with its own embedding and head) and each kernel path decodes with one
+draft token a step ("kernels+graphs" replays the verify forward, two rows per sequence, from its graphs; the
+MTP layer runs eagerly). A random layer's drafts are refused, so each step is what speculation costs: a
 verify forward of 2 tokens per sequence plus a draft forward of the MTP layer, timed around
 `LLMEngine.step()` (speculation reads each step's tokens back before planning the next: no overlap). Set
 beside the plain decode step of the same path and batch: the step ratio r, the break-even share of drafts
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -815,12 +817,12 @@ def main() -> None:
         routing.close()
         if weights == "dequantized" and not args.no_mtp:
             attach_mtp(model)
-            for batch in setup.batches:
-                row = {"path": "kernels", "weights": weights, "phase": "decode+mtp", "batch": batch}
+            for path, batch in itertools.product([p for p in paths if p.startswith("kernels")], setup.batches):
+                row = {"path": path, "weights": weights, "phase": "decode+mtp", "batch": batch}
                 engine = None
                 try:
                     per_seq = -(-(setup.prompt + setup.new_tokens + 2) // BLOCK_SIZE)
-                    engine = make_engine(model, tokenizer, "kernels", batch, batch * per_seq + 8, 16384, speculative=1)
+                    engine = make_engine(model, tokenizer, path, batch, batch * per_seq + 8, 16384, speculative=1)
                     row.update(speculative_row(engine, setup, batch, random.Random(f"mtp/{batch}")))
                 except Exception as exc:  # noqa: BLE001 - the other rows stand without it
                     row["error"] = _error(exc)

@@ -3,7 +3,10 @@
 A decode step of a few sequences launches a few hundred small kernels per layer; replaying a captured
 graph launches them all at once. The graph of a bucket reads its inputs from fixed buffers: a step
 copies its batch into them, pads to the bucket with rows that write to a scratch cache block and attend
-to it alone, replays, and keeps the live rows' logits.
+to it alone, replays, and keeps the live rows' logits (and final hidden states, which the MTP layer drafts
+from). Each row is one token with its own block table row and context length: speculative decoding's
+verification (a sequence's last token and its draft) runs as two rows of one sequence, each over the context
+up to its own position.
 
 The same static path runs eagerly (`capture=False`): that is how it is tested without a GPU, and what
 runs when graphs are off. Everything a captured step does must stay on the device: the Triton kernel
@@ -50,7 +53,7 @@ class DecodeGraphs:
         self.rows = torch.arange(biggest, device=device)
         self._pad_rows(0, biggest)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # bucket -> (logits, hidden states)
         self.memory_bytes = 0
         self.capture_s = 0.0
 
@@ -74,6 +77,11 @@ class DecodeGraphs:
 
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """logits [B, vocab] of a decode-only batch of B <= the biggest bucket, in row order."""
+        return self.run_with_hidden(batch)[0]
+
+    def run_with_hidden(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, vocab], final hidden states [B, hidden]) of a decode-only batch, in row order: views of
+        the graph's outputs, valid until the next run."""
         n = batch.num_tokens
         bucket = self.bucket(n)
         self._load(batch)
@@ -81,10 +89,15 @@ class DecodeGraphs:
         self._pad_rows(n, bucket)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
-            logits = self.outputs[bucket]
+            logits, hidden = self.outputs[bucket]
         else:
-            logits = self.model(self.static_batch(bucket), self.caches)
-        return logits[:n]
+            logits, hidden = self._forward(bucket)
+        return logits[:n], hidden[:n]
+
+    @torch.inference_mode()
+    def _forward(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.hidden_states(self.static_batch(bucket), self.caches)
+        return self.model.head(hidden), hidden
 
     def _load(self, batch: ForwardBatch) -> None:
         n, w = batch.num_tokens, batch.block_tables.shape[1]
@@ -117,12 +130,12 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for bucket in self.buckets:  # warm-up outside capture: Triton compiles, the allocator settles
-                self.model(self.static_batch(bucket), self.caches)
+                self._forward(bucket)
         torch.cuda.current_stream().wait_stream(stream)
         for bucket in reversed(self.buckets):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bucket] = self.model(self.static_batch(bucket), self.caches)
+                self.outputs[bucket] = self._forward(bucket)
             self.graphs[bucket] = graph
         torch.cuda.synchronize()
         self.memory_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])

@@ -141,6 +141,8 @@ class LLMEngine:
         self.draft_tokens = self.accepted_draft_tokens = 0
         # Outputs of a step whose tokens were kept before the MTP layer's collective broke: sent with the next.
         self._late: list[RequestOutput] = []
+        # Prefill role: a sampled request's MTP hidden state to hand off, its draft drawn on the decode side.
+        self._draft_hidden: dict[str, torch.Tensor] = {}
         self._inflight: _Launched | None = None
         self.finished_count = 0
 
@@ -181,7 +183,8 @@ class LLMEngine:
         if self.config.role == "prefill":
             raise RequestError("role", "a prefill engine cannot continue a hand-off")
         self._validate(handoff.request_id, handoff.prompt_token_ids, handoff.params, handoff.resumed_token_ids)
-        handoff.validate(len(self.runner.handed_off_caches), self.model.config.latent_dim)
+        handoff.validate(len(self.runner.handed_off_caches), self.model.config.latent_dim,
+                         self.model.config.hidden_size)
         self._check_token_ids("handoff.draft_token_ids", handoff.draft_token_ids)
         prompt = list(handoff.prompt_token_ids)
         seq = Sequence(handoff.request_id, prompt + list(handoff.resumed_token_ids), len(prompt))
@@ -196,6 +199,11 @@ class LLMEngine:
             return [self._retire(state, out)]
         if self.speculative and handoff.draft_token_ids and state.params.is_greedy:
             self.drafts[seq.request_id] = (list(handoff.draft_token_ids), None, seq.num_tokens)
+        elif self.speculative and handoff.draft_hidden is not None and not state.params.is_greedy:
+            with torch.inference_mode():
+                logits = self.model.mtp.logits(handoff.draft_hidden.to(self.runner.device, self.model.dtype))
+            token, q = draft_token(logits, state.params, state.generator)
+            self.drafts[seq.request_id] = ([token], q[None], seq.num_tokens)
         self.pending_handoffs.append((state, handoff))
         self._admit_handoffs()
         return [out]
@@ -459,13 +467,15 @@ class LLMEngine:
             want.append(seq.num_computed_tokens == seq.num_tokens - 1  # decoding next step
                         and not self.requests[seq.request_id].finished
                         and (drafted is None or drafted[2] != seq.num_tokens))
-        logits = self.runner.run_mtp([(seq, first, computed) for seq, first, computed, _ in entries], ids,
-                                     hidden[upload(rows, hidden.device, torch.long)], want)
+        logits, draft_hidden = self.runner.run_mtp([(seq, first, computed) for seq, first, computed, _ in entries],
+                                                   ids, hidden[upload(rows, hidden.device, torch.long)], want)
         drafting = [seq for (seq, _, _, _), w in zip(entries, want) if w]
-        for seq, row in zip(drafting, logits):
+        for seq, row, h in zip(drafting, logits, draft_hidden):
             state = self.requests[seq.request_id]
             if self.config.role == "prefill" and not state.params.is_greedy:
-                continue  # a sampled draft is not handed off (see _handoff): no draw for it
+                # Drawn where the generator goes on, after the first token as in one engine (see _handoff).
+                self._draft_hidden[seq.request_id] = h
+                continue
             token, q = draft_token(row, state.params, state.generator)
             self.drafts[seq.request_id] = ([token], None if q is None else q[None], seq.num_tokens)
 
@@ -483,6 +493,7 @@ class LLMEngine:
             resumed_token_ids=seq.token_ids[seq.prompt_len:computed],
             # A sampled draft would need its distribution sent too: only greedy requests take theirs along.
             draft_token_ids=tuple(self.drafts.get(seq.request_id, ((), None, 0))[0]) if state.params.is_greedy else (),
+            draft_hidden=hidden.cpu() if (hidden := self._draft_hidden.get(seq.request_id)) is not None else None,
         )
         out = state.aborted("stop")
         out.token_ids, out.handoff, out.completion_tokens = [first_token], handoff, seq.num_output_tokens
@@ -514,6 +525,7 @@ class LLMEngine:
     def _retire(self, state: RequestState, out: RequestOutput) -> RequestOutput:
         self.requests.pop(state.seq.request_id, None)
         self.drafts.pop(state.seq.request_id, None)
+        self._draft_hidden.pop(state.seq.request_id, None)
         self.scheduler.remove(state.seq)
         self.runner.release(state.seq)
         self.finished_count += 1

@@ -55,7 +55,9 @@ class ModelRunner:
         self._offsets = torch.arange(block_size)
         self.graphs: DecodeGraphs | None = None
         if paths.cuda_graphs or paths.static_decode:
-            self.graphs = DecodeGraphs(model, self.caches, max_batch=max_running, width=self.table_width,
+            # With drafts, a sequence verifies its last token and its draft: two rows.
+            rows = max_running * (SPECULATIVE_CHUNK if mtp else 1)
+            self.graphs = DecodeGraphs(model, self.caches, max_batch=rows, width=self.table_width,
                                        block_size=block_size, scratch_block=self.scratch_block,
                                        capture=paths.cuda_graphs)
             self.graphs.capture()
@@ -119,20 +121,41 @@ class ModelRunner:
         """A forward over `input_ids` (the chunks' tokens, packed; a chunk may run tokens the sequence does not
         hold yet: draft tokens) -> (logits at the packed rows `logit_rows`, final hidden state of every row)."""
         # A sequence's last token and its draft attend as decode rows (the absorbed path, through the block
-        # table), as a plain decode step's token does.
+        # table), as a plain decode step's token does: replayed from the decode graphs where every chunk is
+        # that short, each token a row of its own.
+        if self.graphs is not None and all(c.num_tokens <= SPECULATIVE_CHUNK for c in chunks):
+            rows = self._token_rows(chunks, torch.tensor(input_ids, dtype=torch.long))
+            if self.graphs.fits(rows):
+                logits, hidden = self.graphs.run_with_hidden(rows)
+                return logits[upload(logit_rows, self.device, torch.long)], hidden
         batch = self.build_batch(chunks, [False] * len(chunks), torch.tensor(input_ids, dtype=torch.long),
                                  decode_up_to=SPECULATIVE_CHUNK)
         batch = replace(batch, logits_indices=upload(logit_rows, self.device, torch.long))
         hidden = self.model.hidden_states(batch, self.caches)
         return self.model.head(hidden[batch.logits_indices]), hidden
 
+    def _token_rows(self, chunks: Seq[ScheduledChunk], input_ids: torch.Tensor) -> ForwardBatch:
+        """The chunks' tokens as a decode-only batch of one row per token: its sequence's block table, and the
+        context up to its own position."""
+        table_rows, context_lens = [], []
+        for chunk, row in zip(chunks, self.tables.rows_for([c.seq for c in chunks])):
+            first = chunk.seq.num_computed_tokens
+            table_rows += [row] * chunk.num_tokens
+            context_lens += range(first + 1, first + chunk.num_tokens + 1)
+        width = -(-max(context_lens) // self.block_size)
+        return ForwardBatch.paged(input_ids, [1] * len(context_lens), context_lens,
+                                  self.tables.gather(table_rows, width), self.block_size, [True] * len(context_lens),
+                                  self.device)
+
     def run_mtp(self, spans: Seq[tuple[Sequence, int, int]], input_ids: list[int], hidden: torch.Tensor,
-                want_logits: Seq[bool]) -> torch.Tensor:
+                want_logits: Seq[bool]) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP module over positions [first, first + n) of each (sequence, first, n), with the tokens one
-        position later (`input_ids`, packed) and the main model's hidden states there -> draft logits of the
-        spans that want them, at their last position."""
+        position later (`input_ids`, packed) and the main model's hidden states there -> (draft logits, the
+        module's normed hidden states they come from) of the spans that want them, at their last position."""
         batch = self._paged(spans, torch.tensor(input_ids, dtype=torch.long), want_logits, SPECULATIVE_CHUNK)
-        return self.model.mtp(batch, self.mtp_cache, hidden, self.model.rotary)
+        with torch.inference_mode():
+            rows = self.model.mtp.draft_hidden(batch, self.mtp_cache, hidden, self.model.rotary)
+            return self.model.mtp.logits(rows), rows
 
     def release(self, seq: Sequence) -> None:
         """The sequence left the engine (finished, aborted or handed off): its table row is free."""

@@ -76,6 +76,9 @@ class KVHandoff:
     with speculative decoding one layer more, the MTP module's cache.
     generator_state: the seeded request's RNG after sampling the first token, so decode continues it.
     draft_token_ids: with speculative decoding, a greedy request's draft of the token after the first.
+    draft_hidden: with speculative decoding, a sampled request's MTP hidden state [hidden_size] at the prompt's
+    last position: the decode engine draws the draft from it with the request's generator, in the order a
+    single engine draws (first token, then draft), so a seeded request gives the same tokens either way.
     """
 
     request_id: str
@@ -89,6 +92,7 @@ class KVHandoff:
     resumed_token_ids: list[int] = field(default_factory=list)
     latents_start: int = 0
     draft_token_ids: tuple[int, ...] = ()
+    draft_hidden: torch.Tensor | None = None
 
     @property
     def sequence_token_ids(self) -> list[int]:
@@ -101,7 +105,7 @@ class KVHandoff:
             return self.latents.nbytes
         return self.latents.numel() * self.latents.element_size()
 
-    def validate(self, num_layers: int, latent_dim: int) -> None:
+    def validate(self, num_layers: int, latent_dim: int, hidden_size: int) -> None:
         expected = (num_layers, len(self.prompt_token_ids) + len(self.resumed_token_ids) - self.latents_start,
                     latent_dim)
         if isinstance(self.latents, RemoteLatents):
@@ -112,6 +116,10 @@ class KVHandoff:
             if self.latents.shape[0] != num_layers and abs(self.latents.shape[0] - num_layers) == 1:
                 why = " (one pool drafts with the MTP layer and the other does not: both need the same setting)"
             raise RequestError("handoff.latents", f"expected shape {expected}, got {tuple(self.latents.shape)}{why}")
+        if self.draft_hidden is not None and (tuple(self.draft_hidden.shape) != (hidden_size,)
+                                              or not self.draft_hidden.is_floating_point()):
+            raise RequestError("handoff.draft_hidden", f"expected a float tensor of shape ({hidden_size},), got "
+                                                       f"{self.draft_hidden.dtype} {tuple(self.draft_hidden.shape)}")
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,11 @@ class MultiTokenPredictor(nn.Module):
     def draft_logits(self, batch: ForwardBatch, cache: torch.Tensor, hidden: torch.Tensor, rope, path="auto"
                      ) -> torch.Tensor:
         """`forward` outside inference mode."""
-        return torch.nn.functional.linear(self.draft_hidden(batch, cache, hidden, rope, path),
-                                          self.shared_head.head.weight)
+        return self.logits(self.draft_hidden(batch, cache, hidden, rope, path))
+
+    def logits(self, draft_hidden: torch.Tensor) -> torch.Tensor:
+        """Draft logits from the normed hidden states `draft_hidden` returns."""
+        return torch.nn.functional.linear(draft_hidden, self.shared_head.head.weight)
 
     def draft_hidden(self, batch: ForwardBatch, cache: torch.Tensor, hidden: torch.Tensor, rope, path="auto"
                      ) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -84,6 +86,23 @@ def test_graph_replay_gives_the_eager_tokens(tiny_checkpoint, dtype):
     if dtype == torch.float32:  # unpadded eager batches split attention differently: equal to rounding
         assert graphs == run(RunnerPaths(kernels="triton"))
         assert graphs == run(RunnerPaths(kernels="torch"))
+
+
+def test_verification_replayed_from_graphs_gives_the_eager_tokens_and_speculation_changes_none(tiny_checkpoint):
+    """With MTP drafts, steps of verify rows replay graphs captured for two rows per sequence: the same tokens
+    as the static buffers run eagerly, and (float32) as the plain run without speculation."""
+    model = DeepseekV3ForCausalLM.from_checkpoint(tiny_checkpoint, torch.float32, "cuda", progress=False)
+    model.load_mtp(tiny_checkpoint)
+    tokenizer = Tokenizer.from_dir(tiny_checkpoint)
+    config = EngineConfig(num_blocks=96, block_size=16, max_running=8, max_batch_tokens=128, max_model_len=256)
+    drafting = replace(config, speculative_tokens=1)
+    engine = LLMEngine(model, tokenizer, drafting, paths=RunnerPaths(kernels="triton", cuda_graphs=True))
+    assert engine.runner.graphs.buckets[-1] == 16 and sorted(engine.runner.graphs.graphs) == [1, 2, 4, 8, 16]
+    replayed = _greedy_tokens(engine, GRAPH_PROMPTS)
+    eager = LLMEngine(model, tokenizer, drafting, paths=RunnerPaths(kernels="triton", static_decode=True))
+    assert replayed == _greedy_tokens(eager, GRAPH_PROMPTS)
+    assert replayed == _greedy_tokens(LLMEngine(model, tokenizer, config,
+                                                paths=RunnerPaths(kernels="triton", cuda_graphs=True)), GRAPH_PROMPTS)
 
 
 def test_a_rebalance_in_place_keeps_captured_graphs_valid(tiny_checkpoint):

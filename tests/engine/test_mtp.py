@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
+from r1serve.runtime.engine.model_runner import RunnerPaths
 from r1serve.runtime.engine.sampling import SamplingParams
 from r1serve.runtime.model.model import DeepseekV3ForCausalLM
 from r1serve.runtime.model.mtp import MultiTokenPredictor
@@ -80,6 +81,21 @@ def test_drafts_the_main_model_agrees_with_are_kept_and_change_nothing(model, to
     _, plain_steps = _run(LLMEngine(model, tokenizer, MTP))
     assert steps < plain_steps  # kept drafts are tokens without a step of their own
     assert stats.kv_blocks_used == 0
+
+
+def test_verification_replays_the_decode_graphs_and_changes_nothing(model, tokenizer, plain):
+    """With decode graphs (their static buffers, run eagerly on CPU), a sequence's last token and its draft run
+    as two rows of a replayed step, and greedy output is the plain run's."""
+    engine = LLMEngine(model, tokenizer, MTP, paths=RunnerPaths(static_decode=True))
+    runner, graphs = engine.runner, engine.runner.graphs
+    shapes, replays = [], []
+    token_rows, replay = runner._token_rows, graphs.run_with_hidden
+    runner._token_rows = lambda chunks, ids: shapes.append([c.num_tokens for c in chunks]) or token_rows(chunks, ids)
+    graphs.run_with_hidden = lambda batch: replays.append(batch.num_tokens) or replay(batch)
+    got, _ = _run(engine)
+    assert got == plain
+    assert any(2 in shape for shape in shapes)  # drafts verified in replayed steps
+    assert replays == [sum(shape) for shape in shapes]  # every such step fits the graphs' buckets
 
 
 def test_a_stop_within_the_tokens_kept_ends_the_request_there(model, tokenizer, plain):
@@ -212,6 +228,29 @@ def test_prefill_hands_off_the_mtp_cache_and_draft_and_decode_equals_the_plain_r
     assert prefill.stats().kv_blocks_used == decode.stats().kv_blocks_used == 0
 
 
+def test_a_seeded_sampled_request_gives_the_same_tokens_split_over_prefill_and_decode(model, tokenizer):
+    """The prefill engine hands a sampled request's MTP hidden state off instead of drawing its draft: the decode
+    engine draws it with the request's generator right after the first token, as one engine does, so a seeded
+    request gives the same tokens in both topologies."""
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+    config = dict(num_blocks=64, block_size=8, speculative_tokens=1)
+    single = LLMEngine(model, tokenizer, EngineConfig(**config))
+    prefill = LLMEngine(model, tokenizer, EngineConfig(role="prefill", **config))
+    decode = LLMEngine(model, tokenizer, EngineConfig(role="decode", **config))
+    handoffs, whole, split = {}, {}, {}
+    for i, p in enumerate(prompts()[:4]):
+        single.add_request(f"r{i}", p, params)
+        prefill.add_request(f"r{i}", p, params)
+    drain(single, whole)
+    drain(prefill, handoffs)
+    for rid, [out] in handoffs.items():
+        assert out.handoff.draft_token_ids == () and out.handoff.draft_hidden.shape == (model.config.hidden_size,)
+        split[rid] = decode.add_handoff(out.handoff)
+    drain(decode, split)
+    assert {rid: tokens(outs) for rid, outs in split.items()} == {rid: tokens(outs) for rid, outs in whole.items()}
+    assert decode.stats().draft_tokens > 0 and decode.stats().kv_blocks_used == 0
+
+
 def test_a_hand_off_between_pools_that_disagree_on_speculation_is_refused(model, tokenizer):
     from r1serve.runtime.engine.outputs import RequestError
 
@@ -227,5 +266,9 @@ def test_a_hand_off_between_pools_that_disagree_on_speculation_is_refused(model,
                                                         speculative_tokens=1))
     handoffs["r"][0].handoff.draft_token_ids = (10**9,)
     with pytest.raises(RequestError, match=r"handoff.draft_token_ids.*each id must be an integer in \[0, 129280\)"):
+        drafting.add_handoff(handoffs["r"][0].handoff)
+    handoffs["r"][0].handoff.draft_token_ids, handoffs["r"][0].handoff.draft_hidden = (), torch.zeros(3)
+    with pytest.raises(RequestError, match=rf"handoff.draft_hidden: expected a float tensor of shape "
+                                           rf"\({model.config.hidden_size},\), got torch.float32 \(3,\)"):
         drafting.add_handoff(handoffs["r"][0].handoff)
     assert drafting.stats().kv_blocks_used == 0 and not drafting.requests

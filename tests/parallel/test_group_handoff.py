@@ -69,9 +69,9 @@ def test_a_hand_off_still_on_its_prefill_rank_is_refused_by_an_engine():
     remote = RemoteLatents(ref=None, shape=(2, 3, 8), dtype="float32", nbytes=192, transport="nixl")
     handoff = KVHandoff("r1", [1, 2, 3], 9, SamplingParams(), remote)
     with pytest.raises(ValueError, match="handoff.latents: still on the prefill rank"):
-        handoff.validate(2, 8)
+        handoff.validate(2, 8, 16)
     handoff.latents = torch.zeros(2, 3, 8)
-    handoff.validate(2, 8)
+    handoff.validate(2, 8, 16)
 
 
 class HeldUntilRead:
