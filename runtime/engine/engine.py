@@ -200,9 +200,13 @@ class LLMEngine:
         if self.speculative and handoff.draft_token_ids and state.params.is_greedy:
             self.drafts[seq.request_id] = (list(handoff.draft_token_ids), None, seq.num_tokens)
         elif self.speculative and handoff.draft_hidden is not None and not state.params.is_greedy:
-            with torch.inference_mode():
-                logits = self.model.mtp.logits(handoff.draft_hidden.to(self.runner.device, self.model.dtype))
-            token, q = draft_token(logits, state.params, state.generator)
+            try:
+                with torch.inference_mode():
+                    logits = self.model.mtp.logits(handoff.draft_hidden.to(self.runner.device, self.model.dtype))
+                token, q = draft_token(logits, state.params, state.generator)
+            except BaseException:
+                self._retire(state, out)  # not taken: its id is free for a retry
+                raise
             self.drafts[seq.request_id] = ([token], q[None], seq.num_tokens)
         self.pending_handoffs.append((state, handoff))
         self._admit_handoffs()
@@ -217,9 +221,11 @@ class LLMEngine:
         return self._retire(state, state.aborted())
 
     def fail_all(self, error: str) -> list[RequestOutput]:
-        """End every request with an error (the model raised): nothing is left holding blocks."""
+        """End every request with an error (the model raised): nothing is left holding blocks. Outputs a broken
+        step had kept (requests it finished, hand-offs it made) go out first."""
         self._inflight = None
-        return [self._retire(s, s.aborted("error", error)) for s in list(self.requests.values())]
+        late, self._late = self._late, []
+        return late + [self._retire(s, s.aborted("error", error)) for s in list(self.requests.values())]
 
     def cached_prefix_tokens(self, token_ids: list[int]) -> int:
         """How many leading tokens of `token_ids` this engine's prefix cache holds. Only reads, so a rank's

@@ -222,8 +222,10 @@ class RankWorker:
 
     def _serve(self, inbox, outbox, idle_wait_s: float) -> None:
         """The lockstep loop. Every iteration all ranks agree (one all-reduce) whether any has work, a
-        rebalance is due or the group stops; then every rank runs exactly one forward, empty if idle. A step
-        that fails leaves nothing half done: its tokens were not sampled, and it runs again as it was."""
+        rebalance is due or the group stops; then every rank runs exactly one forward, empty if idle (with
+        speculative decoding, one of the model and one of the MTP layer). A step whose model forward fails leaves
+        nothing half done: its tokens were not sampled, and it runs again as it was; one whose MTP forward fails
+        has kept its tokens, which go out with the next step."""
         busy = False
         while True:
             self._apply_commands(inbox, outbox, block=not busy, wait_s=idle_wait_s)

@@ -154,6 +154,25 @@ def test_tokens_kept_before_the_mtp_layers_collective_broke_go_out_with_the_next
     assert engine.stats().kv_blocks_used == 0 and not engine.requests
 
 
+def test_a_request_that_finished_in_a_step_whose_mtp_forward_broke_still_gets_its_end(model, tokenizer):
+    """When the engine gives up after such a step (one process: the model raised), the outputs the step had kept
+    go out before every other request's error: no stream is left waiting."""
+    engine = LLMEngine(model, tokenizer, MTP)
+
+    def broken(*args):
+        raise RuntimeError("the MTP layer failed")
+
+    engine.runner.run_mtp = broken
+    engine.add_request("one", prompts()[0], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    engine.add_request("more", prompts()[2], GREEDY)
+    with pytest.raises(RuntimeError, match="the MTP layer failed"):
+        engine.step()
+    ends = {out.request_id: out for out in engine.fail_all("engine failure")}
+    assert (ends["one"].finish_reason, len(ends["one"].token_ids)) == ("length", 1)
+    assert (ends["more"].finish_reason, ends["more"].error) == ("error", "engine failure")
+    assert engine.stats().kv_blocks_used == 0 and not engine.requests
+
+
 def test_seeded_sampling_with_mtp_repeats_itself(model, tokenizer):
     params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
     runs = [_run(LLMEngine(model, tokenizer, MTP), params)[0] for _ in range(2)]
