@@ -224,8 +224,7 @@ class LLMEngine:
         """End every request with an error (the model raised): nothing is left holding blocks. Outputs a broken
         step had kept (requests it finished, hand-offs it made) go out first."""
         self._inflight = None
-        late, self._late = self._late, []
-        return late + [self._retire(s, s.aborted("error", error)) for s in list(self.requests.values())]
+        return self._take_late() + [self._retire(s, s.aborted("error", error)) for s in list(self.requests.values())]
 
     def cached_prefix_tokens(self, token_ids: list[int]) -> int:
         """How many leading tokens of `token_ids` this engine's prefix cache holds. Only reads, so a rank's
@@ -372,8 +371,7 @@ class LLMEngine:
             if lockstep:
                 self.runner.run_empty()
                 self.runner.run_mtp_empty()
-            late, self._late = self._late, []
-            return late
+            return self._take_late()
         starts, wanted, ids = [], [], []
         for chunk, tokens, drafts in chunks:
             starts.append(len(ids))
@@ -419,8 +417,11 @@ class LLMEngine:
             outputs += [self._handoff(state, state.seq.token_ids[-1]) for state in handing_off]
             if not drafted:
                 self._late += outputs
+        return self._take_late() + outputs
+
+    def _take_late(self) -> list[RequestOutput]:
         late, self._late = self._late, []
-        return late + outputs
+        return late
 
     def _with_draft(self, chunk: ScheduledChunk, budget: int) -> tuple[ScheduledChunk, list[int], list[int]]:
         """The chunk to run, its input tokens and the draft tokens among them: none if the sequence has no
@@ -497,7 +498,8 @@ class LLMEngine:
             generator_state=state.generator.get_state() if state.generator is not None else None,
             cached_tokens=seq.num_cached_tokens,
             resumed_token_ids=seq.token_ids[seq.prompt_len:computed],
-            # A sampled draft would need its distribution sent too: only greedy requests take theirs along.
+            # A greedy request's draft goes along; a sampled one's is drawn on the decode side from the MTP
+            # hidden state, where its generator goes on.
             draft_token_ids=tuple(self.drafts.get(seq.request_id, ((), None, 0))[0]) if state.params.is_greedy else (),
             draft_hidden=hidden.cpu() if (hidden := self._draft_hidden.get(seq.request_id)) is not None else None,
         )

@@ -137,15 +137,8 @@ class ModelRunner:
     def _token_rows(self, chunks: Seq[ScheduledChunk], input_ids: torch.Tensor) -> ForwardBatch:
         """The chunks' tokens as a decode-only batch of one row per token: its sequence's block table, and the
         context up to its own position."""
-        table_rows, context_lens = [], []
-        for chunk, row in zip(chunks, self.tables.rows_for([c.seq for c in chunks])):
-            first = chunk.seq.num_computed_tokens
-            table_rows += [row] * chunk.num_tokens
-            context_lens += range(first + 1, first + chunk.num_tokens + 1)
-        width = -(-max(context_lens) // self.block_size)
-        return ForwardBatch.paged(input_ids, [1] * len(context_lens), context_lens,
-                                  self.tables.gather(table_rows, width), self.block_size, [True] * len(context_lens),
-                                  self.device)
+        spans = [(c.seq, c.seq.num_computed_tokens + j, 1) for c in chunks for j in range(c.num_tokens)]
+        return self._paged(spans, input_ids, [True] * len(spans), decode_up_to=1)
 
     def run_mtp(self, spans: Seq[tuple[Sequence, int, int]], input_ids: list[int], hidden: torch.Tensor,
                 want_logits: Seq[bool]) -> tuple[torch.Tensor, torch.Tensor]:
