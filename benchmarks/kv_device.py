@@ -7,8 +7,10 @@ beside the device's own copy bandwidth measured in the same run.
 
 Latents are DeepSeek-V3's: 61 layers x 576 values per token, bfloat16. Each hand-off is a fresh tensor, as a
 real one is: the producer makes it on the device and sends it; the consumer copies it into its own buffer on
-the device and synchronises. "ipc": the tensor goes through a torch.multiprocessing queue, which passes a
-CUDA IPC handle (on CPU, a shared-memory segment), so the consumer copies device to device. "host": the
+the device and synchronises. "ipc": what the cuda-ipc connector does (runtime/parallel/kv_ipc.py, its
+share_handle and copy_shared): the producer sends a CUDA IPC handle of a few hundred bytes (on CPU, a
+shared-memory file's name), and the consumer maps it and copies device to device into a tensor of its own,
+then answers (the producer keeps the latents until then, as a prefill rank does until released). "host": the
 producer copies it to host memory, it goes through the queue, and the consumer copies it to the device. Each
 time runs from the producer starting the hand-off to the consumer having the latents in its buffer
 (CLOCK_MONOTONIC is shared by the two processes). "copy": one in-process device-to-device copy of the same
@@ -30,6 +32,8 @@ import torch.multiprocessing as tmp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, record  # noqa: E402
 
+from r1serve.runtime.parallel.kv_ipc import copy_shared, share_handle  # noqa: E402
+
 SECTION = "kv-device"
 LAYERS, LATENT = 61, 576
 
@@ -40,17 +44,21 @@ def _sync(device: str) -> None:
 
 
 def consumer(device: str, inbox, outbox) -> None:
-    """Copies each hand-off into a buffer of its own on `device` and answers the seconds it took."""
+    """Copies each hand-off onto `device` (a handle: mapped and copied; a host tensor: into a buffer of its own)
+    and answers the seconds it took."""
     buffers: dict[tuple, torch.Tensor] = {}
     while True:
         message = inbox.get()
         if message is None:
             return
         latents, started = message
-        buffer = buffers.setdefault(tuple(latents.shape), torch.empty(latents.shape, dtype=latents.dtype,
-                                                                      device=device))
-        buffer.copy_(latents)
-        _sync(device)
+        if isinstance(latents, bytes):
+            latents = copy_shared(latents, device)
+        else:
+            buffer = buffers.setdefault(tuple(latents.shape), torch.empty(latents.shape, dtype=latents.dtype,
+                                                                          device=device))
+            buffer.copy_(latents)
+            _sync(device)
         outbox.put(time.monotonic() - started)
         del latents
 
@@ -74,7 +82,7 @@ def hand_off_seconds(tokens: int, device: str, path: str, repeats: int, inbox, o
         latents = torch.ones(LAYERS, tokens, LATENT, dtype=torch.bfloat16, device=device)
         _sync(device)
         started = time.monotonic()
-        inbox.put((latents if path == "ipc" else latents.to("cpu"), started))
+        inbox.put((share_handle(latents) if path == "ipc" else latents.to("cpu"), started))
         times.append(outbox.get(timeout=600))
         del latents  # the consumer is done with it: it answered
     return statistics.median(times[1:])

@@ -1,16 +1,20 @@
 """KV hand-off benchmark: a prompt's latents from a prefill-like actor to a decode-like actor, per connector.
 
     python benchmarks/kv_handoff.py [--tokens 512 4096 16384] [--repeats 3] [--record]
+    python benchmarks/kv_handoff.py --small     # 64 tokens, one repeat (the suite runs this)
 
-Latents are DeepSeek-V3's: 61 layers x 576 values (kv_lora_rank 512 + rope 64) per token, bfloat16. As in
-the served graph, only a reference passes through a third actor (the replicas and the Ingress) between
-the two ranks. object-store: the prefill side puts the latents into Ray's object store and the decode
-side gets them. nixl: the prefill side parks them in its Ray Direct Transport store and the decode side
-reads them one-sided (runtime/parallel/transport.py, DirectLatents). gloo: the prefill side parks them
-under a key, and the decode side asks for the key and receives them over its two-member gloo link to the
-prefill side (GlooLatents; the link is made once, in the warm-up). Latency runs from the hand-off's
-start on the prefill side to the latents being in the decode side's memory. The ceiling is a copy of the
-same bytes within one process, measured in the same run (memory bandwidth, not a network).
+Latents are DeepSeek-V3's: 61 layers x 576 values (kv_lora_rank 512 + rope 64) per token, bfloat16. As in the
+served graph, only a reference passes through a third actor (the replicas and the Ingress) between the two
+ranks. object-store: the prefill side puts the latents into Ray's object store and the decode side gets them.
+nixl: the prefill side parks them in its Ray Direct Transport store and the decode side reads them one-sided
+(runtime/parallel/transport.py, DirectLatents). gloo: the prefill side parks them under a key, and the decode
+side asks for the key and receives them over its two-member gloo link to the prefill side (GlooLatents; the link
+is made once, in the warm-up). cuda-ipc: the prefill side parks them, and the decode side asks it to share them,
+maps the memory and copies it (kv_ipc.IpcLatents): on CPU the handle names a shared-memory file, and parking
+moves the latents into it (one copy a GPU rank does not make), where on a GPU it is a CUDA IPC handle
+(benchmarks/kv_device.py measures that one). Latency runs from the hand-off's start on the prefill side to the
+latents being in the decode side's memory. The ceiling is a copy of the same bytes within one process, measured
+in the same run (memory bandwidth, not a network).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def latents(tokens: int) -> torch.Tensor:
     return torch.ones(LAYERS, tokens, LATENT, dtype=torch.bfloat16)
 
 
-CONNECTORS = ("object-store", "nixl", "gloo")
+CONNECTORS = ("object-store", "nixl", "gloo", "cuda-ipc")
 
 
 def _stores() -> dict:
@@ -59,8 +63,15 @@ class Prefill:
     def kv_join(self, link: str, address: str) -> None:
         self.direct["gloo"].join(link, address)
 
-    def kv_offer(self, link: str, key: str) -> str:
-        return self.direct["gloo"].offer(link, key)
+    def kv_offer(self, link: str, key: str, start: int = 0) -> str:
+        return self.direct["gloo"].offer(link, key, start)
+
+    # Called by the decode side for cuda-ipc.
+    def kv_share(self, key: str, start: int = 0) -> bytes | None:
+        return self.direct["cuda-ipc"].share(key, start)
+
+    def kv_release(self, key: str) -> None:
+        self.direct["cuda-ipc"].release(key)
 
 
 class Relay:
@@ -103,7 +114,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096, 16384])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--record", action="store_true")
+    parser.add_argument("--small", action="store_true", help="64 tokens, one repeat")
     args = parser.parse_args()
+    if args.small:
+        args.tokens, args.repeats = [64], 1
 
     import ray
 
@@ -130,11 +144,13 @@ def main() -> None:
         rows.append(row)
     ray.shutdown()
     headers = ["prompt tokens", "latents MiB", "copy GB/s (ceiling)", "object-store ms", "object-store GB/s",
-               "nixl ms", "nixl GB/s", "gloo ms", "gloo GB/s"]
+               "nixl ms", "nixl GB/s", "gloo ms", "gloo GB/s", "cuda-ipc (shared memory) ms",
+               "cuda-ipc (shared memory) GB/s"]
     table = markdown_table(headers, rows)
     print(table)
     if args.record:
-        record(SECTION, "## KV hand-off: object store vs rank to rank (NIXL, gloo), on CPU\n\n" + table + "\n\n"
+        record(SECTION, "## KV hand-off: object store vs rank to rank (NIXL, gloo, cuda-ipc's code path over "
+               "shared memory), on CPU\n\n" + table + "\n\n"
                "Latency is the median of the repeats after a warm-up, from the hand-off's start on the prefill "
                "side to the latents in the decode side's memory, with the reference passed through a third "
                "actor. Both sides share one machine's memory here. The GPU transports are measured only on "

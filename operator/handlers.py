@@ -46,7 +46,9 @@ def _deployment(owner: Mapping[str, Any]) -> R1Deployment:
     doc = {"apiVersion": K.R1D_API_VERSION, "kind": K.R1D_KIND,
            "metadata": {"name": meta.get("name"), "namespace": namespace},
            "spec": owner.get("spec") or {}}
-    return parse_r1deployment(doc, origin=f"{namespace}/{meta.get('name')}")
+    deployment = parse_r1deployment(doc, origin=f"{namespace}/{meta.get('name')}")
+    render.check_for_kubernetes(deployment)
+    return deployment
 
 
 def _status_lock(memo: kopf.Memo, namespace: str, name: str) -> threading.Lock:

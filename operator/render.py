@@ -4,10 +4,11 @@ from typing import Any
 
 from r1serve.operator import constants as K
 from r1serve.operator.config import OperatorConfig
+from r1serve.spec import SpecError, expert_load, quantity
 from r1serve.spec import constants as C
-from r1serve.spec import expert_load, quantity
+from r1serve.spec.errors import format_problem
 from r1serve.spec.model import Pool, R1Deployment, Role
-from r1serve.spec.sections import SHM_MOUNT_PATH
+from r1serve.spec.sections import CUDA_IPC_LOCAL_ONLY, SHM_MOUNT_PATH
 from r1serve.spec.serve_config import (
     nodes_per_replica,
     rank_cpus,
@@ -300,9 +301,19 @@ def upgrade_strategy(deployment: R1Deployment) -> dict[str, Any]:
     return strategy
 
 
+def check_for_kubernetes(deployment: R1Deployment) -> None:
+    """Raise SpecError for what a valid spec asks that only `r1serve serve` on one machine can do (the CRD's rules
+    refuse it too; this covers a CRD installed before them)."""
+    connector = deployment.spec.kv_transfer.connector
+    if connector == "cuda-ipc":
+        raise SpecError([format_problem("spec.kvTransfer.connector", CUDA_IPC_LOCAL_ONLY, connector)],
+                        f"{deployment.metadata.namespace}/{deployment.metadata.name}")
+
+
 def render_rayservice(deployment: R1Deployment, *, config: OperatorConfig | None = None,
                       owner_uid: str | None = None, generation: int | None = None) -> dict[str, Any]:
     """The KubeRay RayService that runs `deployment` (no API calls; same input, same bytes)."""
+    check_for_kubernetes(deployment)
     config = config or OperatorConfig()
     metadata = _metadata(deployment, "rayservice", owner_uid)
     if generation is not None:

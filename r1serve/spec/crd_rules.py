@@ -16,6 +16,7 @@ from r1serve.spec.base import (
     MAX_NAME_LENGTH,
 )
 from r1serve.spec.sections import (
+    CUDA_IPC_LOCAL_ONLY,
     FP8_NEEDS_GPUS,
     GLOO_NEEDS_CPU_POOLS,
     NCCL_REFUSED,
@@ -273,6 +274,9 @@ MODEL_RULES: dict[str, list[dict[str, Any]]] = {
         _rule("self.kvTransfer.connector != 'gloo' || (self.decode.gpusPerRank == 0 "
               "&& (!has(self.prefill) || self.prefill.gpusPerRank == 0))",
               f"kvTransfer.connector {GLOO_NEEDS_CPU_POOLS}", ".kvTransfer.connector"),
+        # The CRD serves Kubernetes only, where pools never share a machine's GPU memory.
+        _rule("self.kvTransfer.connector != 'cuda-ipc'",
+              f"kvTransfer.connector {CUDA_IPC_LOCAL_ONLY}", ".kvTransfer.connector"),
         _rule("self.model.weights != 'fp8' || (self.decode.gpusPerRank > 0 "
               "&& (!has(self.prefill) || self.prefill.gpusPerRank > 0))",
               f"model.weights {FP8_NEEDS_GPUS}", ".model.weights"),

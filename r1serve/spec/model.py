@@ -9,6 +9,7 @@ from r1serve.spec.base import SpecModel, check_dns_1035_label, check_dns_1123_la
 from r1serve.spec.errors import FieldError, raise_all
 from r1serve.spec.pool import DecodePool, PrefillPool
 from r1serve.spec.sections import (
+    CUDA_IPC_NEEDS_GPU_POOLS,
     FP8_NEEDS_GPUS,
     GLOO_NEEDS_CPU_POOLS,
     NCCL_REFUSED,
@@ -138,6 +139,8 @@ def _check_connector(spec: "R1DeploymentSpec") -> list[FieldError]:
         return [FieldError("kvTransfer.connector", NCCL_REFUSED, connector)]
     if connector == "gloo" and any(pool.gpus_per_rank for pool in spec.active_pools().values()):
         return [FieldError("kvTransfer.connector", GLOO_NEEDS_CPU_POOLS, connector)]
+    if connector == "cuda-ipc" and not all(pool.gpus_per_rank for pool in spec.active_pools().values()):
+        return [FieldError("kvTransfer.connector", CUDA_IPC_NEEDS_GPU_POOLS, connector)]
     return []
 
 

@@ -36,13 +36,17 @@ Dtype = Literal["auto", "bfloat16", "float32", "float64"]
 WeightFormat = Literal["auto", "fp8", "dequantized"]
 FP8_NEEDS_GPUS = ("fp8 runs the weights through FP8 tensor cores: every pool needs GPUs (gpusPerRank > 0); "
                   "use dequantized or auto")
-Connector = Literal["auto", "object-store", "nixl", "gloo", "nccl"]
+Connector = Literal["auto", "object-store", "nixl", "gloo", "cuda-ipc", "nccl"]
 RankFailurePolicy = Literal["degrade", "restart"]
 NCCL_REFUSED = ("nccl cannot serve elastic pools: Ray moves tensors over NCCL only between actors in "
                 "a fixed collective group, which cannot follow prefill and decode replicas as they "
                 "scale; use nixl (rank to rank, GPUs or CPUs) or auto")
 GLOO_NEEDS_CPU_POOLS = ("gloo moves host memory between pools on CPUs (gpusPerRank: 0); pools with GPUs "
                         "use nixl, object-store or auto")
+CUDA_IPC_NEEDS_GPU_POOLS = ("cuda-ipc shares GPU memory between the processes of one machine: every pool needs "
+                            "GPUs (gpusPerRank > 0); pools on CPUs use gloo or auto")
+CUDA_IPC_LOCAL_ONLY = ("cuda-ipc works only where both pools run on one machine (r1serve serve): on Kubernetes "
+                       "prefill and decode pods do not share GPU memory; use nixl, object-store or auto")
 
 
 def _absolute(path: str) -> str:
@@ -335,6 +339,8 @@ class KVTransfer(SpecModel):
         "prefill rank keeps the prompt's latents until the decode rank reads them; needs the "
         "nixl package in the image. gloo: rank to rank between pools on CPUs, two-sided, over "
         "a link each decode rank makes to a prefill rank at their first hand-off. "
+        "cuda-ipc: rank to rank on one machine (r1serve serve only, GPU pools): the decode "
+        "rank copies the latents straight out of the prefill rank's GPU memory. "
         "object-store: through Ray's object store (host memory, works everywhere). auto: gloo "
         "for pools on CPUs; for pools with GPUs nixl where it can be imported, else "
         "object-store (the choice shows in r1serve status). nccl is refused: Ray's NCCL "

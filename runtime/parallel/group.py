@@ -27,7 +27,7 @@ from r1serve.runtime.engine.stream_relay import StreamRelay
 from .layout import Failover, GroupConfig, free_tcp_address
 from .placement import regrown_placement
 from .rank import RankSpec
-from .transport import DirectLatents, GlooLatents, ProcessTransport, RankTransport, RayTransport, rank0_address
+from .transport import Direct, ProcessTransport, RankTransport, RayTransport, rank0_address
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class ExpertParallelGroup:
     @classmethod
     def on_ray(cls, checkpoint: str, bundles: list[dict[str, float]], *, engine: EngineConfig, dtype: str,
                device: str, redundant: int, placement_group=None, timeout_s: float = 60.0,
-               direct: DirectLatents | GlooLatents | None = None,
+               direct: Direct | None = None,
                rebalance_interval_s: float | None = None, failover: Failover = Failover(),
                expert_load: dict[int, list[float]] | None = None,
                grow_back_interval_s: float | None = 30.0, weights: str = "dequantized") -> ExpertParallelGroup:

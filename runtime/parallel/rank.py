@@ -105,8 +105,8 @@ class RankSpec:
 
 class Parking(Protocol):
     """Where a prefill rank keeps hand-off latents until a decode rank reads them (transport.DirectLatents,
-    GlooLatents). A decode rank gives its own a `cached_tokens` probe where it has one (GlooLatents): the latents
-    of a prefix its cache holds are then not sent again."""
+    GlooLatents, kv_ipc.IpcLatents). A decode rank gives its own a `cached_tokens` probe where it has one
+    (GlooLatents, IpcLatents): the latents of a prefix its cache holds are then not sent again."""
 
     def park(self, latents: torch.Tensor) -> RemoteLatents: ...
 
@@ -497,6 +497,9 @@ def _all_reduce(tensor: torch.Tensor, device: str, op=dist.ReduceOp.SUM) -> None
 def rank_main(spec: RankSpec, inbox, outbox, parking: Parking | None = None) -> None:
     """Entry point of a rank process; `parking` keeps a prefill rank's hand-off latents for a decode rank."""
     torch.set_num_threads(max(1, spec.options.get("threads", 1)))
+    device = torch.device(spec.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # a rank that sees every GPU: kernels (Triton's too) launch on its own
     try:
         worker = RankWorker(spec, parking)
     except Exception:  # noqa: BLE001

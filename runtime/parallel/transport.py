@@ -15,6 +15,7 @@ import torch.multiprocessing as tmp
 
 from r1serve.runtime.engine.outputs import KVHandoff, KVTransferError, RemoteLatents
 
+from .kv_ipc import SEE_EVERY_GPU, IpcLatents, visible_device
 from .kv_pairs import PairLinks, ParkedLatents
 from .layout import free_tcp_address
 from .rank import RankSpec, rank_main
@@ -329,10 +330,15 @@ def _left(deadline: float) -> float:
     return max(0.001, deadline - time.monotonic())
 
 
-def direct_latents(connector: str, timeout_s: float) -> DirectLatents | GlooLatents:
+Direct = DirectLatents | GlooLatents | IpcLatents
+
+
+def direct_latents(connector: str, timeout_s: float) -> Direct:
     """Where a rank keeps and fetches hand-off latents for a rank-to-rank connector."""
     if connector == GlooLatents.transport:
         return GlooLatents(timeout_s)
+    if connector == IpcLatents.transport:
+        return IpcLatents(timeout_s)
     return DirectLatents(connector, timeout_s)
 
 
@@ -342,11 +348,17 @@ class _RankActor:
     With `direct`, hand-offs move rank to rank: a decode rank reads a hand-off's latents here, off the
     lockstep loop, before its engine takes it."""
 
-    def __init__(self, spec: RankSpec, outbox=None, direct: DirectLatents | GlooLatents | None = None):
+    def __init__(self, spec: RankSpec, outbox=None, direct: Direct | None = None):
+        import os
+
         import ray
 
         # The address this rank offers when it leads a group formed again without a lost rank.
         spec = replace(spec, options={**spec.options, "host": ray.util.get_node_ip_address()})
+        if isinstance(direct, IpcLatents):  # it sees every GPU of the node: its own named by number
+            spec = replace(spec, device=visible_device(spec.device, ray.get_gpu_ids(),
+                                                       os.environ.get("CUDA_VISIBLE_DEVICES")))
+            direct.device = spec.device
         self._inbox: queue.Queue = queue.Queue()
         outbox = outbox if outbox is not None else queue.Queue()
         self._outbox, self._rank, self._direct = outbox, spec.first_rank, direct
@@ -373,6 +385,13 @@ class _RankActor:
     def kv_offer(self, link: str, key: str, start: int = 0) -> str:
         return self._direct.offer(link, key, start)
 
+    # Hand-offs through shared memory (IpcLatents): a decode rank maps this prefill rank's latents, copies them.
+    def kv_share(self, key: str, start: int = 0) -> bytes | None:
+        return self._direct.share(key, start)
+
+    def kv_release(self, key: str) -> None:
+        self._direct.release(key)
+
     def take(self, wait_s: float) -> list[tuple]:
         """The rank's messages since the last call: at least one, unless `wait_s` passes first."""
         try:
@@ -393,6 +412,14 @@ TAKE_WAIT_S = 1.0
 # Calls from decode ranks to a prefill rank for two-sided hand-offs: apart from commands and outputs, and a
 # few at once (each blocks while its link forms).
 KV_GROUP = "kv"
+
+
+def rank_runtime_env(bundle: dict[str, float], direct: Direct | None) -> dict | None:
+    """A rank that hands off through CUDA IPC sees every GPU of its node, so that a handle's device number
+    names the same GPU in both ranks (it picks its own by number: visible_device)."""
+    if isinstance(direct, IpcLatents) and bundle.get("GPU", 0):
+        return {"env_vars": dict(SEE_EVERY_GPU)}
+    return None
 
 
 def _node_address() -> str:
@@ -431,7 +458,7 @@ class RayTransport:
     RELAYS = ("direct", "queue")
 
     def __init__(self, specs: Sequence[RankSpec], bundles: Sequence[dict[str, float]], *, placement_group=None,
-                 first_bundle: int = 1, direct: DirectLatents | GlooLatents | None = None,
+                 first_bundle: int = 1, direct: Direct | None = None,
                  relay: str = "direct", unanswered_s: float = 60.0):
         import ray
         from ray.util.queue import Queue
@@ -473,6 +500,7 @@ class RayTransport:
         return self._actor_class.options(
             num_cpus=bundle.get("CPU", 1), num_gpus=bundle.get("GPU", 0), resources=resources,
             scheduling_strategy=strategy, name=None, max_restarts=0,
+            runtime_env=rank_runtime_env(bundle, self._direct),
         ).remote(spec, self._outbox, self._direct)
 
     def address_for(self, rank: int, timeout_s: float) -> str:

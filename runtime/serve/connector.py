@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 OBJECT_STORE = "object-store"
 NIXL = "nixl"
 GLOO = "gloo"
+CUDA_IPC = "cuda-ipc"
 # Connectors whose hand-offs move rank to rank: the prefill rank keeps the latents until the decode rank
-# that takes the hand-off reads them (runtime/parallel/transport.py).
-RANK_TO_RANK = (NIXL, GLOO)
+# that takes the hand-off reads them (runtime/parallel/transport.py, kv_ipc.py).
+RANK_TO_RANK = (NIXL, GLOO, CUDA_IPC)
 # What a FaultyConnector does to every hand-off: fails it as a lost one or as one that arrives too late, or
 # holds its ticket for HELD_S before taking it as usual (a window in which either side can be made to fail
 # with tickets issued and latents not read yet).
@@ -84,10 +85,10 @@ class ObjectStoreConnector:
 
 
 class DirectConnector:
-    """Rank to rank (nixl one-sided, gloo two-sided): the hand-off's latents stay on the prefill rank
-    (RemoteLatents) and the decode rank that takes it reads them from there (runtime/parallel/transport.py);
-    only the small hand-off with its reference travels through the replicas and the Ingress. The decode
-    rank's read is bounded by kvTransfer.timeoutSeconds."""
+    """Rank to rank (nixl one-sided, gloo two-sided, cuda-ipc through memory shared on one machine): the hand-off's
+    latents stay on the prefill rank (RemoteLatents) and the decode rank that takes it reads them from there
+    (runtime/parallel/transport.py); only the small hand-off with its reference travels through the replicas and
+    the Ingress. The decode rank's read is bounded by kvTransfer.timeoutSeconds."""
 
     def __init__(self, timeout_s: float, name: str):
         self.timeout_s, self.name = timeout_s, name
@@ -130,6 +131,8 @@ def resolve_connector(wanted: str, *, gpus: bool) -> str:
     if wanted == GLOO and gpus:
         raise RuntimeError("spec.kvTransfer.connector: gloo moves host memory between CPU pools; pools with "
                            "GPUs use nixl (or object-store)")
+    if wanted == CUDA_IPC and not gpus:
+        raise RuntimeError("spec.kvTransfer.connector: cuda-ipc shares GPU memory; pools on CPUs use gloo")
     if wanted not in CONNECTORS:
         raise RuntimeError(f"spec.kvTransfer.connector: {wanted} cannot be used here")
     return wanted

@@ -53,7 +53,7 @@ def make_engine_client(plan: PoolPlan, checkpoint: Path, source: EngineSource = 
                        direct: str | None = None) -> EngineClient:
     """The engine of one pool replica: one EP group of expertParallel ranks, or the engine in this process.
 
-    `direct`: the rank-to-rank connector (nixl, gloo) the replica hands off with, so its latents move between
+    `direct`: the rank-to-rank connector (nixl, gloo, cuda-ipc) the replica hands off with, so its latents move between
     rank actors, never through this replica."""
     if source.kind == "mock":
         return _mock_engine(plan, source)

@@ -359,15 +359,26 @@ async def test_missing_kuberay_gives_a_clear_status_then_recovers(
     assert "Scaled" not in _reasons(kube)
 
 
-async def test_invalid_spec_past_the_crd_is_reported(kube, operator_thread, wait_for):
+def _replicas_inverted(spec: dict) -> None:
+    spec["prefill"]["replicas"] = {"min": 3, "max": 1}
+
+
+def _cuda_ipc(spec: dict) -> None:  # valid for `r1serve serve`, refused on Kubernetes
+    spec["kvTransfer"] = {"connector": "cuda-ipc"}
+    spec["prefill"]["gpusPerRank"] = spec["decode"]["gpusPerRank"] = 1
+
+
+@pytest.mark.parametrize(("change", "field"), [(_replicas_inverted, "spec.prefill.replicas.min"),
+                                               (_cuda_ipc, "spec.kvTransfer.connector: cuda-ipc works only")])
+async def test_invalid_spec_past_the_crd_is_reported(kube, operator_thread, wait_for, change, field):
     doc = copy.deepcopy(TINY)
-    doc["spec"]["prefill"]["replicas"] = {"min": 3, "max": 1}  # the fake server has no CRD
+    change(doc["spec"])  # the fake server has no CRD
     async with operator_thread():
         await _create(kube, doc)
         await wait_for(lambda: _phase(kube) == "Failed", message="phase Failed")
         await wait_for(lambda: "InvalidSpec" in _reasons(kube), message="the InvalidSpec event")
     [event] = [e for e in kube.events_for("tiny") if e["reason"] == "InvalidSpec"]
-    assert "spec.prefill.replicas.min" in event["message"]
+    assert field in event["message"]
     assert kube.all_live(RAYSERVICES) == []
 
 

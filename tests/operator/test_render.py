@@ -155,6 +155,13 @@ def test_production_pools_are_sized_in_whole_nodes():
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
+def test_a_connector_only_one_machine_can_use_is_not_rendered_for_kubernetes():
+    doc = _variant(PROD, kvTransfer={"connector": "cuda-ipc"})
+    with pytest.raises(SpecError, match=r"spec.kvTransfer.connector: cuda-ipc works only where both pools run on one "
+                                        r"machine \(r1serve serve\)"):
+        render_children(load_r1deployment(doc))
+
+
 def test_image_choice():
     tiny = load_r1deployment(copy.deepcopy(TINY))
     head = render_rayservice(tiny)["spec"]["rayClusterConfig"]["headGroupSpec"]

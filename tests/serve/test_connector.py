@@ -27,6 +27,9 @@ def test_a_named_connector_that_cannot_work_here_is_an_error_naming_the_field(mo
         resolve_connector("gloo", gpus=True)
     with pytest.raises(RuntimeError, match=r"spec.kvTransfer.connector: nccl cannot be used here"):
         resolve_connector("nccl", gpus=True)
+    with pytest.raises(RuntimeError, match=r"spec.kvTransfer.connector: cuda-ipc shares GPU memory; pools on CPUs"):
+        resolve_connector("cuda-ipc", gpus=False)
+    assert resolve_connector("cuda-ipc", gpus=True) == "cuda-ipc"  # never substituted
 
 
 @pytest.mark.parametrize(("wanted", "kind", "name"), [

@@ -1,7 +1,8 @@
 """Rank-to-rank hand-offs (runtime/parallel/transport.py) between Ray actors, as a prefill rank and a decode
 rank use them, with the reference passed through a third actor as it passes through the replicas and the
-Ingress: NIXL over UCX on CPU memory (one-sided, DirectLatents), and gloo over a link per pair of ranks
-(two-sided, GlooLatents)."""
+Ingress: NIXL over UCX on CPU memory (one-sided, DirectLatents), gloo over a link per pair of ranks
+(two-sided, GlooLatents), and cuda-ipc (IpcLatents), whose handles here name shared host memory: the same
+torch.multiprocessing pickling that names a GPU tensor's CUDA IPC handle on a GPU."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from r1serve.runtime.engine.sampling import SamplingParams
 from r1serve.runtime.parallel.transport import KV_GROUP, direct_latents
 
 TIMEOUT_S = 4.0
-CONNECTORS = ("nixl", "gloo")
+CONNECTORS = ("nixl", "gloo", "cuda-ipc")
+# Those whose prefill rank keeps parked latents until kvTransfer.timeoutSeconds (not until the last reference).
+TIMED = ("gloo", "cuda-ipc")
 
 
 def _latents(tokens: int, seed: int) -> torch.Tensor:
@@ -31,8 +34,8 @@ class Rank:
         self.direct = direct_latents(connector, TIMEOUT_S)
         self.direct.max_links = max_links
 
-    def park(self, tokens: int, seed: int) -> list[RemoteLatents]:
-        return [self.direct.park(_latents(tokens, seed))]  # in a list: only the reference travels
+    def park(self, tokens: int, seed: int, device: str = "cpu") -> list[RemoteLatents]:
+        return [self.direct.park(_latents(tokens, seed).to(device))]  # in a list: only the reference travels
 
     def waiting_bytes(self) -> int:
         return self.direct.waiting_bytes()
@@ -46,6 +49,12 @@ class Rank:
 
     def kv_offer(self, link: str, key: str, start: int = 0) -> str:
         return self.direct.offer(link, key, start)
+
+    def kv_share(self, key: str, start: int = 0) -> bytes | None:
+        return self.direct.share(key, start)
+
+    def kv_release(self, key: str) -> None:
+        self.direct.release(key)
 
     def pull_holding(self, box: list[RemoteLatents], cached: int) -> tuple[torch.Tensor, int]:
         """Pull as a decode rank whose cache holds the first `cached` tokens of the sequence."""
@@ -121,7 +130,7 @@ def test_latents_move_rank_to_rank_and_are_freed_once_read(actors, connector):
 
 @pytest.mark.parametrize("connector", CONNECTORS)
 def test_an_abandoned_hand_off_frees_its_latents_on_the_prefill_rank(actors, connector):
-    """nixl frees them when the last reference goes; gloo when kvTransfer.timeoutSeconds passes."""
+    """nixl frees them when the last reference goes; gloo and cuda-ipc when kvTransfer.timeoutSeconds passes."""
     import ray
 
     Rank, Relay = actors
@@ -154,11 +163,12 @@ def test_a_hand_off_whose_prefill_rank_died_fails_with_a_transfer_error(actors, 
         assert torch.equal(_pull(decode, ray.get(other.park.remote(8, seed=6))), _latents(8, seed=6))
 
 
-def test_gloo_a_hand_off_read_after_its_timeout_fails_and_was_freed(actors):
+@pytest.mark.parametrize("connector", TIMED)
+def test_a_hand_off_read_after_its_timeout_fails_and_was_freed(actors, connector):
     import ray
 
     Rank, _ = actors
-    prefill, decode = Rank.remote("gloo"), Rank.remote("gloo")
+    prefill, decode = Rank.remote(connector), Rank.remote(connector)
     box = ray.get(prefill.park.remote(16, seed=7))
     _eventually(lambda: ray.get(prefill.waiting_bytes.remote()) == 0, timeout_s=TIMEOUT_S + 10,
                 what="the latents to expire")
@@ -184,11 +194,64 @@ def test_gloo_links_per_rank_are_bounded_and_made_again_when_closed(actors):
     assert ray.get(decode.links.remote()) == 2
 
 
-def test_gloo_does_not_send_the_prefix_the_decode_rank_holds(actors):
+@pytest.mark.parametrize("connector", TIMED)
+def test_the_prefix_the_decode_rank_holds_is_not_moved_again(actors, connector):
     import ray
 
     Rank, _ = actors
-    prefill, decode = Rank.remote("gloo"), Rank.remote("gloo")
+    prefill, decode = Rank.remote(connector), Rank.remote(connector)
     latents, start = ray.get(decode.pull_holding.remote(ray.get(prefill.park.remote(48, seed=8)), 32))
     assert start == 32 and torch.equal(latents, _latents(48, seed=8)[:, 32:])
     assert ray.get(prefill.waiting_bytes.remote()) == 0
+
+
+def test_cuda_ipc_hands_on_a_handle_to_the_prefill_ranks_memory_not_the_latents(actors):
+    """What the decode rank gets is a few hundred bytes naming the memory the latents already occupy (a CUDA IPC
+    handle on GPUs, a shared-memory file here); mapped, it reads the prefill rank's latents in place."""
+    import pickle
+
+    import ray
+
+    Rank, _ = actors
+    prefill = Rank.remote("cuda-ipc")
+    remote = ray.get(prefill.park.remote(256, seed=12))[0]
+    _, key, _ = remote.ref
+    handle = ray.get(prefill.kv_share.remote(key, 64))
+    assert len(handle) < 1024 < remote.nbytes
+    assert torch.equal(pickle.loads(handle), _latents(256, seed=12)[:, 64:])
+    assert ray.get(prefill.waiting_bytes.remote()) == remote.nbytes  # lent until released
+    ray.get(prefill.kv_release.remote(key))
+    assert ray.get(prefill.waiting_bytes.remote()) == 0
+    assert ray.get(prefill.kv_share.remote(key)) is None  # taken once
+
+
+def test_cuda_ipc_refuses_a_hand_off_from_another_machine(actors):
+    from dataclasses import replace
+
+    import ray
+
+    Rank, _ = actors
+    prefill, decode = Rank.remote("cuda-ipc"), Rank.remote("cuda-ipc")
+    remote = ray.get(prefill.park.remote(8, seed=13))[0]
+    actor, key, _ = remote.ref
+    elsewhere = replace(remote, ref=(actor, key, "ab" * 28))
+    with pytest.raises(KVTransferError, match=r"r: kvTransfer.connector cuda-ipc shares memory only on one machine, "
+                                              r"and the prefill rank runs on node abababababab"):
+        _pull(decode, [elsewhere])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_ipc_moves_latents_from_gpu_to_gpu(actors):
+    """Two ranks sharing the machine's GPUs (half of one GPU each where there is one): the decode rank's copy is
+    on its GPU and equal to the prefill rank's latents."""
+    import ray
+
+    from r1serve.runtime.parallel.kv_ipc import SEE_EVERY_GPU
+
+    Rank, _ = actors
+    on_gpu = Rank.options(num_gpus=0.5, runtime_env={"env_vars": dict(SEE_EVERY_GPU)})
+    prefill, decode = on_gpu.remote("cuda-ipc"), on_gpu.remote("cuda-ipc")
+    box = ray.get(prefill.park.remote(4096, seed=14, device="cuda"))
+    latents = _pull(decode, box)  # brought back to this process through Ray, on the host
+    assert torch.equal(latents.cpu(), _latents(4096, seed=14))
+    _eventually(lambda: ray.get(prefill.waiting_bytes.remote()) == 0, what="the lent latents to be released")

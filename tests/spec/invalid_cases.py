@@ -221,6 +221,11 @@ INVALID = [
          "(got 'eagle')"),
     case("gloo_with_gpu_pools", changed(spec__kvTransfer={"connector": "gloo"}),
          "spec.kvTransfer.connector", "gloo moves host memory between pools on CPUs", "(got 'gloo')"),
+    case("cuda_ipc_with_cpu_pools", changed(spec__kvTransfer={"connector": "cuda-ipc"}, spec__decode__gpusPerRank=0),
+         "spec.kvTransfer.connector", "cuda-ipc shares GPU memory", "every pool needs GPUs", "(got 'cuda-ipc')"),
+    # Valid for `r1serve serve` on one machine; the CRD (Kubernetes) refuses it.
+    case("cuda_ipc_on_kubernetes", changed(spec__kvTransfer={"connector": "cuda-ipc"}),
+         "spec.kvTransfer.connector", layers=CRD),
     case("max_replicas_zero", changed(spec__prefill__replicas={"min": 0, "max": 0}),
          "spec.prefill.replicas.max", "(got 0)"),
     case("bad_memory_quantity", changed(spec__workers={"resources": {"memory": "4GB"}}),

@@ -1,0 +1,176 @@
+"""Hand-offs rank to rank through memory that a prefill rank's and a decode rank's processes share on one
+machine (`kvTransfer.connector: cuda-ipc`, `r1serve serve` only).
+
+The prefill rank keeps a hand-off's latents where it computed them and hands on a reference (its actor, a key,
+its node). The decode rank that takes the hand-off asks the prefill rank to share them; the answer is a few
+hundred bytes: torch.multiprocessing's pickling of the tensor, which for a GPU tensor is a CUDA IPC handle
+(with an event that orders the read after the prefill rank's writes) and for a host tensor the name of a
+shared-memory file. The decode rank maps that memory, copies the latents into its own with one device copy,
+and tells the prefill rank to let them go. No byte crosses a socket; on GPUs none crosses host memory.
+
+Latents are freed once copied, or when kvTransfer.timeoutSeconds passes (an abandoned request's are never
+asked for, and a decode rank that died while copying never releases them). Both ranks must see every GPU of
+the machine so that a handle's device number means the same GPU to both (RayTransport starts them so), and
+both must run on one node: a reference from another node fails the hand-off, naming the connector.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from multiprocessing.reduction import ForkingPickler
+from typing import Callable
+
+import torch
+import torch.multiprocessing as tmp
+
+from r1serve.runtime.engine.outputs import KVHandoff, KVTransferError, RemoteLatents
+
+from .kv_pairs import ParkedLatents
+
+# Ray leaves CUDA_VISIBLE_DEVICES as the node has it for a worker started with this set, so every rank of the
+# machine numbers its GPUs alike; a rank then picks the one Ray gave it (visible_device).
+SEE_EVERY_GPU = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+
+
+def visible_device(device: str, gpu_ids: list, cuda_visible: str | None) -> str:
+    """The device a rank that sees every GPU of its node runs on: the GPU Ray gave it (`gpu_ids`, as Ray
+    numbers the node's GPUs), by its index among the GPUs this process sees (`cuda_visible`, the node's
+    CUDA_VISIBLE_DEVICES, or None for all of them)."""
+    if not device.startswith("cuda") or ":" in device or not gpu_ids:
+        return device
+    gpu = str(gpu_ids[0])
+    visible = [d.strip() for d in cuda_visible.split(",")] if cuda_visible else None
+    if visible is None:
+        return f"cuda:{int(gpu)}"
+    if gpu not in visible:
+        raise RuntimeError(f"kvTransfer.connector cuda-ipc: GPU {gpu} given to this rank is not among the node's "
+                           f"CUDA_VISIBLE_DEVICES ({cuda_visible})")
+    return f"cuda:{visible.index(gpu)}"
+
+
+def share_handle(latents: torch.Tensor) -> bytes:
+    """A few hundred bytes by which another process of this machine maps `latents` (a view keeps its offset and
+    strides): a CUDA IPC handle for a GPU tensor, a shared-memory file's name for a host tensor (moved into
+    one first, unless it is there already)."""
+    if latents.device.type == "cpu":
+        into_shared_memory(latents)
+    return bytes(ForkingPickler.dumps(latents))
+
+
+def into_shared_memory(latents: torch.Tensor) -> None:
+    # Ray's workers are unrelated processes: a file descriptor cannot pass between them, a file name can.
+    tmp.set_sharing_strategy("file_system")
+    latents.share_memory_()
+
+
+def copy_shared(handle: bytes, device: str | torch.device | None = None) -> torch.Tensor:
+    """Map what `handle` names and copy it to `device` (default: where it is), finished when this returns."""
+    shared = pickle.loads(handle)
+    latents = shared.to(device if device is not None else shared.device, copy=True)
+    if latents.device.type == "cuda":
+        torch.cuda.synchronize(latents.device)  # copied before its owner may reuse the memory
+    return latents
+
+
+class IpcLatents:
+    """A rank's side of cuda-ipc hand-offs: parked latents and their sharing (prefill), the copy (decode)."""
+
+    transport = "cuda-ipc"
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._parked = ParkedLatents(timeout_s)
+        self._lock = threading.Lock()
+        # Prefill side: latents a decode rank is copying, with the time after which they are let go anyway.
+        self._lent: dict[str, tuple[torch.Tensor, float]] = {}
+        # Decode side: where copies go (the rank's device; set by the rank actor), and how many leading tokens
+        # of a sequence the rank's own cache holds (set by its worker): their latents are not copied again.
+        self.device: str | None = None
+        self.cached_tokens: Callable[[list[int]], int] | None = None
+
+    def __reduce__(self):  # sent to each rank actor as its settings; the state is the rank's own
+        return IpcLatents, (self.timeout_s,)
+
+    # Prefill side.
+    def park(self, latents: torch.Tensor) -> RemoteLatents:
+        import ray
+
+        if latents.device.type == "cpu":
+            into_shared_memory(latents)  # now: sharing it later is then only naming it
+        key = self._parked.park(latents)
+        context = ray.get_runtime_context()
+        return RemoteLatents((context.current_actor, key, context.get_node_id()), tuple(latents.shape),
+                             str(latents.dtype).removeprefix("torch."), latents.numel() * latents.element_size(),
+                             self.transport)
+
+    def waiting_bytes(self) -> int:
+        with self._lock:
+            self._expire()
+            lent = sum(t.numel() * t.element_size() for t, _ in self._lent.values())
+        return self._parked.waiting_bytes() + lent
+
+    def share(self, key: str, start: int = 0) -> bytes | None:
+        """The handle of the latents under `key` from token `start` on, lent until `release(key)` or the
+        timeout; None if they are no longer held."""
+        latents = self._parked.take(key)
+        if latents is None:
+            return None
+        with self._lock:
+            self._expire()
+            self._lent[key] = (latents, time.monotonic() + self.timeout_s)
+        return share_handle(latents[:, start:])
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            latents, _ = self._lent.pop(key, (None, 0.0))
+        if latents is not None and latents.device.type == "cuda":
+            del latents
+            torch.cuda.ipc_collect()  # memory the decode rank mapped goes back to the allocator
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, (_, deadline) in self._lent.items() if deadline <= now]:
+            del self._lent[key]
+
+    # Decode side.
+    def pull(self, handoff: KVHandoff) -> KVHandoff:
+        """The hand-off with its latents copied into this rank's memory; KVTransferError if they cannot be."""
+        import ray
+
+        from .transport import KV_GROUP
+
+        remote = handoff.latents
+        if not isinstance(remote, RemoteLatents):
+            return handoff
+        prefill, key, node = remote.ref
+        here = ray.get_runtime_context().get_node_id()
+        if node != here:
+            raise KVTransferError(f"{handoff.request_id}: kvTransfer.connector cuda-ipc shares memory only on one "
+                                  f"machine, and the prefill rank runs on node {node[:12]}, this decode rank on "
+                                  f"{here[:12]}")
+        deadline = time.monotonic() + self.timeout_s
+        start = self.cached_tokens(handoff.sequence_token_ids) if self.cached_tokens is not None else 0
+        try:
+            handle = ray.get(prefill.kv_share.options(concurrency_group=KV_GROUP).remote(key, start),
+                             timeout=max(0.001, deadline - time.monotonic()))
+            if handle is None:
+                raise KVTransferError(f"{handoff.request_id}: KV cache no longer held by its prefill rank "
+                                      f"(kvTransfer.timeoutSeconds {self.timeout_s:g}s passed, or it was "
+                                      "already taken)")
+            try:
+                latents = copy_shared(handle, self.device)
+            finally:
+                prefill.kv_release.options(concurrency_group=KV_GROUP).remote(key)
+        except ray.exceptions.GetTimeoutError:
+            raise KVTransferError.timed_out(handoff.request_id, self.timeout_s) from None
+        except ray.exceptions.RayError as exc:
+            raise KVTransferError.lost(handoff.request_id, f" (cuda-ipc): {type(exc).__name__}") from exc
+        except (RuntimeError, OSError) as exc:  # the shared memory could not be mapped
+            if isinstance(exc, KVTransferError):
+                raise
+            raise KVTransferError.lost(handoff.request_id,
+                                       f" (cuda-ipc): {str(exc).splitlines()[0][:200]}") from exc
+        handoff.latents, handoff.latents_start = latents, start
+        return handoff
