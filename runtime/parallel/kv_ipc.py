@@ -40,7 +40,8 @@ def visible_device(device: str, gpu_ids: list, cuda_visible: str | None) -> str:
     CUDA_VISIBLE_DEVICES, or None for all of them)."""
     if not device.startswith("cuda") or ":" in device or not gpu_ids:
         return device
-    gpu = str(gpu_ids[0])
+    # Ray lists a rank's GPUs in no fixed order: the lowest, so that a rank with several always picks the same.
+    gpu = min((str(g) for g in gpu_ids), key=lambda g: (not g.isdigit(), int(g) if g.isdigit() else 0, g))
     visible = [d.strip() for d in cuda_visible.split(",")] if cuda_visible else None
     if visible is None:
         return f"cuda:{int(gpu)}"
@@ -66,12 +67,25 @@ def into_shared_memory(latents: torch.Tensor) -> None:
 
 
 def copy_shared(handle: bytes, device: str | torch.device | None = None) -> torch.Tensor:
-    """Map what `handle` names and copy it to `device` (default: where it is), finished when this returns."""
+    """Map what `handle` names and copy it to `device` (default: where it is), finished when this returns.
+
+    Layer by layer: a layer's tokens are contiguous where a slice of several layers is not, so each is one plain
+    copy, and nothing is allocated on the other rank's device for a contiguous copy first."""
     shared = pickle.loads(handle)
-    latents = shared.to(device if device is not None else shared.device, copy=True)
+    latents = torch.empty(shared.shape, dtype=shared.dtype, device=device if device is not None else shared.device)
+    for layer in range(shared.shape[0]):
+        latents[layer].copy_(shared[layer])
     if latents.device.type == "cuda":
         torch.cuda.synchronize(latents.device)  # copied before its owner may reuse the memory
+    del shared
     return latents
+
+
+def drop_handle(handle: bytes) -> None:
+    """Open a handle and let it go at once: a CUDA IPC handle's memory stays lent until the process it was sent to
+    has opened and freed it (torch counts each one sent), so one that will not be copied is still opened."""
+    opened = pickle.loads(handle)
+    del opened
 
 
 class IpcLatents:
@@ -123,16 +137,21 @@ class IpcLatents:
         return share_handle(latents[:, start:])
 
     def release(self, key: str) -> None:
+        """Let the latents under `key` go, lent or still parked (a decode rank that refused the hand-off)."""
         with self._lock:
             latents, _ = self._lent.pop(key, (None, 0.0))
+        latents = latents if latents is not None else self._parked.take(key)
         if latents is not None and latents.device.type == "cuda":
             del latents
-            torch.cuda.ipc_collect()  # memory the decode rank mapped goes back to the allocator
+            torch.cuda.ipc_collect()  # memory the decode rank has let go of goes back to the allocator
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for key in [k for k, (_, deadline) in self._lent.items() if deadline <= now]:
+        expired = [k for k, (_, deadline) in self._lent.items() if deadline <= now]
+        for key in expired:
             del self._lent[key]
+        if expired and torch.cuda.is_initialized():
+            torch.cuda.ipc_collect()
 
     # Decode side.
     def pull(self, handoff: KVHandoff) -> KVHandoff:
@@ -147,14 +166,21 @@ class IpcLatents:
         prefill, key, node = remote.ref
         here = ray.get_runtime_context().get_node_id()
         if node != here:
+            prefill.kv_release.options(concurrency_group=KV_GROUP).remote(key)
             raise KVTransferError(f"{handoff.request_id}: kvTransfer.connector cuda-ipc shares memory only on one "
                                   f"machine, and the prefill rank runs on node {node[:12]}, this decode rank on "
                                   f"{here[:12]}")
         deadline = time.monotonic() + self.timeout_s
         start = self.cached_tokens(handoff.sequence_token_ids) if self.cached_tokens is not None else 0
+        shared = prefill.kv_share.options(concurrency_group=KV_GROUP).remote(key, start)
         try:
-            handle = ray.get(prefill.kv_share.options(concurrency_group=KV_GROUP).remote(key, start),
-                             timeout=max(0.001, deadline - time.monotonic()))
+            try:
+                handle = ray.get(shared, timeout=max(0.001, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                # The answer may still come, lending memory that only this process can give back.
+                threading.Thread(target=_drop_late, args=(shared, prefill, key, self.timeout_s), daemon=True,
+                                 name="r1serve-kv-ipc-drop").start()
+                raise
             if handle is None:
                 raise KVTransferError(f"{handoff.request_id}: KV cache no longer held by its prefill rank "
                                       f"(kvTransfer.timeoutSeconds {self.timeout_s:g}s passed, or it was "
@@ -167,10 +193,25 @@ class IpcLatents:
             raise KVTransferError.timed_out(handoff.request_id, self.timeout_s) from None
         except ray.exceptions.RayError as exc:
             raise KVTransferError.lost(handoff.request_id, f" (cuda-ipc): {type(exc).__name__}") from exc
-        except (RuntimeError, OSError) as exc:  # the shared memory could not be mapped
-            if isinstance(exc, KVTransferError):
-                raise
+        except KVTransferError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the memory could not be mapped or copied: this hand-off is lost
             raise KVTransferError.lost(handoff.request_id,
                                        f" (cuda-ipc): {str(exc).splitlines()[0][:200]}") from exc
         handoff.latents, handoff.latents_start = latents, start
         return handoff
+
+
+def _drop_late(shared, prefill, key: str, timeout_s: float) -> None:
+    """A share that answered after its hand-off gave up: its handle is opened and dropped, and the latents let go."""
+    import ray
+
+    from .transport import KV_GROUP
+
+    try:
+        handle = ray.get(shared, timeout=timeout_s)
+        if handle is not None:
+            drop_handle(handle)
+            prefill.kv_release.options(concurrency_group=KV_GROUP).remote(key)
+    except Exception:  # noqa: BLE001 - the prefill rank is gone: so is what it lent
+        pass

@@ -138,10 +138,19 @@ def resolve_connector(wanted: str, *, gpus: bool) -> str:
     return wanted
 
 
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def make_connector(deployment: R1Deployment, fault: str | None = None) -> KVConnector:
     """The deployment's connector; with `fault` (one of KV_FAULTS) wrapped in a FaultyConnector."""
     timeout = deployment.spec.kv_transfer.timeout_seconds
     name = connector_name(deployment)
+    if name == CUDA_IPC and (nodes := alive_nodes()) > 1:  # `r1serve serve --address` joined a larger cluster
+        raise RuntimeError(f"spec.kvTransfer.connector: cuda-ipc shares GPU memory on one machine, and this Ray "
+                           f"cluster has {nodes} nodes; use nixl or object-store")
     connector = DirectConnector(timeout, name) if name in RANK_TO_RANK else ObjectStoreConnector(timeout)
     return FaultyConnector(connector, fault, timeout) if fault is not None else connector
 

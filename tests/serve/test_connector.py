@@ -41,3 +41,17 @@ def test_the_replica_builds_the_connector_the_deployment_names(wanted, kind, nam
     deployment = R1Deployment.model_validate(tiny_doc(kvTransfer={"connector": wanted}))
     built = make_connector(deployment)
     assert (type(built), built.name) == (kind, name)
+
+
+def test_cuda_ipc_is_refused_when_the_replica_finds_more_than_one_machine(monkeypatch):
+    doc = tiny_doc(kvTransfer={"connector": "cuda-ipc"})
+    for pool in ("prefill", "decode"):
+        doc["spec"][pool]["gpusPerRank"] = 1
+    deployment = R1Deployment.model_validate(doc)
+    monkeypatch.setattr(connector, "alive_nodes", lambda: 1)
+    built = make_connector(deployment)
+    assert (type(built), built.name) == (DirectConnector, "cuda-ipc")
+    monkeypatch.setattr(connector, "alive_nodes", lambda: 3)
+    with pytest.raises(RuntimeError, match=r"spec.kvTransfer.connector: cuda-ipc shares GPU memory on one machine, "
+                                           r"and this Ray cluster has 3 nodes"):
+        make_connector(deployment)

@@ -30,9 +30,10 @@ class Rank:
     """What a rank actor does with its rank-to-rank store: park (prefill side) or pull (decode side), and,
     for gloo, answer a decode rank's link and offer calls (as transport._RankActor does)."""
 
-    def __init__(self, connector: str, max_links: int = 32):
+    def __init__(self, connector: str, max_links: int = 32, device: str | None = None):
         self.direct = direct_latents(connector, TIMEOUT_S)
         self.direct.max_links = max_links
+        self.direct.device = device  # where a cuda-ipc decode rank copies to (its actor sets its own)
 
     def park(self, tokens: int, seed: int, device: str = "cpu") -> list[RemoteLatents]:
         return [self.direct.park(_latents(tokens, seed).to(device))]  # in a list: only the reference travels
@@ -119,6 +120,9 @@ def test_latents_move_rank_to_rank_and_are_freed_once_read(actors, connector):
                                                                              connector)
     assert ray.get(prefill.waiting_bytes.remote()) == remote.nbytes  # parked until read
     assert torch.equal(ray.get(decode.pull.remote(box)), _latents(64, seed=1))
+    if connector == "cuda-ipc":  # released once copied: well before kvTransfer.timeoutSeconds would free them
+        _eventually(lambda: ray.get(prefill.waiting_bytes.remote()) == 0, timeout_s=TIMEOUT_S / 2,
+                    what="the copied latents to be released")
     # A second hand-off between the same two ranks goes over the link the first one made.
     assert torch.equal(_pull(decode, ray.get(prefill.park.remote(8, seed=4))), _latents(8, seed=4))
     if connector == "gloo":
@@ -238,6 +242,8 @@ def test_cuda_ipc_refuses_a_hand_off_from_another_machine(actors):
     with pytest.raises(KVTransferError, match=r"r: kvTransfer.connector cuda-ipc shares memory only on one machine, "
                                               r"and the prefill rank runs on node abababababab"):
         _pull(decode, [elsewhere])
+    _eventually(lambda: ray.get(prefill.waiting_bytes.remote()) == 0, timeout_s=TIMEOUT_S / 2,
+                what="the refused hand-off's latents to be let go")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -250,8 +256,11 @@ def test_cuda_ipc_moves_latents_from_gpu_to_gpu(actors):
 
     Rank, _ = actors
     on_gpu = Rank.options(num_gpus=0.5, runtime_env={"env_vars": dict(SEE_EVERY_GPU)})
-    prefill, decode = on_gpu.remote("cuda-ipc"), on_gpu.remote("cuda-ipc")
-    box = ray.get(prefill.park.remote(4096, seed=14, device="cuda"))
-    latents = _pull(decode, box)  # brought back to this process through Ray, on the host
+    last = f"cuda:{torch.cuda.device_count() - 1}"  # the decode rank's own GPU: another one where there are two
+    prefill, decode = on_gpu.remote("cuda-ipc"), on_gpu.remote("cuda-ipc", device=last)
+    box = ray.get(prefill.park.remote(4096, seed=14, device="cuda:0"))
+    latents = _pull(decode, box)  # brought back to this process through Ray
+    assert str(latents.device) == last
     assert torch.equal(latents.cpu(), _latents(4096, seed=14))
-    _eventually(lambda: ray.get(prefill.waiting_bytes.remote()) == 0, what="the lent latents to be released")
+    _eventually(lambda: ray.get(prefill.waiting_bytes.remote()) == 0, timeout_s=TIMEOUT_S / 2,
+                what="the lent latents to be released")
