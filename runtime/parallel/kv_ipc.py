@@ -5,8 +5,8 @@ The prefill rank keeps a hand-off's latents where it computed them and hands on 
 its node). The decode rank that takes the hand-off asks the prefill rank to share them; the answer is a few
 hundred bytes: torch.multiprocessing's pickling of the tensor, which for a GPU tensor is a CUDA IPC handle
 (with an event that orders the read after the prefill rank's writes) and for a host tensor the name of a
-shared-memory file. The decode rank maps that memory, copies the latents into its own with one device copy,
-and tells the prefill rank to let them go. No byte crosses a socket; on GPUs none crosses host memory.
+shared-memory file. The decode rank maps that memory, copies the latents into its own (a device-to-device copy
+per layer), and tells the prefill rank to let them go. No byte crosses a socket; on GPUs none crosses host memory.
 
 Latents are freed once copied, or when kvTransfer.timeoutSeconds passes (an abandoned request's are never
 asked for, and a decode rank that died while copying never releases them). Both ranks must see every GPU of
