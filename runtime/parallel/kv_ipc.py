@@ -113,6 +113,10 @@ class IpcLatents:
 
         if latents.device.type == "cpu":
             into_shared_memory(latents)  # now: sharing it later is then only naming it
+        else:
+            # Written on the rank's stream (this thread's); the handle's event, recorded later on another
+            # thread's, would not order a decode rank's read after those writes.
+            torch.cuda.current_stream(latents.device).synchronize()
         key = self._parked.park(latents)
         context = ray.get_runtime_context()
         return RemoteLatents((context.current_actor, key, context.get_node_id()), tuple(latents.shape),
