@@ -153,8 +153,11 @@ def main() -> None:
                "shared memory), on CPU\n\n" + table + "\n\n"
                "Latency is the median of the repeats after a warm-up, from the hand-off's start on the prefill "
                "side to the latents in the decode side's memory, with the reference passed through a third "
-               "actor. Both sides share one machine's memory here. The GPU transports are measured only on "
-               "a machine with GPUs.")
+               "actor. Both sides share one machine's memory here. cuda-ipc is a GPU connector; on CPU its "
+               "code path maps shared memory instead, and parking first copies the latents into a fresh "
+               "shared-memory file (a GPU rank shares its latents where they are), so this column times "
+               "the connector's calls, not CUDA IPC: benchmarks/kv_device.py measures that on a GPU. The "
+               "GPU transports are measured only on a machine with GPUs.")
 
 
 if __name__ == "__main__":
