@@ -10,7 +10,7 @@ nixl: the prefill side parks them in its Ray Direct Transport store and the deco
 (runtime/parallel/transport.py, DirectLatents). gloo: the prefill side parks them under a key, and the decode
 side asks for the key and receives them over its two-member gloo link to the prefill side (GlooLatents; the link
 is made once, in the warm-up). cuda-ipc: the prefill side parks them, and the decode side asks it to share them,
-maps the memory and copies it (kv_ipc.IpcLatents): on CPU the handle names a shared-memory file, and parking
+maps the memory and copies it (IpcLatents): on CPU the handle names a shared-memory file, and parking
 moves the latents into it (one copy a GPU rank does not make), where on a GPU it is a CUDA IPC handle
 (benchmarks/kv_device.py measures that one). Latency runs from the hand-off's start on the prefill side to the
 latents being in the decode side's memory. The ceiling is a copy of the same bytes within one process, measured

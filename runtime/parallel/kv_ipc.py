@@ -1,5 +1,6 @@
 """Hand-offs rank to rank through memory that a prefill rank's and a decode rank's processes share on one
-machine (`kvTransfer.connector: cuda-ipc`, `r1serve serve` only).
+machine (`kvTransfer.connector: cuda-ipc`, `r1serve serve` only): the memory side, without Ray
+(transport.IpcLatents is the ranks' side).
 
 The prefill rank keeps a hand-off's latents where it computed them and hands on a reference (its actor, a key,
 its node). The decode rank that takes the hand-off asks the prefill rank to share them; the answer is a few
@@ -20,12 +21,9 @@ import pickle
 import threading
 import time
 from multiprocessing.reduction import ForkingPickler
-from typing import Callable
 
 import torch
 import torch.multiprocessing as tmp
-
-from r1serve.runtime.engine.outputs import KVHandoff, KVTransferError, RemoteLatents
 
 from .kv_pairs import ParkedLatents
 
@@ -88,40 +86,24 @@ def drop_handle(handle: bytes) -> None:
     del opened
 
 
-class IpcLatents:
-    """A rank's side of cuda-ipc hand-offs: parked latents and their sharing (prefill), the copy (decode)."""
-
-    transport = "cuda-ipc"
+class LentLatents:
+    """A prefill rank's hand-off latents: parked under a key until a decode rank asks to share them, then lent
+    until it releases them; either way let go when `timeout_s` passes."""
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
         self._parked = ParkedLatents(timeout_s)
         self._lock = threading.Lock()
-        # Prefill side: latents a decode rank is copying, with the time after which they are let go anyway.
-        self._lent: dict[str, tuple[torch.Tensor, float]] = {}
-        # Decode side: where copies go (the rank's device; set by the rank actor), and how many leading tokens
-        # of a sequence the rank's own cache holds (set by its worker): their latents are not copied again.
-        self.device: str | None = None
-        self.cached_tokens: Callable[[list[int]], int] | None = None
+        self._lent: dict[str, tuple[torch.Tensor, float]] = {}  # key -> (latents, when they are let go anyway)
 
-    def __reduce__(self):  # sent to each rank actor as its settings; the state is the rank's own
-        return IpcLatents, (self.timeout_s,)
-
-    # Prefill side.
-    def park(self, latents: torch.Tensor) -> RemoteLatents:
-        import ray
-
+    def park(self, latents: torch.Tensor) -> str:
         if latents.device.type == "cpu":
             into_shared_memory(latents)  # now: sharing it later is then only naming it
         else:
             # Written on the rank's stream (this thread's); the handle's event, recorded later on another
             # thread's, would not order a decode rank's read after those writes.
             torch.cuda.current_stream(latents.device).synchronize()
-        key = self._parked.park(latents)
-        context = ray.get_runtime_context()
-        return RemoteLatents((context.current_actor, key, context.get_node_id()), tuple(latents.shape),
-                             str(latents.dtype).removeprefix("torch."), latents.numel() * latents.element_size(),
-                             self.transport)
+        return self._parked.park(latents)
 
     def waiting_bytes(self) -> int:
         with self._lock:
@@ -156,66 +138,3 @@ class IpcLatents:
             del self._lent[key]
         if expired and torch.cuda.is_initialized():
             torch.cuda.ipc_collect()
-
-    # Decode side.
-    def pull(self, handoff: KVHandoff) -> KVHandoff:
-        """The hand-off with its latents copied into this rank's memory; KVTransferError if they cannot be."""
-        import ray
-
-        from .transport import KV_GROUP
-
-        remote = handoff.latents
-        if not isinstance(remote, RemoteLatents):
-            return handoff
-        prefill, key, node = remote.ref
-        here = ray.get_runtime_context().get_node_id()
-        if node != here:
-            prefill.kv_release.options(concurrency_group=KV_GROUP).remote(key)
-            raise KVTransferError(f"{handoff.request_id}: kvTransfer.connector cuda-ipc shares memory only on one "
-                                  f"machine, and the prefill rank runs on node {node[:12]}, this decode rank on "
-                                  f"{here[:12]}")
-        deadline = time.monotonic() + self.timeout_s
-        start = self.cached_tokens(handoff.sequence_token_ids) if self.cached_tokens is not None else 0
-        shared = prefill.kv_share.options(concurrency_group=KV_GROUP).remote(key, start)
-        try:
-            try:
-                handle = ray.get(shared, timeout=max(0.001, deadline - time.monotonic()))
-            except ray.exceptions.GetTimeoutError:
-                # The answer may still come, lending memory that only this process can give back.
-                threading.Thread(target=_drop_late, args=(shared, prefill, key, self.timeout_s), daemon=True,
-                                 name="r1serve-kv-ipc-drop").start()
-                raise
-            if handle is None:
-                raise KVTransferError(f"{handoff.request_id}: KV cache no longer held by its prefill rank "
-                                      f"(kvTransfer.timeoutSeconds {self.timeout_s:g}s passed, or it was "
-                                      "already taken)")
-            try:
-                latents = copy_shared(handle, self.device)
-            finally:
-                prefill.kv_release.options(concurrency_group=KV_GROUP).remote(key)
-        except ray.exceptions.GetTimeoutError:
-            raise KVTransferError.timed_out(handoff.request_id, self.timeout_s) from None
-        except ray.exceptions.RayError as exc:
-            raise KVTransferError.lost(handoff.request_id, f" (cuda-ipc): {type(exc).__name__}") from exc
-        except KVTransferError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the memory could not be mapped or copied: this hand-off is lost
-            raise KVTransferError.lost(handoff.request_id,
-                                       f" (cuda-ipc): {str(exc).splitlines()[0][:200]}") from exc
-        handoff.latents, handoff.latents_start = latents, start
-        return handoff
-
-
-def _drop_late(shared, prefill, key: str, timeout_s: float) -> None:
-    """A share that answered after its hand-off gave up: its handle is opened and dropped, and the latents let go."""
-    import ray
-
-    from .transport import KV_GROUP
-
-    try:
-        handle = ray.get(shared, timeout=timeout_s)
-        if handle is not None:
-            drop_handle(handle)
-            prefill.kv_release.options(concurrency_group=KV_GROUP).remote(key)
-    except Exception:  # noqa: BLE001 - the prefill rank is gone: so is what it lent
-        pass

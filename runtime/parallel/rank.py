@@ -105,7 +105,7 @@ class RankSpec:
 
 class Parking(Protocol):
     """Where a prefill rank keeps hand-off latents until a decode rank reads them (transport.DirectLatents,
-    GlooLatents, kv_ipc.IpcLatents). A decode rank gives its own a `cached_tokens` probe where it has one
+    GlooLatents, IpcLatents). A decode rank gives its own a `cached_tokens` probe where it has one
     (GlooLatents, IpcLatents): the latents of a prefix its cache holds are then not sent again."""
 
     def park(self, latents: torch.Tensor) -> RemoteLatents: ...

@@ -15,7 +15,7 @@ import torch.multiprocessing as tmp
 
 from r1serve.runtime.engine.outputs import KVHandoff, KVTransferError, RemoteLatents
 
-from .kv_ipc import SEE_EVERY_GPU, IpcLatents, visible_device
+from .kv_ipc import SEE_EVERY_GPU, LentLatents, copy_shared, drop_handle, visible_device
 from .kv_pairs import PairLinks, ParkedLatents
 from .layout import free_tcp_address
 from .rank import RankSpec, rank_main
@@ -324,6 +324,106 @@ class GlooLatents:
         link = self._link_to.pop(peer, None)
         if link is not None:
             self.pairs().drop(link)
+
+
+class IpcLatents:
+    """Hand-offs rank to rank through memory the two ranks share on one machine (`cuda-ipc`, kv_ipc.py): a CUDA
+    IPC handle for latents on a GPU, a shared-memory file for latents on the host.
+
+    The prefill rank `park`s a hand-off's latents (LentLatents) and hands on a reference to itself, the key and
+    its node; the decode rank that takes the hand-off asks it to share them (`kv_share`), maps and copies them to
+    its own device, and releases them (`kv_release`). A prefix the decode rank's cache holds is not copied."""
+
+    transport = "cuda-ipc"
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._lent = LentLatents(timeout_s)
+        # Decode side: where copies go (the rank's device; set by the rank actor), and how many leading tokens
+        # of a sequence the rank's own cache holds (set by its worker): their latents are not copied again.
+        self.device: str | None = None
+        self.cached_tokens: Callable[[list[int]], int] | None = None
+
+    def __reduce__(self):  # sent to each rank actor as its settings; the state is the rank's own
+        return IpcLatents, (self.timeout_s,)
+
+    # Prefill side.
+    def park(self, latents: torch.Tensor) -> RemoteLatents:
+        import ray
+
+        key = self._lent.park(latents)
+        context = ray.get_runtime_context()
+        return RemoteLatents((context.current_actor, key, context.get_node_id()), tuple(latents.shape),
+                             str(latents.dtype).removeprefix("torch."), latents.numel() * latents.element_size(),
+                             self.transport)
+
+    def waiting_bytes(self) -> int:
+        return self._lent.waiting_bytes()
+
+    def share(self, key: str, start: int = 0) -> bytes | None:
+        return self._lent.share(key, start)
+
+    def release(self, key: str) -> None:
+        self._lent.release(key)
+
+    # Decode side.
+    def pull(self, handoff: KVHandoff) -> KVHandoff:
+        """The hand-off with its latents copied into this rank's memory; KVTransferError if they cannot be."""
+        import ray
+
+        remote = handoff.latents
+        if not isinstance(remote, RemoteLatents):
+            return handoff
+        prefill, key, node = remote.ref
+        here = ray.get_runtime_context().get_node_id()
+        if node != here:
+            prefill.kv_release.options(concurrency_group=KV_GROUP).remote(key)
+            raise KVTransferError(f"{handoff.request_id}: kvTransfer.connector cuda-ipc shares memory only on one "
+                                  f"machine, and the prefill rank runs on node {node[:12]}, this decode rank on "
+                                  f"{here[:12]}")
+        deadline = time.monotonic() + self.timeout_s
+        start = self.cached_tokens(handoff.sequence_token_ids) if self.cached_tokens is not None else 0
+        shared = prefill.kv_share.options(concurrency_group=KV_GROUP).remote(key, start)
+        try:
+            try:
+                handle = ray.get(shared, timeout=_left(deadline))
+            except ray.exceptions.GetTimeoutError:
+                # The answer may still come, lending memory that only this process can give back.
+                threading.Thread(target=_drop_late, args=(shared, prefill, key, self.timeout_s), daemon=True,
+                                 name="r1serve-kv-ipc-drop").start()
+                raise
+            if handle is None:
+                raise KVTransferError(f"{handoff.request_id}: KV cache no longer held by its prefill rank "
+                                      f"(kvTransfer.timeoutSeconds {self.timeout_s:g}s passed, or it was "
+                                      "already taken)")
+            try:
+                latents = copy_shared(handle, self.device)
+            finally:
+                prefill.kv_release.options(concurrency_group=KV_GROUP).remote(key)
+        except ray.exceptions.GetTimeoutError:
+            raise KVTransferError.timed_out(handoff.request_id, self.timeout_s) from None
+        except ray.exceptions.RayError as exc:
+            raise KVTransferError.lost(handoff.request_id, f" (cuda-ipc): {type(exc).__name__}") from exc
+        except KVTransferError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the memory could not be mapped or copied: this hand-off is lost
+            raise KVTransferError.lost(handoff.request_id,
+                                       f" (cuda-ipc): {str(exc).splitlines()[0][:200]}") from exc
+        handoff.latents, handoff.latents_start = latents, start
+        return handoff
+
+
+def _drop_late(shared, prefill, key: str, timeout_s: float) -> None:
+    """A share that answered after its hand-off gave up: its handle is opened and dropped, and the latents let go."""
+    import ray
+
+    try:
+        handle = ray.get(shared, timeout=timeout_s)
+        if handle is not None:
+            drop_handle(handle)
+            prefill.kv_release.options(concurrency_group=KV_GROUP).remote(key)
+    except Exception:  # noqa: BLE001 - the prefill rank is gone: so is what it lent
+        pass
 
 
 def _left(deadline: float) -> float:

@@ -3,10 +3,13 @@ means the same GPU in the prefill and the decode rank, and each picks the one Ra
 
 from __future__ import annotations
 
-import pytest
+import time
 
-from r1serve.runtime.parallel.kv_ipc import SEE_EVERY_GPU, IpcLatents, visible_device
-from r1serve.runtime.parallel.transport import GlooLatents, rank_runtime_env
+import pytest
+import torch
+
+from r1serve.runtime.parallel.kv_ipc import SEE_EVERY_GPU, visible_device
+from r1serve.runtime.parallel.transport import GlooLatents, IpcLatents, rank_runtime_env
 
 
 @pytest.mark.parametrize(("gpu_ids", "visible", "device"), [
@@ -37,3 +40,35 @@ def test_only_cuda_ipc_ranks_with_gpus_see_every_gpu():
     assert rank_runtime_env({"CPU": 1}, ipc) is None
     assert rank_runtime_env({"CPU": 1, "GPU": 1}, GlooLatents(5.0)) is None
     assert rank_runtime_env({"CPU": 1, "GPU": 1}, None) is None
+
+
+def _latents() -> torch.Tensor:
+    return torch.arange(3 * 8 * 4, dtype=torch.float32).reshape(3, 8, 4)
+
+
+def test_lent_latents_are_held_until_released_and_shared_once():
+    from r1serve.runtime.parallel.kv_ipc import LentLatents, copy_shared
+
+    lent = LentLatents(timeout_s=30.0)
+    key = lent.park(_latents())
+    assert lent.waiting_bytes() == 3 * 8 * 4 * 4
+    handle = lent.share(key, start=5)
+    assert torch.equal(copy_shared(handle), _latents()[:, 5:])
+    assert lent.share(key) is None  # taken once
+    assert lent.waiting_bytes() == 3 * 8 * 4 * 4  # lent until released
+    lent.release(key)
+    assert lent.waiting_bytes() == 0
+    refused = lent.park(_latents())  # a decode rank that refuses the hand-off releases it unshared
+    lent.release(refused)
+    assert lent.waiting_bytes() == 0 and lent.share(refused) is None
+
+
+def test_lent_latents_are_let_go_after_the_timeout_even_unreleased():
+    from r1serve.runtime.parallel.kv_ipc import LentLatents
+
+    lent = LentLatents(timeout_s=0.2)
+    parked, shared = lent.park(_latents()), lent.park(_latents())
+    assert lent.share(shared) is not None
+    time.sleep(0.3)  # both deadlines have passed: nothing is asked of the clock but that
+    assert lent.waiting_bytes() == 0
+    assert lent.share(parked) is None

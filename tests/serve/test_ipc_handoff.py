@@ -16,7 +16,7 @@ from r1serve.runtime.engine.engine import EngineConfig, LLMEngine
 from r1serve.runtime.engine.outputs import RemoteLatents
 from r1serve.runtime.engine.sampling import SamplingParams
 from r1serve.runtime.parallel.group import ExpertParallelGroup
-from r1serve.runtime.parallel.kv_ipc import IpcLatents
+from r1serve.runtime.parallel.transport import IpcLatents
 
 ENGINE = EngineConfig(num_blocks=128, block_size=16, max_running=8)
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
