@@ -1,5 +1,6 @@
-"""How cuda-ipc ranks name their GPU: they see every GPU of the node, so that a CUDA IPC handle's device number
-means the same GPU in the prefill and the decode rank, and each picks the one Ray gave it."""
+"""How cuda-ipc ranks name their GPU (they see every GPU of the node, so that a CUDA IPC handle's device number
+means the same GPU in the prefill and the decode rank, and each picks the one Ray gave it), and how a prefill rank
+holds what it lends (LentLatents, in-process: shared host memory stands in for a GPU's)."""
 
 from __future__ import annotations
 
