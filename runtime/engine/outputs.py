@@ -62,6 +62,12 @@ class KVTransferError(RuntimeError):
         return cls(f"{request_id}: KV cache not received within {timeout_s:g}s (kvTransfer.timeoutSeconds{note})")
 
     @classmethod
+    def no_longer_held(cls, request_id: str, timeout_s: float) -> KVTransferError:
+        """The prefill rank let the latents go before they were asked for (two-sided and shared hand-offs)."""
+        return cls(f"{request_id}: KV cache no longer held by its prefill rank (kvTransfer.timeoutSeconds "
+                   f"{timeout_s:g}s passed, or it was already taken)")
+
+    @classmethod
     def lost(cls, request_id: str, how: str) -> KVTransferError:
         """`how` follows the words directly: " (gloo): ...", ": ..."."""
         return cls(f"{request_id}: KV cache lost in transfer{how}")

@@ -284,9 +284,7 @@ class GlooLatents:
                     handoff.latents_start = start
                     return handoff
                 if answer == "gone":
-                    raise KVTransferError(f"{handoff.request_id}: KV cache no longer held by its prefill rank "
-                                          f"(kvTransfer.timeoutSeconds {self.timeout_s:g}s passed, or it was "
-                                          "already taken)")
+                    raise KVTransferError.no_longer_held(handoff.request_id, self.timeout_s)
                 self._forget(peer)
             raise KVTransferError.lost(handoff.request_id, " (gloo): the prefill rank keeps closing the link")
         except ray.exceptions.GetTimeoutError:
@@ -393,9 +391,7 @@ class IpcLatents:
                                  name="r1serve-kv-ipc-drop").start()
                 raise
             if handle is None:
-                raise KVTransferError(f"{handoff.request_id}: KV cache no longer held by its prefill rank "
-                                      f"(kvTransfer.timeoutSeconds {self.timeout_s:g}s passed, or it was "
-                                      "already taken)")
+                raise KVTransferError.no_longer_held(handoff.request_id, self.timeout_s)
             try:
                 latents = copy_shared(handle, self.device)
             finally:
