@@ -127,11 +127,12 @@ def main() -> None:
     remote = ray.remote(num_cpus=0, enable_tensor_transport=True, concurrency_groups={KV_GROUP: 4})
     prefill, decode = remote(Prefill).remote(), remote(Decode).remote()
     relay = ray.remote(num_cpus=0)(Relay).remote()
-    rows = []
+    rows, ratios = [], []
     for tokens in args.tokens:
         nbytes = LAYERS * tokens * LATENT * 2
         ceiling = copy_seconds(tokens, args.repeats)
         row = [tokens, f"{nbytes / 2**20:.0f}", f"{nbytes / ceiling / 1e9:.1f}"]
+        times = {}
         for connector in CONNECTORS:
             seconds = []
             for _ in range(args.repeats + 1):  # the first warms up the transport
@@ -139,14 +140,19 @@ def main() -> None:
                 box = ray.get(relay.forward.remote(box))
                 seconds.append(ray.get(decode.receive.remote(box, start)))
                 del box
-            best = statistics.median(seconds[1:])
+            best = times[connector] = statistics.median(seconds[1:])
             row += [f"{best * 1e3:.1f}", f"{nbytes / best / 1e9:.2f}"]
         rows.append(row)
+        # Each connector against the object store (the baseline) and against the copy ceiling, same run.
+        ratios.append([tokens, *(f"{times[CONNECTORS[0]] / times[c]:.1f}x / {ceiling / times[c]:.0%}"
+                                 for c in CONNECTORS[1:])])
     ray.shutdown()
     headers = ["prompt tokens", "latents MiB", "copy GB/s (ceiling)", "object-store ms", "object-store GB/s",
                "nixl ms", "nixl GB/s", "gloo ms", "gloo GB/s", "cuda-ipc (shared memory) ms",
                "cuda-ipc (shared memory) GB/s"]
-    table = markdown_table(headers, rows)
+    table = markdown_table(headers, rows) + "\n\n" + markdown_table(
+        ["prompt tokens", *(f"{c}: speed-up vs object-store / share of copy ceiling" for c in CONNECTORS[1:])],
+        ratios)
     print(table)
     if args.record:
         record(SECTION, "## KV hand-off: object store vs rank to rank (NIXL, gloo, cuda-ipc's code path over "
